@@ -1,0 +1,314 @@
+"""FundusDataModule: sources -> Sample records -> splits -> preprocessing -> batches.
+
+Every batch follows one contract (docs/architecture.md): ``image``, ``sample_id``,
+``targets[task]``, ``has[task]`` (which samples carry a label), ``pixel_scale`` and, when a
+teacher cache is attached, ``teacher[task]`` transformed exactly like the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data_modules.preprocess import Preprocessor
+from data_modules.samples import Sample, read_source
+from data_modules.splits import _rank, assign_splits, load_splits, save_splits
+from data_modules.transforms import build_transform, view_seed
+from mtkd.tasks import Annotation, Task
+
+
+class TeacherOutputs(Protocol):
+    """What the dataset needs from a teacher-output cache (see ``mtkd.kd.cache``)."""
+
+    views: int
+
+    def get(self, sample_id: str, view: int = 0) -> dict[str, np.ndarray]: ...
+
+    def view_seed(self, sample_id: str, view: int) -> int: ...
+
+
+def load_samples(data_cfg: Any, run_dir: str | Path | None = None) -> list[Sample]:
+    """Read every configured source, rename labels, assign splits and label fraction."""
+    samples: list[Sample] = []
+    for src in data_cfg.sources.values():
+        got = read_source(src.kind, src.root, dict(src.options))
+        label_map = dict(src.label_map)
+        for s in got:
+            s = s.renamed(label_map) if label_map else s
+            if src.unlabeled:
+                s = dataclasses.replace(s, labels={}, masks={}, points={}, split="train")
+            samples.append(s)
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two data sources produce the same sample ids; give each a distinct root")
+    if data_cfg.split_file and Path(data_cfg.split_file).exists():
+        samples = load_splits(samples, data_cfg.split_file)
+    else:
+        samples = assign_splits(
+            samples,
+            data_cfg.val_fraction,
+            data_cfg.test_fraction,
+            data_cfg.split_seed,
+            data_cfg.stratify_on,
+        )
+        if data_cfg.split_file:
+            save_splits(samples, data_cfg.split_file)
+    if run_dir is not None:
+        save_splits(samples, Path(run_dir) / "splits.json")
+    if data_cfg.label_fraction < 1.0:
+        samples = [_maybe_unlabel(s, data_cfg.label_fraction, data_cfg.split_seed) for s in samples]
+    return samples
+
+
+def _maybe_unlabel(sample: Sample, fraction: float, seed: int) -> Sample:
+    """Keep labels for a seeded ``fraction`` of training patients (simulates scarce labels)."""
+    if sample.split != "train":
+        return sample
+    keep = int(_rank(seed + 1, sample.patient_id)[:8], 16) / 0xFFFFFFFF < fraction
+    return sample if keep else dataclasses.replace(sample, labels={}, masks={}, points={})
+
+
+class FundusDataset(Dataset):
+    """Samples -> batch items. With ``teacher`` set, joins cached outputs by sample_id."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        tasks: dict[str, Task],
+        preprocessor: Preprocessor,
+        transform,
+        teacher: TeacherOutputs | None = None,
+        view: int | None = None,
+    ) -> None:
+        self.samples = samples
+        self.tasks = tasks
+        self.preprocessor = preprocessor
+        self.transform = transform
+        self.teacher = teacher
+        #: fixed view index (cache writing); None samples a random cached view when views > 0
+        self.view = view
+        self.mask_names = sorted({m for t in tasks.values() for m in t.required_masks()})
+        self.size = preprocessor.size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _pick_view(self) -> int | None:
+        views = self.teacher.views if self.teacher is not None else 0
+        if self.view is not None:
+            return self.view
+        if views:
+            return int(torch.randint(views, ()).item())
+        return None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        prep = self.preprocessor(sample, self.mask_names)
+        view = self._pick_view()
+        teacher = self.teacher.get(sample.sample_id, view or 0) if self.teacher is not None else {}
+        replayed = view is not None
+        if replayed:
+            # Exact mode: replay the augmentation the teacher saw (or sees, when writing) in view.
+            source = self.teacher.view_seed if self.teacher is not None else view_seed
+            self.transform.set_random_seed(source(sample.sample_id, view))
+        follow = {} if replayed else teacher
+        inputs, layout = self._transform_inputs(prep, follow)
+        out = self.transform(**inputs)
+        masks, points, moved_teacher = self._unpack(out, layout)
+        teacher = {**teacher, **moved_teacher}
+        for name, task in self.tasks.items():
+            if (
+                name in teacher
+                and task.teacher_spatial == "mask"
+                and teacher[name].shape[-1] != self.size
+            ):
+                teacher[name] = _resize_maps(teacher[name], self.size)
+        ann = Annotation(labels=sample.labels, masks=masks, points=points, size=self.size)
+        targets, has = {}, {}
+        for name, task in self.tasks.items():
+            value = task.target(ann)
+            has[name] = torch.tensor(value is not None)
+            targets[name] = value if value is not None else task.empty_target(self.size)
+        item = {
+            "image": out["image"],
+            "sample_id": sample.sample_id,
+            "targets": targets,
+            "has": has,
+            "pixel_scale": torch.tensor(prep.pixel_scale, dtype=torch.float32),
+        }
+        if self.teacher is not None:
+            item["teacher"] = {
+                k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in teacher.items()
+            }
+        return item
+
+    def _transform_inputs(self, prep, teacher: dict[str, np.ndarray]):
+        """Pack label masks, label points and teacher maps/points for one albumentations call."""
+        s = self.size
+        inputs = {"image": prep.image}
+        mask_names = list(prep.masks)
+        inputs["masks"] = [prep.masks[n] for n in mask_names] or [np.zeros((s, s), np.uint8)]
+        keypoints, owners = [], []
+        for name, (u, v) in prep.points.items():
+            keypoints.append((u * s - 0.5, v * s - 0.5))
+            owners.append(("label", name))
+        for name, task in self.tasks.items():
+            if name not in teacher:
+                continue
+            if task.teacher_spatial == "mask":
+                inputs[f"teacher_{name}"] = _resize_maps(teacher[name], s).transpose(1, 2, 0)
+            elif task.teacher_spatial == "points":
+                for i, (u, v) in enumerate(teacher[name]):
+                    keypoints.append((u * s - 0.5, v * s - 0.5))
+                    owners.append(("teacher", (name, i)))
+        inputs["keypoints"] = np.asarray(keypoints, dtype=np.float32).reshape(-1, 2)
+        return inputs, (mask_names, owners)
+
+    def _unpack(self, out: dict, layout):
+        mask_names, owners = layout
+        s = self.size
+        masks = {
+            n: (np.asarray(m) >= 0.5).astype(np.float32) for n, m in zip(mask_names, out["masks"])
+        }
+        points: dict[str, tuple[float, float]] = {}
+        teacher_points: dict[str, list] = {}
+        for (kind, key), (x, y) in zip(owners, np.asarray(out["keypoints"])[:, :2]):
+            uv = ((x + 0.5) / s, (y + 0.5) / s)
+            if kind == "label":
+                points[key] = uv
+            else:
+                teacher_points.setdefault(key[0], []).append(uv)
+        moved = {k: np.asarray(v, dtype=np.float32) for k, v in teacher_points.items()}
+        for key, value in out.items():
+            if key.startswith("teacher_"):
+                moved[key[len("teacher_") :]] = np.asarray(value, dtype=np.float32)
+        return masks, points, moved
+
+
+def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """C x h x w float maps -> C x size x size (bilinear)."""
+    if maps.shape[-1] == size:
+        return maps.astype(np.float32)
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(m.astype(np.float32)).resize((size, size), Image.BILINEAR))
+            for m in maps
+        ]
+    )
+
+
+class FundusDataModule(L.LightningDataModule):
+    """Configured sources as train/val/test (and predict = training samples for the cache)."""
+
+    def __init__(
+        self,
+        data_cfg: Any,
+        tasks: dict[str, Task],
+        teacher: TeacherOutputs | None = None,
+        run_dir: str | Path | None = None,
+        predict_views: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = data_cfg
+        self.tasks = tasks
+        self.teacher = teacher
+        self.run_dir = run_dir
+        self.predict_views = predict_views
+        self.samples: list[Sample] | None = None
+        pp = data_cfg.preprocess
+        self.preprocessor = Preprocessor(
+            data_cfg.image_size, pp.fov_crop, pp.clahe, pp.local_mean, pp.cache_dir
+        )
+
+    def prepare_data(self) -> None:
+        # Runs once per node before setup: generates synthetic data if missing.
+        load_samples(self.cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.samples is None:
+            self.samples = load_samples(self.cfg, self.run_dir)
+
+    def split(self, name: str) -> list[Sample]:
+        self.setup()
+        return [s for s in self.samples if s.split == name]
+
+    def _teacher_needs(self) -> set[str]:
+        kinds = {t.teacher_spatial for t in self.tasks.values()}
+        return {"mask" if k == "mask" else "keypoints" for k in kinds if k != "none"}
+
+    def train_transform(self):
+        cached = self.teacher is not None and not self.teacher.views
+        extra = (
+            [f"teacher_{n}" for n, t in self.tasks.items() if t.teacher_spatial == "mask"]
+            if cached
+            else []
+        )
+        return build_transform(
+            list(self.cfg.augment),
+            list(self.cfg.mean),
+            list(self.cfg.std),
+            extra,
+            self._teacher_needs() if cached else None,
+        )
+
+    def eval_transform(self):
+        return build_transform([], list(self.cfg.mean), list(self.cfg.std))
+
+    def dataset(self, split: str, train: bool = False, view: int | None = None) -> FundusDataset:
+        samples = self.split(split)
+        if not samples:
+            raise ValueError(f"the configured data has no {split!r} samples")
+        augmented = train or view is not None
+        transform = self.train_transform() if augmented else self.eval_transform()
+        teacher = self.teacher if train else None
+        return FundusDataset(samples, self.tasks, self.preprocessor, transform, teacher, view)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        sampler = None
+        if (
+            not shuffle
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            # Evaluation must count each sample once: no padding with duplicates.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory,
+            persistent_workers=self.cfg.persistent_workers and workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train", train=True), True, self.cfg.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), False, self.cfg.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), False, self.cfg.eval_batch_size)
+
+    def predict_dataloader(self) -> list[DataLoader] | DataLoader:
+        """Training samples (labeled and unlabeled) for the teacher cache: eval transform, or
+        one loader per augmented view when caching views."""
+        if not self.predict_views:
+            return self._loader(self.dataset("train"), False, self.cfg.eval_batch_size)
+        return [
+            self._loader(self.dataset("train", view=k), False, self.cfg.eval_batch_size)
+            for k in range(self.predict_views)
+        ]

@@ -1,0 +1,129 @@
+"""The project's manifest CSV: any dataset can be written to it and read back.
+
+Columns: ``sample_id, patient_id, split, image`` then, per annotation,
+``label:<name>`` (a number), ``mask:<name>`` (path to a binary mask image) and
+``point:<name>:x`` / ``point:<name>:y`` (pixels of the original image). Paths are relative to the
+CSV's folder. An empty cell means "no label for this sample".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+from data_modules.io import atomic_write_bytes
+from data_modules.samples import Sample, register_source
+
+BASE_COLUMNS = ("sample_id", "patient_id", "split", "image")
+MANIFEST_NAME = "manifest.csv"
+
+
+def _resolve(base: Path, value: str) -> str:
+    if "#" in value or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def read_manifest(path: str | Path) -> list[Sample]:
+    """Read a manifest CSV into Sample records, with row numbers in every error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    base = path.parent
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in BASE_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"manifest {path} lacks columns {missing}; it has {header}")
+        rows = list(reader)
+    samples = []
+    for line, raw in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        labels, masks, points = {}, {}, {}
+        for col, value in row.items():
+            if not value or col in BASE_COLUMNS:
+                continue
+            kind, _, name = col.partition(":")
+            if kind == "label":
+                try:
+                    labels[name] = float(value)
+                except ValueError:
+                    raise ValueError(
+                        f"manifest {path} line {line}: {col}={value!r} is not a number"
+                    ) from None
+            elif kind == "mask":
+                masks[name] = _resolve(base, value)
+            elif kind == "point":
+                pname, _, axis = name.rpartition(":")
+                if axis not in ("x", "y"):
+                    raise ValueError(f"manifest {path}: column {col!r} must end in ':x' or ':y'")
+                points.setdefault(pname, {})[axis] = float(value)
+            elif kind:
+                raise ValueError(
+                    f"manifest {path}: unknown column {col!r}; use sample_id, patient_id, split, "
+                    "image, label:<name>, mask:<name>, point:<name>:x, point:<name>:y"
+                )
+        for pname, xy in points.items():
+            if set(xy) != {"x", "y"}:
+                raise ValueError(f"manifest {path} line {line}: point {pname!r} needs both x and y")
+        split = row["split"] or None
+        samples.append(
+            Sample(
+                sample_id=row["sample_id"],
+                patient_id=row["patient_id"] or row["sample_id"],
+                image=_resolve(base, row["image"]),
+                split=split,
+                labels=labels,
+                masks=masks,
+                points={k: (v["x"], v["y"]) for k, v in points.items()},
+            )
+        )
+    return samples
+
+
+def write_manifest(samples: Iterable[Sample], path: str | Path) -> Path:
+    """Write samples to a manifest CSV atomically; paths are stored relative to its folder."""
+    path = Path(path)
+    samples = list(samples)
+    base = path.parent.resolve()
+
+    def rel(value: str) -> str:
+        if "#" in value:
+            return value
+        p = Path(value).resolve()
+        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+    label_cols = sorted({f"label:{k}" for s in samples for k in s.labels})
+    mask_cols = sorted({f"mask:{k}" for s in samples for k in s.masks})
+    point_names = sorted({k for s in samples for k in s.points})
+    point_cols = [f"point:{p}:{a}" for p in point_names for a in ("x", "y")]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([*BASE_COLUMNS, *label_cols, *mask_cols, *point_cols])
+    for s in samples:
+        row = [s.sample_id, s.patient_id, s.split or "", rel(s.image)]
+        row += [_fmt(s.labels.get(c.split(":", 1)[1])) for c in label_cols]
+        row += [rel(s.masks[c[5:]]) if c[5:] in s.masks else "" for c in mask_cols]
+        for p in point_names:
+            xy = s.points.get(p)
+            row += [f"{xy[0]:.3f}", f"{xy[1]:.3f}"] if xy else ["", ""]
+        writer.writerow(row)
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
+@register_source("manifest")
+def manifest_source(root: Path, file: str = MANIFEST_NAME) -> list[Sample]:
+    """Source kind ``manifest``: ``root`` is the folder holding the CSV (or the CSV itself)."""
+    return read_manifest(root if root.is_file() else root / file)

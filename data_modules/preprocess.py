@@ -1,0 +1,186 @@
+"""Preprocessing: field-of-view crop, resize to the working resolution, optional contrast
+enhancement, and a persistent on-disk cache so each photograph is decoded once, not every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from data_modules.io import NPZ_SEPARATOR, atomic_write_bytes, load_image, load_mask
+from data_modules.samples import Sample
+
+CACHE_VERSION = 1
+#: pixels darker than this (0-255, max over channels) are outside the field of view
+FOV_THRESHOLD = 20
+
+
+@dataclass
+class Prepared:
+    """A sample at the working resolution. Points are normalised to [0,1]; ``pixel_scale`` is the
+    width and height, in original pixels, of the region the normalised coordinates span."""
+
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    points: dict[str, tuple[float, float]]
+    pixel_scale: tuple[float, float]
+
+
+def original_size(ref: str) -> tuple[int, int]:
+    """(width, height) of the stored image without decoding its pixels."""
+    if NPZ_SEPARATOR in ref and ref.split(NPZ_SEPARATOR, 1)[0].endswith(".npz"):
+        arr = load_image(ref)
+        return arr.shape[1], arr.shape[0]
+    with Image.open(ref) as img:
+        return img.size
+
+
+def fov_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """Square box (x0, y0, side, side) around the bright field of view; may extend past the
+    image, where it is padded with black. Falls back to the whole image when nothing is dark."""
+    h, w = image.shape[:2]
+    bright = image.max(axis=2) > FOV_THRESHOLD
+    rows = np.flatnonzero(bright.mean(axis=1) > 0.02)
+    cols = np.flatnonzero(bright.mean(axis=0) > 0.02)
+    if len(rows) == 0 or len(cols) == 0:
+        y0, y1, x0, x1 = 0, h, 0, w
+    else:
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = max(y1 - y0, x1 - x0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), int(side), int(side)
+
+
+def crop_resize(
+    arr: np.ndarray, box: tuple[int, int, int, int], size: int, resample: int
+) -> np.ndarray:
+    """Cut ``box`` out of ``arr`` (black outside it) and resize to ``size`` x ``size``."""
+    x0, y0, bw, bh = box
+    h, w = arr.shape[:2]
+    canvas = np.zeros((bh, bw, *arr.shape[2:]), dtype=arr.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + bw, w), min(y0 + bh, h)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    return np.asarray(Image.fromarray(canvas).resize((size, size), resample))
+
+
+def enhance(image: np.ndarray, clahe: bool, local_mean: bool) -> np.ndarray:
+    """Optional contrast enhancement: CLAHE on lightness, or Graham's local-mean subtraction."""
+    if clahe:
+        lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+        lab[..., 0] = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(lab[..., 0])
+        image = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    if local_mean:
+        fov = image.max(axis=2, keepdims=True) > FOV_THRESHOLD
+        blur = cv2.GaussianBlur(image, (0, 0), sigmaX=image.shape[0] / 30)
+        image = np.where(fov, cv2.addWeighted(image, 4, blur, -4, 128), 0).astype(np.uint8)
+    return image
+
+
+class Preprocessor:
+    """Turns Samples into ``Prepared`` arrays, through a persistent cache when ``cache_dir`` is set.
+
+    Cache key: the image's and masks' path, size and modification time plus the preprocessing
+    settings, so an edited file or changed setting is a miss. Entries are written atomically;
+    an unreadable entry is rebuilt.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        fov_crop: bool = True,
+        clahe: bool = False,
+        local_mean: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.size = size
+        self.fov_crop = fov_crop
+        self.clahe = clahe
+        self.local_mean = local_mean
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "fov_crop": self.fov_crop,
+            "clahe": self.clahe,
+            "local_mean": self.local_mean,
+            "version": CACHE_VERSION,
+        }
+
+    def __call__(self, sample: Sample, mask_names: list[str] | None = None) -> Prepared:
+        names = sorted(
+            set(mask_names if mask_names is not None else sample.masks) & set(sample.masks)
+        )
+        image, masks, box = self._pixels(sample, names)
+        x0, y0, bw, bh = box
+        points = {k: ((x - x0) / bw, (y - y0) / bh) for k, (x, y) in sample.points.items()}
+        return Prepared(image, masks, points, (float(bw), float(bh)))
+
+    def _pixels(self, sample: Sample, names: list[str]):
+        if self.cache_dir is None:
+            return self._compute(sample, names)
+        path = self._entry_path(sample, names)
+        if path.exists():
+            try:
+                return self._read_entry(path, names)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                path.unlink(missing_ok=True)  # corrupt (e.g. a crash mid-copy): rebuild
+        result = self._compute(sample, names)
+        self._write_entry(path, *result, names)
+        return result
+
+    def _compute(self, sample: Sample, names: list[str]):
+        width, height = original_size(sample.image)
+        decoded = load_image(sample.image, draft_size=self.size * 2)
+        ratio = width / decoded.shape[1]
+        small_box = (
+            fov_box(decoded) if self.fov_crop else (0, 0, decoded.shape[1], decoded.shape[0])
+        )
+        box = tuple(int(round(v * ratio)) for v in small_box)
+        image = enhance(
+            crop_resize(decoded, small_box, self.size, Image.BILINEAR), self.clahe, self.local_mean
+        )
+        masks = {}
+        for name in names:
+            mask = load_mask(sample.masks[name])
+            if mask.shape != (height, width):
+                raise ValueError(
+                    f"sample {sample.sample_id}: mask {name!r} is {mask.shape[1]}x{mask.shape[0]} "
+                    f"but the image is {width}x{height}"
+                )
+            soft = crop_resize(mask * 255, box, self.size, Image.BILINEAR)
+            masks[name] = (soft >= 128).astype(np.uint8)
+        return image, masks, box
+
+    def _entry_path(self, sample: Sample, names: list[str]) -> Path:
+        files = [sample.image.split(NPZ_SEPARATOR)] + [[sample.masks[n]] for n in names]
+        stats = []
+        for parts in files:
+            st = os.stat(parts[0])
+            stats.append([*parts, st.st_size, st.st_mtime_ns])
+        key = json.dumps({"files": stats, "masks": names, **self.settings()}, sort_keys=True)
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        return self.cache_dir / digest[:2] / f"{digest}.npz"
+
+    @staticmethod
+    def _read_entry(path: Path, names: list[str]):
+        with np.load(path) as data:
+            masks = {n: data[f"mask_{n}"] for n in names}
+            return data["image"], masks, tuple(int(v) for v in data["box"])
+
+    @staticmethod
+    def _write_entry(path: Path, image, masks, box, names: list[str]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, image=image, box=np.asarray(box), **{f"mask_{n}": masks[n] for n in names})
+        atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,104 @@
+"""Sample records: the one shape every data source is turned into.
+
+A source adapter reads a dataset in its official layout and returns ``Sample`` records. Labels
+stay under the source's own names (``labels``, ``masks``, ``points``); the data config's
+``label_map`` renames them to the names the task specs read, so two datasets can feed one task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One fundus photograph and whatever labels its source provides.
+
+    ``image`` and mask values are image references understood by ``data_modules.io.load_image``:
+    a file path, or ``file.npz#key/index`` for images stored inside an array file.
+    ``points`` are pixel coordinates (x, y) in the original image. ``split`` is the official split
+    when the source has one; ``None`` lets the data module carve train/val/test by patient.
+    """
+
+    sample_id: str
+    patient_id: str
+    image: str
+    split: str | None = None
+    labels: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, str] = field(default_factory=dict)
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def renamed(self, label_map: dict[str, str]) -> Sample:
+        """Return a copy whose label, mask and point names pass through ``label_map``."""
+
+        def rename(d: dict) -> dict:
+            return {label_map.get(k, k): v for k, v in d.items()}
+
+        return dataclasses.replace(
+            self, labels=rename(self.labels), masks=rename(self.masks), points=rename(self.points)
+        )
+
+
+SourceReader = Callable[..., list[Sample]]
+_SOURCES: dict[str, SourceReader] = {}
+
+
+_GENERATED: set[str] = set()
+
+
+def register_source(kind: str, generates: bool = False) -> Callable[[SourceReader], SourceReader]:
+    """Register a reader ``fn(root: Path, **options) -> list[Sample]`` under ``kind``.
+
+    ``generates=True`` marks sources that create their folder themselves (synthetic data).
+    """
+
+    def decorate(fn: SourceReader) -> SourceReader:
+        if kind in _SOURCES:
+            raise ValueError(f"data source kind {kind!r} is registered twice")
+        _SOURCES[kind] = fn
+        if generates:
+            _GENERATED.add(kind)
+        return fn
+
+    return decorate
+
+
+def source_kinds() -> list[str]:
+    _import_builtin_sources()
+    return sorted(_SOURCES)
+
+
+def read_source(kind: str, root: str | Path, options: dict[str, Any] | None = None) -> list[Sample]:
+    """Read one configured source, with errors that name the fix."""
+    _import_builtin_sources()
+    if kind not in _SOURCES:
+        raise ValueError(
+            f"unknown data source kind {kind!r}; valid kinds: {', '.join(sorted(_SOURCES))}"
+        )
+    root = Path(root).expanduser()
+    if not root.exists() and kind not in _GENERATED:
+        raise FileNotFoundError(
+            f"data source {kind!r}: folder {root} does not exist. Point the source's `root` at "
+            "the dataset as downloaded (for the shared real data set MTKD_DATA_DIR)."
+        )
+    samples = _SOURCES[kind](root, **(options or {}))
+    if not samples:
+        raise ValueError(f"data source {kind!r} at {root} produced no samples; check the layout")
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"data source {kind!r} at {root} has duplicate sample ids, e.g. {dup}")
+    return samples
+
+
+def _import_builtin_sources() -> None:
+    """Import the adapters so their ``@register_source`` decorators run."""
+    import data_modules.adapters  # noqa: F401
+    import data_modules.manifest  # noqa: F401
+    import data_modules.synthetic  # noqa: F401

@@ -1,0 +1,119 @@
+"""``mtkd <command> [key=value ...]`` — the same key=value overrides a W&B sweep passes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+USAGE = """usage: mtkd <command> [key=value ...]
+
+commands:
+  synth          write the synthetic fundus dataset      (out=DIR n=600 image_size=256 seed=0)
+  train-teacher  train the multi-task teacher            (experiments/teacher.yaml + overrides)
+  cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...])
+  distill        train the student with KD               (experiments/distill.yaml + overrides)
+  evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE])
+
+overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=) or a.b=value,
+e.g. `mtkd train-teacher trainer.max_epochs=5 data.image_size=96`.
+"""
+
+
+def _take(
+    args: list[str], key: str, many: bool = False
+) -> tuple[list[str] | str | None, list[str]]:
+    """Split ``key=value`` command arguments from config overrides."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+    rest = [a for a in args if not a.startswith(f"{key}=")]
+    if many:
+        return values, rest
+    if len(values) > 1:
+        raise ValueError(f"{key}= given more than once")
+    return (values[0] if values else None), rest
+
+
+def cmd_synth(args: list[str]) -> None:
+    from data_modules.synthetic import generate_synthetic
+
+    opts = dict(a.split("=", 1) for a in args)
+    unknown = set(opts) - {"out", "n", "image_size", "seed"}
+    if unknown:
+        raise ValueError(
+            f"synth: unknown arguments {sorted(unknown)}; valid: out, n, image_size, seed"
+        )
+    path = generate_synthetic(
+        opts.get("out", "data/synthetic"),
+        n=int(opts.get("n", 600)),
+        image_size=int(opts.get("image_size", 256)),
+        seed=int(opts.get("seed", 0)),
+    )
+    print(f"synthetic dataset written: {path}")
+
+
+def cmd_train_teacher(args: list[str]) -> None:
+    from mtkd.config import load_config
+    from mtkd.stages import fit
+
+    fit(load_config("teacher", args))
+
+
+def cmd_distill(args: list[str]) -> None:
+    from mtkd.config import load_config
+    from mtkd.stages import fit
+
+    fit(load_config("distill", args))
+
+
+def cmd_cache_teacher(args: list[str]) -> None:
+    from mtkd.config import load_config
+    from mtkd.stages import cache_teacher
+
+    teachers, rest = _take(args, "teacher", many=True)
+    if teachers:
+        rest.append(f"cache.teacher=[{','.join(teachers)}]")
+    cache_teacher(load_config("distill", rest))
+
+
+def cmd_evaluate(args: list[str]) -> None:
+    from mtkd.stages import evaluate
+
+    ckpt, rest = _take(args, "ckpt")
+    split, rest = _take(rest, "split")
+    out, rest = _take(rest, "out")
+    if not ckpt:
+        raise ValueError("evaluate needs ckpt=<path/to/checkpoint.ckpt>")
+    evaluate(ckpt, split or "test", rest, out)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "synth": cmd_synth,
+    "train-teacher": cmd_train_teacher,
+    "cache-teacher": cmd_cache_teacher,
+    "distill": cmd_distill,
+    "evaluate": cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"mtkd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    args = [a.removeprefix("--") for a in args]
+    try:
+        COMMANDS[command](args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        if os.environ.get("MTKD_DEBUG"):
+            raise
+        print(f"mtkd {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

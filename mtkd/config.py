@@ -1,0 +1,262 @@
+"""Structured configuration: dataclass schema, YAML groups from experiments/, key=value overrides.
+
+A run's config is ``experiments/<stage>.yaml`` whose ``defaults`` pick one YAML per group
+(``data/``, ``model/``, ``tasks/``, ``trainer/``, ``logger/``, ``kd/``, ``profile/``), merged onto the
+schema below, then command-line overrides: ``group=option`` swaps a group, ``a.b=value`` sets a
+value. Unknown keys and wrong types fail before any work, listing what is valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+GROUPS = ("profile", "data", "model", "tasks", "trainer", "logger", "kd")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who typed it."""
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "manifest"
+    root: str = "data"
+    options: dict[str, Any] = field(default_factory=dict)
+    label_map: dict[str, str] = field(default_factory=dict)
+    unlabeled: bool = False
+
+
+@dataclass
+class PreprocessConfig:
+    fov_crop: bool = True
+    clahe: bool = False
+    local_mean: bool = False
+    cache_dir: str | None = "data/.preprocessed"
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    image_size: int = 128
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    split_file: str | None = None
+    stratify_on: str | None = None
+    label_fraction: float = 1.0
+    augment: list[dict[str, Any]] = field(default_factory=list)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+    encoder_depth: int = 5
+    decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 16])
+    head_dropout: float = 0.0
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"
+    project: str = "mtkd"
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_images: bool = True
+
+
+@dataclass
+class KDConfig:
+    mode: str = "cached"
+    cache_dir: str = "runs/teacher_cache"
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class CacheConfig:
+    teacher: list[str] = field(default_factory=lambda: ["runs/teacher/checkpoints/best.ckpt"])
+    dense_size: int = 32
+    dense_dtype: str = "uint8"
+    logits_dtype: str = "float16"
+    views: int = 0
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/teacher"
+    seed: int = 0
+    monitor: str | None = None
+    weighting: str = "fixed"
+
+
+@dataclass
+class Config:
+    stage: str = "teacher"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def experiments_dir() -> Path:
+    """The YAML tree: ``MTKD_EXPERIMENTS`` or the repository's ``experiments/``."""
+    env = os.environ.get("MTKD_EXPERIMENTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.exists():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no config {path.name} in {path.parent}; choose one of {options}")
+    return OmegaConf.load(path)
+
+
+def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    groups, values = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        if key in GROUPS:
+            groups[key] = value
+        else:
+            values.append(item)
+    return groups, values
+
+
+def _valid_keys(node: Any) -> list[str]:
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node = OmegaConf.select(schema, parent) if parent else schema
+    valid = _valid_keys(node)
+    hint = f"; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else ""
+    return ConfigError(
+        f"config error at {key or '?'}: {exc.msg if hasattr(exc, 'msg') else exc}{hint}"
+    )
+
+
+def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``experiments/<stage>.yaml`` + groups + overrides into a validated config."""
+    root = experiments_dir()
+    base = _read_yaml(root / f"{stage}.yaml")
+    group_choice, values = _split_overrides(list(overrides or []))
+    choices = dict(base.pop("defaults", {}) or {})
+    if "profile" in group_choice or "profile" in choices:
+        profile = _read_yaml(
+            root / "profile" / f"{group_choice.get('profile', choices.get('profile'))}.yaml"
+        )
+        choices.update(profile.pop("defaults", {}) or {})
+    else:
+        profile = OmegaConf.create({})
+    choices.update(group_choice)
+    schema = OmegaConf.structured(Config)
+    layers = [
+        OmegaConf.create({g: _read_yaml(root / g / f"{c}.yaml")})
+        for g, c in choices.items()
+        if g != "profile"
+    ]
+    try:
+        cfg = OmegaConf.merge(schema, *layers, base, profile, OmegaConf.from_dotlist(values))
+    except (ConfigKeyError, OmegaConfBaseException) as exc:
+        raise _explain(exc, schema) from None
+    cfg.stage = stage
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply key=value overrides to an existing config (e.g. one saved in a checkpoint)."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, schema) from None
+    validate(merged)
+    return merged
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema cannot express: Trainer flags, task specs, choices."""
+    from lightning.pytorch import Trainer
+
+    from mtkd.tasks import build_tasks
+
+    trainer_args = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg.trainer) - trainer_args)
+    if unknown:
+        raise ConfigError(
+            f"unknown trainer keys {unknown}; valid Lightning Trainer flags: {', '.join(sorted(trainer_args))}"
+        )
+    if not cfg.tasks:
+        raise ConfigError("no tasks configured; pick a task set, e.g. tasks=synthetic")
+    build_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
+    choices = {
+        "kd.mode": (cfg.kd.mode, ("cached", "online", "none")),
+        "run.weighting": (cfg.run.weighting, ("fixed", "uncertainty", "dwa")),
+        "cache.dense_dtype": (cfg.cache.dense_dtype, ("uint8", "float16", "float32")),
+        "cache.logits_dtype": (cfg.cache.logits_dtype, ("float16", "float32")),
+        "logger.kind": (cfg.logger.kind, ("wandb", "wandb_offline", "csv", "none")),
+        "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
+        "optim.scheduler": (cfg.optim.scheduler, ("cosine", "none")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    unknown_kd = sorted(set(cfg.kd.tasks) - set(cfg.tasks))
+    if unknown_kd:
+        raise ConfigError(
+            f"kd.tasks names unknown tasks {unknown_kd}; tasks are {sorted(cfg.tasks)}"
+        )
+    if not 0.0 < cfg.data.label_fraction <= 1.0:
+        raise ConfigError("data.label_fraction must be in (0, 1]")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Plain dict (for checkpoints: loadable with ``torch.load(weights_only=True)``)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Save the resolved config atomically as YAML."""
+    from data_modules.io import atomic_write_bytes
+
+    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())

@@ -1,0 +1,275 @@
+"""Teacher-output cache: DDP-safe writer, memory-mapped reader, fingerprint.
+
+Layout of a cache directory (only ever seen complete: it is assembled under a temporary name
+and renamed into place; ``fingerprint.json`` is written last)::
+
+    fingerprint.json   what produced it (teacher hashes, tasks, preprocessing, split, storage)
+    index.json         sample ids; position = row in every array
+    <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
+    view_seeds.npy     [N, views] augmentation seeds of the cached views (exact multi-view mode)
+
+Rows are keyed by sample_id, never by dataset or batch index, so sampler padding and worker
+order cannot misplace an output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import albumentations
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from data_modules.io import atomic_save_npy, atomic_write_bytes
+from mtkd.tasks import CacheStorage, Task
+
+FORMAT_VERSION = 1
+FINGERPRINT = "fingerprint.json"
+INDEX = "index.json"
+SEEDS = "view_seeds.npy"
+
+
+class StaleCacheError(RuntimeError):
+    """The cache does not describe the current teacher / tasks / data."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(
+    teacher_hashes: list[str],
+    tasks: dict[str, Task],
+    data_cfg: Any,
+    train_ids: list[str],
+    storage: CacheStorage,
+    views: int,
+) -> dict[str, Any]:
+    """Everything a cached output depends on. Compared part by part by ``check_fingerprint``."""
+    pp = data_cfg.preprocess
+    storage = {**dataclasses.asdict(storage), "views": views}
+    if views:
+        # Replayed views depend on the augmentation and the library that samples it.
+        storage["augment"] = _digest([dict(a) for a in data_cfg.augment])
+        storage["albumentations"] = albumentations.__version__
+    return {
+        "format_version": FORMAT_VERSION,
+        "teachers": sorted(teacher_hashes),
+        "tasks": {name: task.describe() for name, task in sorted(tasks.items())},
+        "preprocessing": {
+            "image_size": int(data_cfg.image_size),
+            "fov_crop": bool(pp.fov_crop),
+            "clahe": bool(pp.clahe),
+            "local_mean": bool(pp.local_mean),
+            "mean": [float(v) for v in data_cfg.mean],
+            "std": [float(v) for v in data_cfg.std],
+        },
+        "split": {"train_samples": len(train_ids), "digest": _digest(sorted(train_ids))},
+        "storage": storage,
+    }
+
+
+def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir: str) -> None:
+    """Raise StaleCacheError naming each differing part and the command that rebuilds."""
+    parts = ["format_version", "tasks", "preprocessing", "split"]
+    if expected.get("teachers"):
+        parts.append("teachers")
+    differing = [p for p in parts if found.get(p) != expected.get(p)]
+    if not differing:
+        return
+    lines = [f"teacher cache {cache_dir} does not match this run:"]
+    for part in differing:
+        lines.append(
+            f"  - {part} differs: cache has {found.get(part)!r}, this run has {expected.get(part)!r}"
+        )
+    lines.append(
+        "Rebuild it with the same data/task overrides as this run: "
+        f"mtkd cache-teacher teacher=<teacher.ckpt> cache.dir={cache_dir} (or make cache-teacher)"
+    )
+    raise StaleCacheError("\n".join(lines))
+
+
+class TeacherCache:
+    """Read-only view of a complete cache; arrays are memory-mapped lazily in each process
+    (DataLoader workers included), so memory does not grow with the cache size."""
+
+    def __init__(self, cache_dir: str | Path, tasks: dict[str, Task]) -> None:
+        self.dir = Path(cache_dir)
+        meta = self.dir / FINGERPRINT
+        if not meta.exists():
+            hint = (
+                "it is incomplete (a crashed or running cache-teacher?)"
+                if self.dir.exists()
+                else "it does not exist"
+            )
+            raise FileNotFoundError(
+                f"teacher cache {self.dir}: {hint}. Build it with "
+                f"`mtkd cache-teacher teacher=<teacher.ckpt> cache.dir={self.dir}`."
+            )
+        self.fingerprint = json.loads(meta.read_text())
+        self.tasks = tasks
+        self.views = int(self.fingerprint["storage"]["views"])
+        ids = json.loads((self.dir / INDEX).read_text())
+        self.rows = {sid: i for i, sid in enumerate(ids)}
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._seeds: np.ndarray | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_arrays=None, _seeds=None, _pid=-1)
+        return state
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._arrays is None or self._pid != os.getpid():
+            self._arrays = {n: np.load(self.dir / f"{n}.npy", mmap_mode="r") for n in self.tasks}
+            if self.views:
+                self._seeds = np.load(self.dir / SEEDS, mmap_mode="r")
+            self._pid = os.getpid()
+        return self._arrays
+
+    def row(self, sample_id: str) -> int:
+        try:
+            return self.rows[sample_id]
+        except KeyError:
+            raise KeyError(
+                f"sample {sample_id!r} is not in teacher cache {self.dir}; the training set changed "
+                "since it was built. Rebuild with `mtkd cache-teacher`."
+            ) from None
+
+    def get(self, sample_id: str, view: int = 0) -> dict[str, np.ndarray]:
+        arrays, row = self._open(), self.row(sample_id)
+        return {
+            n: self.tasks[n].decode_cache(arrays[n][row, view] if self.views else arrays[n][row])
+            for n in self.tasks
+        }
+
+    def view_seed(self, sample_id: str, view: int) -> int:
+        self._open()
+        return int(self._seeds[self.row(sample_id), view])
+
+    def nbytes_per_sample(self) -> dict[str, int]:
+        arrays = self._open()
+        return {n: int(a[0].nbytes) for n, a in arrays.items()}
+
+
+def run_token() -> str:
+    """An id shared by all ranks of one launch (set before Lightning spawns the other ranks)."""
+    for key in ("MTKD_RUN_TOKEN", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        if os.environ.get(key):
+            return os.environ[key]
+    os.environ["MTKD_RUN_TOKEN"] = uuid.uuid4().hex[:12]
+    return os.environ["MTKD_RUN_TOKEN"]
+
+
+class CacheShardWriter(BasePredictionWriter):
+    """Each rank writes every predicted batch as its own shard file (temp name, then rename).
+    ``merge_shards`` on rank 0 then assembles the cache."""
+
+    def __init__(self, shard_dir: str | Path, tasks: dict[str, Task], storage: CacheStorage):
+        super().__init__(write_interval="batch")
+        self.shard_dir = Path(shard_dir)
+        self.tasks = tasks
+        self.storage = storage
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        arrays = {
+            f"task_{n}": self.tasks[n].encode_cache(out, self.storage)
+            for n, out in prediction["outputs"].items()
+        }
+        ids = np.asarray(prediction["sample_id"])
+        name = f"rank{trainer.global_rank}-view{dataloader_idx}-batch{batch_idx}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, sample_id=ids, view=np.asarray(dataloader_idx), **arrays)
+        atomic_write_bytes(self.shard_dir / name, buf.getvalue())
+
+
+def merge_shards(
+    shard_dir: str | Path,
+    cache_dir: str | Path,
+    tasks: dict[str, Task],
+    fingerprint_data: dict[str, Any],
+    expected_ids: list[str],
+    seed_fn=None,
+) -> Path:
+    """Assemble shards into a complete cache at ``cache_dir`` (atomic directory swap).
+
+    Each sample id is written once whatever the sampler padded; a sample missing from the shards
+    is an error, so an incomplete prediction never yields a cache that looks complete.
+    """
+    shard_dir, cache_dir = Path(shard_dir), Path(cache_dir)
+    stored = dict(fingerprint_data["storage"])
+    views = int(stored["views"])
+    storage = CacheStorage(**{f.name: stored[f.name] for f in dataclasses.fields(CacheStorage)})
+    ids = sorted(set(expected_ids))
+    rows = {sid: i for i, sid in enumerate(ids)}
+    tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        arrays = {
+            n: np.lib.format.open_memmap(
+                tmp / f"{n}.npy",
+                mode="w+",
+                dtype=t.cache_dtype(storage),
+                shape=(len(ids), *([views] if views else []), *t.cache_shape(storage)),
+            )
+            for n, t in tasks.items()
+        }
+        seen = np.zeros((len(ids), max(views, 1)), dtype=bool)
+        for shard in sorted(shard_dir.glob("*.npz")):
+            with np.load(shard) as data:
+                view = int(data["view"])
+                for j, sid in enumerate(data["sample_id"]):
+                    row = rows.get(str(sid))
+                    if row is None:
+                        continue
+                    for n in tasks:
+                        target = arrays[n][row, view] if views else arrays[n][row]
+                        target[...] = data[f"task_{n}"][j]
+                    seen[row, view] = True
+        missing = [ids[i] for i in np.flatnonzero(~seen.all(axis=1))]
+        if missing:
+            raise RuntimeError(
+                f"teacher predictions are missing for {len(missing)} samples (e.g. {missing[:3]}); "
+                "the cache was not written. Rerun cache-teacher."
+            )
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        if views:
+            seeds = np.array(
+                [[seed_fn(sid, k) for k in range(views)] for sid in ids], dtype=np.int64
+            )
+            atomic_save_npy(tmp / SEEDS, seeds)
+        atomic_write_bytes(tmp / INDEX, json.dumps(ids).encode())
+        atomic_write_bytes(tmp / FINGERPRINT, json.dumps(fingerprint_data, indent=1).encode())
+        old = None
+        if cache_dir.exists():
+            old = cache_dir.parent / f".{cache_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(cache_dir, old)
+        os.replace(tmp, cache_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    return cache_dir

@@ -1,0 +1,169 @@
+"""What the teacher and the student share: the network, supervised losses over labeled samples,
+metrics per stage, NaN guard, optimiser and scheduler."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from mtkd.models.multitask import MultiTaskNet
+from mtkd.modules.weighting import TaskWeighting
+from mtkd.tasks import build_tasks, masked_mean
+
+EVAL_STAGES = ("val", "test")
+
+
+def fp32(fn, *args: torch.Tensor) -> torch.Tensor:
+    """Run a loss in float32 outside autocast, whatever the training precision."""
+    with torch.autocast(device_type=args[0].device.type, enabled=False):
+        return fn(*(a.float() if a.is_floating_point() else a for a in args))
+
+
+class MultiTaskModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = OmegaConf.create(config)
+        self.tasks = build_tasks(config["tasks"])
+        self.net = MultiTaskNet(self.tasks, self.cfg.model)
+        if self.cfg.model.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.weighting = TaskWeighting(
+            self.cfg.run.weighting, {n: t.weight for n, t in self.tasks.items()}
+        )
+        self.metrics = nn.ModuleDict(
+            {s: nn.ModuleDict({n: t.metrics() for n, t in self.tasks.items()}) for s in EVAL_STAGES}
+        )
+        self._labeled = {s: torch.zeros(len(self.tasks)) for s in EVAL_STAGES}
+        self._epoch_losses: dict[str, list[float]] = {}
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.model.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.net(image)
+
+    # -- losses ------------------------------------------------------------------------------
+    def supervised_losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-task supervised loss averaged over labeled samples only (0 when none)."""
+        return {
+            n: masked_mean(fp32(t.loss, outputs[n], batch["targets"][n]), batch["has"][n])
+            for n, t in self.tasks.items()
+        }
+
+    def guard_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if not torch.isfinite(loss):
+            bad = [n for n, v in terms.items() if not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at step {self.global_step} (non-finite terms: "
+                f"{bad or 'total'}). Stopping instead of training on. Lower optim.lr, prefer "
+                "trainer.precision=bf16-mixed or 32-true over 16-mixed, or check the inputs."
+            )
+
+    def log_train_terms(self, prefix_terms: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        batch_size = None
+        for key, value in prefix_terms.items():
+            self.log(
+                f"train/{key}", value.detach(), on_step=False, on_epoch=True, batch_size=batch_size
+            )
+            self._epoch_losses.setdefault(key, []).append(float(value.detach()))
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True)
+
+    def on_train_epoch_end(self) -> None:
+        means = {
+            k.split("/")[0]: sum(v) / len(v)
+            for k, v in self._epoch_losses.items()
+            if k.endswith("/loss")
+        }
+        self.weighting.end_epoch(means)
+        for name, w in self.weighting.current().items():
+            self.log(f"train/{name}/weight", w, on_step=False, on_epoch=True)
+        self._epoch_losses.clear()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        outputs = self(batch["image"])
+        losses = self.supervised_losses(outputs, batch)
+        size = batch["image"].shape[0]
+        for i, (name, task) in enumerate(self.tasks.items()):
+            has = batch["has"][name]
+            if has.any():
+                self._labeled[stage][i] += has.sum().cpu()
+                task.update_metrics(
+                    self.metrics[stage][name],
+                    outputs[name][has],
+                    batch["targets"][name][has],
+                    {"pixel_scale": batch["pixel_scale"][has]},
+                )
+                self.log(
+                    f"{stage}/{name}/loss",
+                    losses[name],
+                    on_epoch=True,
+                    batch_size=int(has.sum()),
+                    sync_dist=True,
+                )
+        total = self.weighting(losses) if self.weighting.mode == "fixed" else sum(losses.values())
+        self.log(
+            f"{stage}/loss",
+            total,
+            on_epoch=True,
+            prog_bar=stage == "val",
+            batch_size=size,
+            sync_dist=True,
+        )
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        labeled = self.trainer.strategy.reduce(
+            self._labeled[stage].to(self.device), reduce_op="sum"
+        )
+        for i, name in enumerate(self.tasks):
+            collection = self.metrics[stage][name]
+            if labeled[i] > 0:
+                values = collection.compute()
+                self.log_dict(
+                    {f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False
+                )
+            collection.reset()
+        self._labeled[stage].zero_()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if o.name == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay, nesterov=True
+            )
+        elif o.name == "adam":
+            opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        if o.scheduler == "none":
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(int(o.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1)), total - 1)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,193 @@
+"""The pipeline stages behind the CLI: train-teacher, cache-teacher, distill, evaluate.
+
+Each stage builds a Lightning Trainer from ``cfg.trainer`` (so DDP, precision and devices are
+Trainer flags, never code changes) and saves the resolved config beside its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from data_modules.datamodule import FundusDataModule
+from data_modules.io import atomic_write_bytes
+from data_modules.transforms import view_seed
+from mtkd.config import save_config, to_container
+from mtkd.kd.cache import (
+    CacheShardWriter,
+    TeacherCache,
+    check_fingerprint,
+    file_sha256,
+    fingerprint,
+    merge_shards,
+    run_token,
+)
+from mtkd.kd.ensemble import TeacherEnsemble
+from mtkd.logging import make_logger
+from mtkd.modules.checkpoint import check_same_tasks, read_checkpoint
+from mtkd.modules.student import StudentModule
+from mtkd.modules.teacher import TeacherModule
+from mtkd.tasks import CacheStorage
+
+STAGE_MODULES = {"teacher": TeacherModule, "distill": StudentModule}
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger: Any) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if run_dir is not None:
+        kwargs.setdefault("default_root_dir", str(run_dir))
+    return L.Trainer(callbacks=callbacks, logger=logger, **kwargs)
+
+
+def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
+    """The checkpoint metric: ``run.monitor`` (mode from its task's metric) or val/loss."""
+    key = cfg.run.monitor
+    if not key:
+        return "val/loss", "min"
+    parts = key.split("/")
+    if len(parts) == 3 and parts[1] in tasks:
+        metric, mode = tasks[parts[1]].monitor
+        if parts[2] == metric:
+            return key, mode
+    return key, "min" if parts[-1] in ("loss", "mae", "rmse", "dist", "dist_px") else "max"
+
+
+def fit(cfg: DictConfig) -> Path:
+    """Train the teacher (cfg.stage == "teacher") or the student ("distill"); returns the best
+    checkpoint after printing its per-task validation metrics."""
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.run.dir)
+    module = STAGE_MODULES[cfg.stage](to_container(cfg))
+    teacher = None
+    if cfg.stage == "distill" and cfg.kd.mode == "cached":
+        teacher = open_checked_cache(cfg, module.tasks)
+    dm = FundusDataModule(cfg.data, module.tasks, teacher=teacher, run_dir=run_dir)
+    monitor, mode = monitor_of(cfg, module.tasks)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    callbacks: list = [checkpoint]
+    logger = make_logger(cfg, run_dir, job_type=cfg.stage)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    trainer = make_trainer(cfg, run_dir, callbacks, logger)
+    if trainer.is_global_zero:
+        save_config(cfg, run_dir / "checkpoints" / "config.yaml")
+    trainer.fit(module, datamodule=dm)
+    best = Path(checkpoint.best_model_path or checkpoint.last_model_path)
+    results = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+    if trainer.is_global_zero:
+        print_metrics(results[0] if results else {}, f"{cfg.stage} validation ({best})")
+    return best
+
+
+def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:
+    """Open the teacher cache and refuse it unless it describes this run's teacher and data."""
+    cache = TeacherCache(cfg.kd.cache_dir, tasks)
+    storage = cache.fingerprint["storage"]
+    teachers = [file_sha256(cfg.kd.teacher)] if cfg.kd.teacher else []
+    probe = FundusDataModule(cfg.data, tasks)
+    expected = fingerprint(
+        teachers,
+        tasks,
+        cfg.data,
+        [s.sample_id for s in probe.split("train")],
+        CacheStorage(storage["dense_size"], storage["dense_dtype"], storage["logits_dtype"]),
+        int(storage["views"]),
+    )
+    check_fingerprint(cache.fingerprint, expected, cfg.kd.cache_dir)
+    return cache
+
+
+def cache_teacher(cfg: DictConfig) -> Path:
+    """Predict every training sample (labeled and unlabeled) with the teacher(s) and write the
+    cache. Under DDP each rank writes shards; rank 0 merges after a barrier."""
+    ensemble = TeacherEnsemble(
+        list(cfg.cache.teacher), OmegaConf.to_container(cfg.tasks, resolve=True)
+    )
+    tasks = ensemble.tasks
+    storage = CacheStorage(cfg.cache.dense_size, cfg.cache.dense_dtype, cfg.cache.logits_dtype)
+    views = int(cfg.cache.views)
+    dm = FundusDataModule(cfg.data, tasks, predict_views=views)
+    cache_dir = Path(cfg.kd.cache_dir)
+    shard_dir = cache_dir.parent / f".{cache_dir.name}.partial-{run_token()}"
+    writer = CacheShardWriter(shard_dir, tasks, storage)
+    trainer = make_trainer(cfg, None, [writer], logger=False)
+    trainer.predict(ensemble, datamodule=dm, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        train_ids = [s.sample_id for s in dm.split("train")]
+        fp = fingerprint(
+            [file_sha256(p) for p in cfg.cache.teacher], tasks, cfg.data, train_ids, storage, views
+        )
+        merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
+        summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
+        print(
+            f"teacher cache written to {cache_dir}: {len(train_ids)} samples x {max(views, 1)} view(s)"
+        )
+        for name, nbytes in summary.items():
+            print(f"  {name:<16} {nbytes:>8} bytes/sample")
+    trainer.strategy.barrier()
+    return cache_dir
+
+
+def evaluate(
+    ckpt: str, split: str, overrides: list[str], out: str | None = None
+) -> dict[str, float]:
+    """Test a teacher or student checkpoint on a split; print a table and write metrics JSON."""
+    from mtkd.config import apply_overrides
+
+    saved = read_checkpoint(ckpt)["hyper_parameters"]["config"]
+    cfg = apply_overrides(OmegaConf.create(saved), overrides)
+    check_same_tasks(
+        saved["tasks"], OmegaConf.to_container(cfg.tasks, resolve=True), f"checkpoint {ckpt}"
+    )
+    cls = STAGE_MODULES[cfg.stage]
+    module = cls.load_from_checkpoint(
+        ckpt, map_location="cpu", weights_only=True, config=to_container(cfg)
+    )
+    if isinstance(module, StudentModule):
+        module.kd_mode = "none"  # evaluation never needs the teacher
+    dm = FundusDataModule(cfg.data, module.tasks)
+    trainer = make_trainer(cfg, None, [], logger=False)
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
+    run = trainer.validate if split == "val" else trainer.test
+    results = run(module, datamodule=dm, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if trainer.is_global_zero:
+        print_metrics(metrics, f"{cfg.stage} on {split} ({ckpt})")
+        target = Path(out) if out else Path(ckpt).parent.parent / f"metrics_{split}.json"
+        atomic_write_bytes(
+            target,
+            json.dumps(
+                {"checkpoint": str(ckpt), "split": split, "metrics": metrics}, indent=1
+            ).encode(),
+        )
+        print(f"metrics written to {target}")
+    return metrics
+
+
+@rank_zero_only
+def print_metrics(metrics: dict[str, Any], title: str) -> None:
+    """Per-task table: one row per task, one column per metric."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3:
+            rows.setdefault(parts[1], {})[parts[2]] = float(value)
+    print(f"\n{title}")
+    for task, values in rows.items():
+        cells = "  ".join(f"{k}={v:.4f}" for k, v in sorted(values.items()))
+        print(f"  {task:<14} {cells}")

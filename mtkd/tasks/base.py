@@ -1,0 +1,219 @@
+"""The task registry and the contract every task kind fulfils.
+
+A task kind is one class registered by name. It owns everything kind-specific: its head, how it
+reads its target from an annotated sample, its supervised and KD losses, its metrics, and how its
+teacher output is stored in the cache. Nothing outside ``mtkd/tasks`` names a task kind.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+_TASK_KINDS: dict[str, type[Task]] = {}
+
+
+@dataclass
+class TaskSpec:
+    """Fields every task accepts; kinds extend this with their own."""
+
+    kind: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class CacheStorage:
+    """How teacher outputs are stored: dense maps at ``dense_size`` in ``dense_dtype``
+    (uint8-quantised probabilities, float16 or float32), logits in ``logits_dtype``."""
+
+    dense_size: int = 32
+    dense_dtype: str = "uint8"
+    logits_dtype: str = "float16"
+
+
+@dataclass
+class Annotation:
+    """What a task may read its target from, after resizing and augmentation.
+
+    ``masks`` are H x W float arrays in {0,1}; ``points`` are normalised (x, y) in [0,1]^2.
+    """
+
+    labels: dict[str, float]
+    masks: dict[str, np.ndarray]
+    points: dict[str, tuple[float, float]]
+    size: int
+
+
+def register_task(kind: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: make ``kind`` usable in ``tasks:`` YAML entries."""
+
+    def decorate(cls: type[Task]) -> type[Task]:
+        if kind in _TASK_KINDS:
+            raise ValueError(f"task kind {kind!r} is already registered by {_TASK_KINDS[kind]}")
+        cls.kind = kind
+        _TASK_KINDS[kind] = cls
+        return cls
+
+    return decorate
+
+
+def task_kinds() -> list[str]:
+    return sorted(_TASK_KINDS)
+
+
+def parse_spec(spec_cls: type, name: str, raw: dict[str, Any]) -> Any:
+    """Build a spec dataclass from YAML, rejecting unknown keys with the valid ones listed."""
+    valid = {f.name for f in dataclasses.fields(spec_cls)}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ValueError(
+            f"task {name!r} ({raw.get('kind')}): unknown keys {unknown}; valid keys: {sorted(valid)}"
+        )
+    try:
+        return spec_cls(**raw)
+    except TypeError as exc:
+        raise ValueError(f"task {name!r}: {exc}") from None
+
+
+class Task(abc.ABC):
+    """One prediction target of the multi-task network."""
+
+    kind: ClassVar[str]
+    spec_class: ClassVar[type] = TaskSpec
+    #: "global" heads read pooled encoder features; "dense" heads read the decoder output.
+    dense: ClassVar[bool] = False
+    #: How a cached teacher output follows geometric augmentation: "none", "mask" or "points".
+    teacher_spatial: ClassVar[str] = "none"
+    default_temperature: ClassVar[float] = 1.0
+    #: The metric that summarises this task and whether higher is better.
+    monitor: ClassVar[tuple[str, str]] = ("loss", "min")
+
+    def __init__(self, name: str, raw_spec: dict[str, Any]) -> None:
+        self.name = name
+        self.spec = parse_spec(self.spec_class, name, raw_spec)
+        self.validate()
+
+    def validate(self) -> None:  # noqa: B027  (optional hook)
+        """Raise ValueError for an inconsistent spec."""
+
+    @property
+    def weight(self) -> float:
+        return float(self.spec.weight)
+
+    @property
+    @abc.abstractmethod
+    def out_channels(self) -> int:
+        """Number of head outputs (channels for dense tasks)."""
+
+    @abc.abstractmethod
+    def build_head(self, in_channels: int) -> nn.Module:
+        """The head, fed pooled encoder features (global) or decoder features (dense)."""
+
+    # -- targets ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def target(self, ann: Annotation) -> torch.Tensor | None:
+        """This task's target for one sample, or None when the sample has no label for it."""
+
+    @abc.abstractmethod
+    def empty_target(self, size: int) -> torch.Tensor:
+        """Placeholder of the target's shape for samples without a label (masked out)."""
+
+    def required_masks(self) -> list[str]:
+        return []
+
+    def required_points(self) -> list[str]:
+        return []
+
+    # -- losses (per-sample vectors, fp32) ------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Supervised loss per sample, shape [B]."""
+
+    @abc.abstractmethod
+    def kd_loss(
+        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """Distillation loss per sample against the teacher's (cached) output, shape [B]."""
+
+    # -- teacher outputs and the cache -----------------------------------------------------------
+    def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
+        """What the teacher passes to the student (logits by default)."""
+        return pred.float()
+
+    def combine_teachers(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Ensemble several teachers' ``teacher_output``s into one (mean by default)."""
+        return torch.stack(outputs).mean(dim=0)
+
+    def cache_shape(self, storage: CacheStorage) -> tuple[int, ...]:
+        return (self.out_channels,)
+
+    def cache_dtype(self, storage: CacheStorage) -> np.dtype:
+        return np.dtype(storage.logits_dtype)
+
+    def encode_cache(self, output: torch.Tensor, storage: CacheStorage) -> np.ndarray:
+        """Teacher outputs [B, ...] -> array rows for the cache."""
+        return output.detach().float().cpu().numpy().astype(self.cache_dtype(storage))
+
+    def decode_cache(self, row: np.ndarray) -> np.ndarray:
+        """One cache row -> float32 array (dense maps stay at cache resolution here)."""
+        return np.asarray(row, dtype=np.float32)
+
+    # -- metrics -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def metrics(self) -> MetricCollection:
+        """A fresh torchmetrics collection for one stage."""
+
+    def update_metrics(
+        self, metrics: MetricCollection, pred: torch.Tensor, target: torch.Tensor, batch: dict
+    ) -> None:
+        metrics.update(pred.float(), target)
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as a plain dict (for fingerprints and checkpoints)."""
+        return dataclasses.asdict(self.spec)
+
+
+def build_tasks(specs: dict[str, dict[str, Any]]) -> dict[str, Task]:
+    """Instantiate the configured task set, with errors that list the registered kinds."""
+    import mtkd.tasks  # noqa: F401  (registers the built-in kinds)
+
+    tasks = {}
+    for name, raw in specs.items():
+        raw = dict(raw or {})
+        kind = raw.get("kind")
+        if kind not in _TASK_KINDS:
+            raise ValueError(
+                f"task {name!r}: unknown kind {kind!r}; registered kinds: {', '.join(task_kinds())}"
+            )
+        tasks[name] = _TASK_KINDS[kind](name, raw)
+    return tasks
+
+
+def masked_mean(values: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Mean over the samples that carry a label; exactly 0 (with a graph) when none does."""
+    has = has.to(values.dtype)
+    return (values * has).sum() / has.sum().clamp(min=1.0)
+
+
+def elementwise_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample mean of squared ("mse") or absolute ("l1") differences over all but dim 0."""
+    diff = (a - b).flatten(1)
+    return (diff**2 if kind == "mse" else diff.abs()).mean(dim=1)
+
+
+def global_head(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Module:
+    """Pooled encoder features -> linear outputs (shared by every global task kind)."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(in_channels, out_channels),
+    )

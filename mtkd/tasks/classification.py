@@ -1,0 +1,99 @@
+"""Multi-class classification (e.g. DR grade), optionally ordinal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassCohenKappa
+
+from mtkd.tasks.base import Annotation, Task, TaskSpec, global_head, register_task
+
+
+@dataclass
+class ClassificationSpec(TaskSpec):
+    num_classes: int = 2
+    label: str | None = None
+    ordinal: bool = False
+    #: weight of the squared expected-grade error added to cross-entropy when ordinal
+    ordinal_weight: float = 1.0
+    class_names: list[str] | None = None
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    spec_class = ClassificationSpec
+    default_temperature = 4.0
+    monitor = ("kappa", "max")
+
+    def validate(self) -> None:
+        if self.spec.num_classes < 2:
+            raise ValueError(f"task {self.name!r}: num_classes must be >= 2")
+        names = self.spec.class_names
+        if names is not None and len(names) != self.spec.num_classes:
+            raise ValueError(f"task {self.name!r}: class_names must have num_classes entries")
+
+    @property
+    def out_channels(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def label(self) -> str:
+        return self.spec.label or self.name
+
+    def build_head(self, in_channels: int) -> nn.Module:
+        return global_head(in_channels, self.out_channels)
+
+    def target(self, ann: Annotation) -> torch.Tensor | None:
+        value = ann.labels.get(self.label)
+        if value is None:
+            return None
+        cls = int(value)
+        if cls != value or not 0 <= cls < self.spec.num_classes:
+            raise ValueError(
+                f"task {self.name!r}: label {value!r} is not a class index in [0, {self.spec.num_classes})"
+            )
+        return torch.tensor(cls, dtype=torch.long)
+
+    def empty_target(self, size: int) -> torch.Tensor:
+        return torch.tensor(0, dtype=torch.long)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(pred, target, reduction="none")
+        if self.spec.ordinal:
+            # Penalise the distance between the expected grade and the true grade, so that
+            # confusing grade 0 with 4 costs more than 0 with 1.
+            grades = torch.arange(self.out_channels, device=pred.device, dtype=pred.dtype)
+            expected = (pred.softmax(dim=1) * grades).sum(dim=1)
+            scale = (self.out_channels - 1) ** 2
+            loss = loss + self.spec.ordinal_weight * (expected - target.to(pred.dtype)) ** 2 / scale
+        return loss
+
+    def kd_loss(
+        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        log_p_student = F.log_softmax(pred / temperature, dim=1)
+        log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+        return kl * temperature**2
+
+    def combine_teachers(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Average the teachers' probabilities; return their log (valid logits)."""
+        return torch.stack([o.softmax(dim=1) for o in outputs]).mean(dim=0).log()
+
+    def metrics(self) -> MetricCollection:
+        c = self.spec.num_classes
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(c, average="micro"),
+                "balanced_acc": MulticlassAccuracy(c, average="macro"),
+                "kappa": MulticlassCohenKappa(c, weights="quadratic"),
+                "auroc": MulticlassAUROC(c, average="macro"),
+            }
+        )
+
+    def update_metrics(self, metrics, pred, target, batch) -> None:
+        metrics.update(pred.float().softmax(dim=1), target)

@@ -1,0 +1,75 @@
+"""Multi-label classification (e.g. ODIR's N D G C A H M O findings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MultilabelAUROC, MultilabelF1Score
+
+from mtkd.tasks.base import Annotation, Task, TaskSpec, global_head, register_task
+
+
+@dataclass
+class MultilabelSpec(TaskSpec):
+    classes: list[str] = field(default_factory=list)
+
+
+@register_task("multilabel")
+class MultilabelTask(Task):
+    spec_class = MultilabelSpec
+    default_temperature = 2.0
+    monitor = ("auroc", "max")
+
+    def validate(self) -> None:
+        if len(self.spec.classes) < 2:
+            raise ValueError(f"task {self.name!r}: multilabel needs at least two classes")
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.spec.classes)
+
+    def build_head(self, in_channels: int) -> nn.Module:
+        return global_head(in_channels, self.out_channels)
+
+    def target(self, ann: Annotation) -> torch.Tensor | None:
+        values = [ann.labels.get(c) for c in self.spec.classes]
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            missing = [c for c, v in zip(self.spec.classes, values) if v is None]
+            raise ValueError(f"task {self.name!r}: sample labels some classes but not {missing}")
+        return torch.tensor(values, dtype=torch.float32)
+
+    def empty_target(self, size: int) -> torch.Tensor:
+        return torch.zeros(self.out_channels)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(dim=1)
+
+    def kd_loss(
+        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        soft = torch.sigmoid(teacher / temperature)
+        bce = F.binary_cross_entropy_with_logits(pred / temperature, soft, reduction="none")
+        return bce.mean(dim=1) * temperature**2
+
+    def combine_teachers(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Average the teachers' probabilities; return their logits."""
+        mean = torch.stack([torch.sigmoid(o) for o in outputs]).mean(dim=0)
+        return torch.logit(mean, eps=1e-6)
+
+    def metrics(self) -> MetricCollection:
+        n = self.out_channels
+        return MetricCollection(
+            {
+                "auroc": MultilabelAUROC(n, average="macro"),
+                "f1": MultilabelF1Score(n, average="macro"),
+            }
+        )
+
+    def update_metrics(self, metrics, pred, target, batch) -> None:
+        metrics.update(torch.sigmoid(pred.float()), target.long())

@@ -1,0 +1,82 @@
+"""Scalar regression (cup-to-disc ratio, a post-operative outcome, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+
+from mtkd.tasks.base import (
+    Annotation,
+    CacheStorage,
+    Task,
+    TaskSpec,
+    elementwise_loss,
+    global_head,
+    register_task,
+)
+
+
+@dataclass
+class RegressionSpec(TaskSpec):
+    #: source labels to predict; defaults to the task's own name
+    labels: list[str] = field(default_factory=list)
+    loss: str = "mse"
+
+
+@register_task("regression")
+class RegressionTask(Task):
+    spec_class = RegressionSpec
+    monitor = ("mae", "min")
+
+    def validate(self) -> None:
+        if self.spec.loss not in ("mse", "l1"):
+            raise ValueError(f"task {self.name!r}: loss must be 'mse' or 'l1'")
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.spec.labels) or [self.name]
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.label_names)
+
+    def build_head(self, in_channels: int) -> nn.Module:
+        return global_head(in_channels, self.out_channels)
+
+    def target(self, ann: Annotation) -> torch.Tensor | None:
+        values = [ann.labels.get(n) for n in self.label_names]
+        if any(v is None for v in values):
+            return None
+        return torch.tensor(values, dtype=torch.float32)
+
+    def empty_target(self, size: int) -> torch.Tensor:
+        return torch.zeros(self.out_channels)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return elementwise_loss(pred, target, self.spec.loss)
+
+    def kd_loss(
+        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        return elementwise_loss(pred, teacher, self.spec.loss)
+
+    def cache_dtype(self, storage: CacheStorage) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection(
+            {
+                "mae": MeanAbsoluteError(),
+                "rmse": MeanSquaredError(squared=False),
+                "r2": R2Score(),
+            }
+        )
+
+    def update_metrics(self, metrics, pred, target, batch) -> None:
+        if self.out_channels == 1:
+            pred, target = pred.squeeze(1), target.squeeze(1)
+        metrics.update(pred.float(), target)

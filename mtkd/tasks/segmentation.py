@@ -1,0 +1,123 @@
+"""Dense segmentation with one sigmoid channel per class (lesions, vessels, disc, cup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import ClasswiseWrapper, MetricCollection
+from torchmetrics.classification import MultilabelF1Score, MultilabelJaccardIndex
+
+from mtkd.tasks.base import Annotation, CacheStorage, Task, TaskSpec, register_task
+
+_EPS = 1e-4
+
+
+@dataclass
+class SegmentationSpec(TaskSpec):
+    classes: list[str] = field(default_factory=list)
+    #: weight of the soft Dice term added to pixel-wise BCE
+    dice_weight: float = 1.0
+
+
+@register_task("segmentation")
+class SegmentationTask(Task):
+    """A sample is labeled when it has a mask for at least one class; a class whose mask is
+    absent is then empty (IDRiD ships no file for a lesion an image does not show)."""
+
+    spec_class = SegmentationSpec
+    dense = True
+    teacher_spatial = "mask"
+    monitor = ("dice", "max")
+
+    def validate(self) -> None:
+        if not self.spec.classes:
+            raise ValueError(f"task {self.name!r}: segmentation needs a list of classes")
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.spec.classes)
+
+    def build_head(self, in_channels: int) -> nn.Module:
+        return nn.Conv2d(in_channels, self.out_channels, kernel_size=3, padding=1)
+
+    def required_masks(self) -> list[str]:
+        return list(self.spec.classes)
+
+    def target(self, ann: Annotation) -> torch.Tensor | None:
+        if not any(c in ann.masks for c in self.spec.classes):
+            return None
+        empty = np.zeros((ann.size, ann.size), dtype=np.float32)
+        planes = [np.asarray(ann.masks.get(c, empty), dtype=np.float32) for c in self.spec.classes]
+        return torch.from_numpy(np.stack(planes))
+
+    def empty_target(self, size: int) -> torch.Tensor:
+        return torch.zeros(self.out_channels, size, size)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none").flatten(1).mean(1)
+        prob = torch.sigmoid(pred).flatten(2)
+        tgt = target.flatten(2)
+        dice = (2 * (prob * tgt).sum(-1) + 1.0) / (prob.sum(-1) + tgt.sum(-1) + 1.0)
+        return bce + self.spec.dice_weight * (1.0 - dice).mean(dim=1)
+
+    def kd_loss(
+        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """Pixel-wise binary KL(teacher || student) at the student's output size."""
+        if teacher.shape[-2:] != pred.shape[-2:]:
+            teacher = F.interpolate(
+                teacher, size=pred.shape[-2:], mode="bilinear", align_corners=False
+            )
+        p = teacher.clamp(_EPS, 1 - _EPS)
+        if temperature != 1.0:
+            p = torch.sigmoid(torch.logit(p) / temperature)
+        z = pred / temperature
+        entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+        kl = F.binary_cross_entropy_with_logits(z, p, reduction="none") - entropy
+        return kl.flatten(1).mean(dim=1) * temperature**2
+
+    def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(pred.float())
+
+    def cache_shape(self, storage: CacheStorage) -> tuple[int, ...]:
+        return (self.out_channels, storage.dense_size, storage.dense_size)
+
+    def cache_dtype(self, storage: CacheStorage) -> np.dtype:
+        return np.dtype(storage.dense_dtype)
+
+    def encode_cache(self, output: torch.Tensor, storage: CacheStorage) -> np.ndarray:
+        output = output.detach().float()
+        size = storage.dense_size
+        if output.shape[-1] != size:
+            output = F.interpolate(output, size=(size, size), mode="area")
+        if storage.dense_dtype == "uint8":
+            return (output * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return output.cpu().numpy().astype(storage.dense_dtype)
+
+    def decode_cache(self, row: np.ndarray) -> np.ndarray:
+        if row.dtype == np.uint8:
+            return row.astype(np.float32) / 255.0
+        return np.asarray(row, dtype=np.float32)
+
+    def metrics(self) -> MetricCollection:
+        n, names = self.out_channels, list(self.spec.classes)
+        return MetricCollection(
+            {
+                "dice": MultilabelF1Score(n, average="macro"),
+                "iou": MultilabelJaccardIndex(n, average="macro"),
+                "dice_per_class": ClasswiseWrapper(
+                    MultilabelF1Score(n, average="none"), labels=names, prefix="dice_"
+                ),
+                "iou_per_class": ClasswiseWrapper(
+                    MultilabelJaccardIndex(n, average="none"), labels=names, prefix="iou_"
+                ),
+            },
+            compute_groups=False,
+        )
+
+    def update_metrics(self, metrics, pred, target, batch) -> None:
+        metrics.update(torch.sigmoid(pred.float()), target.long())
