@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 NPZ_SEPARATOR = "#"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def npz_ref(path: str | Path, key: str, index: int) -> str:
@@ -111,6 +113,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -323,6 +323,11 @@ class _Layout:
         return self.size / 256
 
     @property
+    def disc_diameter(self) -> float:
+        """Diameter of the circle with the disc's area."""
+        return 2 * np.sqrt(self.disc_radii[0] * self.disc_radii[1])
+
+    @property
     def lesion_area(self) -> tuple[tuple[float, float], float]:
         """Circle that lesions are placed in, clear of the field of view's edge."""
         return self.centre, 0.85 * self.radius
@@ -360,7 +365,7 @@ def _fundus(
     xx = np.arange(size, dtype=np.float32)[None, :]
     yy = np.arange(size, dtype=np.float32)[:, None]
     fovea_d2 = (xx - lay.fovea[0]) ** 2 + (yy - lay.fovea[1]) ** 2
-    diameter = 2 * np.sqrt(lay.disc_radii[0] * lay.disc_radii[1])
+    diameter = lay.disc_diameter
     macula = rng.uniform(0.25, 0.45) * np.exp(-fovea_d2 / (2 * (0.55 * diameter) ** 2))
     macula += 0.15 * np.exp(-fovea_d2 / (2 * (0.12 * diameter) ** 2))
     return base * (light * texture * (1 - macula))[..., None], light
@@ -453,7 +458,7 @@ def _neovascular_tufts(
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """One or two tangles of fine, tortuous vessels on or next to the disc."""
     s = lay.scale
-    diameter = 2 * np.sqrt(lay.disc_radii[0] * lay.disc_radii[1])
+    diameter = lay.disc_diameter
     tufts = []
     for _ in range(int(rng.integers(1, 3))):
         t = rng.uniform(0, 2 * np.pi)
@@ -545,8 +550,9 @@ def _render_eye(plan: _EyePlan, size: int, seed: int) -> _Eye:
     fov_mask = fov_dist <= lay.radius - 1
     for name in MASK_NAMES:
         masks[name] &= fov_mask
-    dme = _dme_risk(masks["hard_exudates"], masks["optic_disc"], tuple(lay.fovea))
-    disc_xy, fovea_xy = (float(lay.disc[0]), float(lay.disc[1])), tuple(map(float, lay.fovea))
+    disc_xy = (float(lay.disc[0]), float(lay.disc[1]))
+    fovea_xy = (float(lay.fovea[0]), float(lay.fovea[1]))
+    dme = _dme_risk(masks["hard_exudates"], masks["optic_disc"], fovea_xy)
     if plan.eye == 0:  # left eye: the mirror image of a right eye
         image = np.ascontiguousarray(image[:, ::-1])
         masks = {k: m[:, ::-1] for k, m in masks.items()}

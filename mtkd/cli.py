@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 USAGE = """usage: mtkd <command> [key=value ...]
@@ -14,6 +16,11 @@ commands:
   cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...])
   distill        train the student with KD               (experiments/distill.yaml + overrides)
   evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE])
+  demo           teacher, cache, student, no-KD baseline, evaluation and report on synthetic data
+  report         markdown + figures from evaluated runs
+  export         student-only weights, ONNX and metadata  (ckpt=PATH [out=DIR])
+  predict        predictions for images                  (ckpt=PATH images=FILE|DIR)
+  sweep-local    run a W&B sweep YAML offline             (sweep=experiments/sweeps/X.yaml)
 
 overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=) or a.b=value,
 e.g. `mtkd train-teacher trainer.max_epochs=5 data.image_size=96`.
@@ -34,7 +41,7 @@ def _take(
 
 
 def cmd_synth(args: list[str]) -> None:
-    from data_modules.synthetic import generate_synthetic
+    from data_modules.synthetic import synthetic_source
 
     opts = dict(a.split("=", 1) for a in args)
     unknown = set(opts) - {"out", "n", "image_size", "seed"}
@@ -42,13 +49,14 @@ def cmd_synth(args: list[str]) -> None:
         raise ValueError(
             f"synth: unknown arguments {sorted(unknown)}; valid: out, n, image_size, seed"
         )
-    path = generate_synthetic(
-        opts.get("out", "data/synthetic"),
+    root = Path(opts.get("out", "data/synthetic"))
+    samples = synthetic_source(
+        root,
         n=int(opts.get("n", 600)),
         image_size=int(opts.get("image_size", 256)),
         seed=int(opts.get("seed", 0)),
     )
-    print(f"synthetic dataset written: {path}")
+    print(f"synthetic dataset ready: {root / 'manifest.csv'} ({len(samples)} images)")
 
 
 def cmd_train_teacher(args: list[str]) -> None:
@@ -86,13 +94,24 @@ def cmd_evaluate(args: list[str]) -> None:
     evaluate(ckpt, split or "test", rest, out)
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "synth": cmd_synth,
-    "train-teacher": cmd_train_teacher,
-    "cache-teacher": cmd_cache_teacher,
-    "distill": cmd_distill,
-    "evaluate": cmd_evaluate,
+#: command -> "module:function"; each function takes the remaining ``key=value`` arguments.
+COMMANDS: dict[str, str] = {
+    "synth": "mtkd.cli:cmd_synth",
+    "train-teacher": "mtkd.cli:cmd_train_teacher",
+    "cache-teacher": "mtkd.cli:cmd_cache_teacher",
+    "distill": "mtkd.cli:cmd_distill",
+    "evaluate": "mtkd.cli:cmd_evaluate",
+    "demo": "mtkd.demo:main",
+    "report": "mtkd.report:main",
+    "export": "mtkd.export:main",
+    "predict": "mtkd.predict:main",
+    "sweep-local": "mtkd.sweeps:main",
 }
+
+
+def resolve(command: str) -> Callable[[list[str]], None]:
+    module, _, name = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = [a.removeprefix("--") for a in args]
     try:
-        COMMANDS[command](args)
+        resolve(command)(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if os.environ.get("MTKD_DEBUG"):
             raise
