@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 USAGE = """usage: mtkd <command> [key=value ...]
 

@@ -117,6 +117,8 @@ class RunConfig:
     seed: int = 0
     monitor: str | None = None
     weighting: str = "fixed"
+    #: checkpoint to resume training from (continues the same W&B run)
+    resume: str | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
@@ -13,7 +14,15 @@ from omegaconf import DictConfig
 from mtkd.config import to_container
 
 
-def make_logger(cfg: DictConfig, run_dir: Path, job_type: str) -> Any:
+def logger_callbacks(cfg: DictConfig, logger: Any) -> list[Callback]:
+    """Callbacks that feed the logger (image panels, run-id in checkpoints); none yet."""
+    return []
+
+
+def make_logger(
+    cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None = None
+) -> Any:
+    """The configured Lightning logger; ``resume_from`` continues that checkpoint's W&B run."""
     kind = cfg.logger.kind
     if kind == "none":
         return False

@@ -29,7 +29,7 @@ from mtkd.kd.cache import (
     run_token,
 )
 from mtkd.kd.ensemble import TeacherEnsemble
-from mtkd.logging import make_logger
+from mtkd.logging import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import check_same_tasks, read_checkpoint
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
@@ -77,18 +77,20 @@ def fit(cfg: DictConfig) -> Path:
         save_last=True,
         auto_insert_metric_name=False,
     )
-    callbacks: list = [checkpoint]
-    logger = make_logger(cfg, run_dir, job_type=cfg.stage)
+    logger = make_logger(cfg, run_dir, job_type=cfg.stage, resume_from=cfg.run.resume)
+    callbacks: list = [checkpoint, *logger_callbacks(cfg, logger)]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer = make_trainer(cfg, run_dir, callbacks, logger)
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "checkpoints" / "config.yaml")
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.run.resume)
     best = Path(checkpoint.best_model_path or checkpoint.last_model_path)
     results = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
-        print_metrics(results[0] if results else {}, f"{cfg.stage} validation ({best})")
+        print_metrics(metrics, f"{cfg.stage} validation ({best})")
+        write_metrics(run_dir / "metrics_val.json", str(best), "val", metrics)
     return best
 
 
@@ -169,14 +171,15 @@ def evaluate(
     if trainer.is_global_zero:
         print_metrics(metrics, f"{cfg.stage} on {split} ({ckpt})")
         target = Path(out) if out else Path(ckpt).parent.parent / f"metrics_{split}.json"
-        atomic_write_bytes(
-            target,
-            json.dumps(
-                {"checkpoint": str(ckpt), "split": split, "metrics": metrics}, indent=1
-            ).encode(),
-        )
+        write_metrics(target, str(ckpt), split, metrics)
         print(f"metrics written to {target}")
     return metrics
+
+
+def write_metrics(path: Path, ckpt: str, split: str, metrics: dict[str, float]) -> None:
+    """Metrics JSON beside a run: {"checkpoint", "split", "metrics": {"<split>/<task>/<metric>": v}}."""
+    payload = {"checkpoint": ckpt, "split": split, "metrics": metrics}
+    atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
 
 @rank_zero_only
