@@ -3,11 +3,12 @@
 A run's config is ``experiments/<stage>.yaml`` whose ``defaults`` pick one YAML per group
 (``data/``, ``model/``, ``tasks/``, ``trainer/``, ``logger/``, ``kd/``, ``profile/``), merged onto the
 schema below, then command-line overrides: ``group=option`` swaps a group, ``a.b=value`` sets a
-value. Unknown keys and wrong types fail before any work, listing what is valid.
+value, ``~a.b`` removes a map entry (e.g. ``~tasks.cdr`` drops a task). Unknown keys and wrong types fail before any work, listing what is valid.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -124,6 +125,8 @@ class RunConfig:
 @dataclass
 class Config:
     stage: str = "teacher"
+    #: modules imported before the tasks are built: where your own task kinds register
+    plugins: list[str] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,9 +151,13 @@ def _read_yaml(path: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
-    groups, values = {}, []
+def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """-> (group choices, ``a.b=value`` items, ``~a.b`` removals)."""
+    groups, values, removals = {}, [], []
     for item in overrides:
+        if item.startswith("~") and "=" not in item:
+            removals.append(item[1:])
+            continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
@@ -158,7 +165,20 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
             groups[key] = value
         else:
             values.append(item)
-    return groups, values
+    return groups, values, removals
+
+
+def _remove(cfg: DictConfig, key: str) -> None:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise ConfigError(f"cannot remove ~{key}: no such key")
+    try:
+        del parent[leaf]
+    except OmegaConfBaseException:
+        raise ConfigError(
+            f"cannot remove ~{key}: only entries of tasks, data.sources and similar maps can be removed"
+        ) from None
 
 
 def _valid_keys(node: Any) -> list[str]:
@@ -180,7 +200,7 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``experiments/<stage>.yaml`` + groups + overrides into a validated config."""
     root = experiments_dir()
     base = _read_yaml(root / f"{stage}.yaml")
-    group_choice, values = _split_overrides(list(overrides or []))
+    group_choice, values, removals = _split_overrides(list(overrides or []))
     choices = dict(base.pop("defaults", {}) or {})
     if "profile" in group_choice or "profile" in choices:
         profile = _read_yaml(
@@ -200,6 +220,8 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
         cfg = OmegaConf.merge(schema, *layers, base, profile, OmegaConf.from_dotlist(values))
     except (ConfigKeyError, OmegaConfBaseException) as exc:
         raise _explain(exc, schema) from None
+    for key in removals:
+        _remove(cfg, key)
     cfg.stage = stage
     validate(cfg)
     return cfg
@@ -222,6 +244,7 @@ def validate(cfg: DictConfig) -> None:
 
     from mtkd.tasks import build_tasks
 
+    import_plugins(list(cfg.plugins))
     trainer_args = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(cfg.trainer) - trainer_args)
     if unknown:
@@ -250,6 +273,17 @@ def validate(cfg: DictConfig) -> None:
         )
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise ConfigError("data.label_fraction must be in (0, 1]")
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import user modules (e.g. ones defining ``@register_task`` kinds) by dotted name."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"plugins: cannot import {name!r} ({exc}); make it importable (installed, or on PYTHONPATH)"
+            ) from None
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import albumentations
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
 from mtkd.tasks import CacheStorage, Task
@@ -66,7 +67,7 @@ def fingerprint(
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
         # Replayed views depend on the augmentation and the library that samples it.
-        storage["augment"] = _digest([dict(a) for a in data_cfg.augment])
+        storage["augment"] = _digest(OmegaConf.to_container(data_cfg.augment, resolve=True))
         storage["albumentations"] = albumentations.__version__
     return {
         "format_version": FORMAT_VERSION,

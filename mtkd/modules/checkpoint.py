@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from mtkd.config import import_plugins
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.tasks import Task, build_tasks
 
@@ -49,6 +50,7 @@ def load_net(
     """Rebuild the network of a checkpoint (teacher or student) and load its weights."""
     ckpt = read_checkpoint(path)
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    import_plugins(list(cfg.get("plugins", [])))
     specs = OmegaConf.to_container(cfg.tasks, resolve=True)
     if expected_tasks is not None:
         check_same_tasks(specs, expected_tasks, f"checkpoint {path}")

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from mtkd.config import import_plugins
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.weighting import TaskWeighting
 from mtkd.tasks import build_tasks, masked_mean
@@ -29,6 +30,7 @@ class MultiTaskModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters({"config": config})
         self.cfg = OmegaConf.create(config)
+        import_plugins(list(config.get("plugins", [])))
         self.tasks = build_tasks(config["tasks"])
         self.net = MultiTaskNet(self.tasks, self.cfg.model)
         if self.cfg.model.channels_last:

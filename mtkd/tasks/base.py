@@ -56,8 +56,12 @@ def register_task(kind: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator: make ``kind`` usable in ``tasks:`` YAML entries."""
 
     def decorate(cls: type[Task]) -> type[Task]:
-        if kind in _TASK_KINDS:
-            raise ValueError(f"task kind {kind!r} is already registered by {_TASK_KINDS[kind]}")
+        known = _TASK_KINDS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ValueError(f"task kind {kind!r} is already registered by {known}")
         cls.kind = kind
         _TASK_KINDS[kind] = cls
         return cls

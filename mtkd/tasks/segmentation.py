@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import ClasswiseWrapper, MetricCollection
-from torchmetrics.classification import MultilabelF1Score, MultilabelJaccardIndex
+from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryJaccardIndex,
+    MultilabelF1Score,
+    MultilabelJaccardIndex,
+)
 
 from mtkd.tasks.base import Annotation, CacheStorage, Task, TaskSpec, register_task
 
@@ -105,6 +110,17 @@ class SegmentationTask(Task):
 
     def metrics(self) -> MetricCollection:
         n, names = self.out_channels, list(self.spec.classes)
+        if n == 1:
+            # torchmetrics' multilabel metrics need two labels; one class is a binary problem.
+            return MetricCollection(
+                {
+                    "dice": BinaryF1Score(),
+                    "iou": BinaryJaccardIndex(),
+                    f"dice_{names[0]}": BinaryF1Score(),
+                    f"iou_{names[0]}": BinaryJaccardIndex(),
+                },
+                compute_groups=False,
+            )
         return MetricCollection(
             {
                 "dice": MultilabelF1Score(n, average="macro"),

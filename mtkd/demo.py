@@ -1,0 +1,98 @@
+"""``mtkd demo [runs=DIR] [overrides]``: the newcomer's path, in one process, on the embedded
+synthetic data: train the teacher, cache its outputs, distill the student, train the same student
+without KD under the same budget, evaluate all three on the test split and write the report.
+
+Overrides apply to every stage (``mtkd demo trainer.max_epochs=1``). Where each stage writes is
+the demo's business: everything goes under ``runs=DIR`` (default ``runs``), laid out like the
+step-by-step commands (teacher/, teacher_cache/, student/, student_nokd/, report/).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mtkd.config import load_config
+from mtkd.report import Report, build_report
+from mtkd.stages import cache_teacher, evaluate, fit
+
+#: overrides the demo sets itself, per stage
+RESERVED = ("run.dir", "kd", "kd.mode", "kd.cache_dir", "kd.teacher", "cache.teacher", "stage")
+
+
+@contextmanager
+def stage(title: str, timings: dict[str, float]) -> Iterator[None]:
+    """Print a banner, then record the stage's wall time."""
+    print(f"\n{'=' * 72}\n== demo: {title}\n{'=' * 72}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[title] = time.perf_counter() - start
+
+
+def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, dict[str, float]]:
+    """Run every stage; returns the report and the wall time of each stage in seconds."""
+    taken = sorted({o.split("=", 1)[0] for o in overrides} & set(RESERVED))
+    if taken:
+        raise ValueError(
+            f"demo sets {taken} itself for each stage; choose the output folder with runs=DIR "
+            "or run the stages one by one (mtkd train-teacher, cache-teacher, distill)"
+        )
+    root = Path(runs)
+    cache = root / "teacher_cache"
+    timings: dict[str, float] = {}
+    with stage("1/6 train the teacher", timings):
+        teacher = fit(load_config("teacher", [*overrides, f"run.dir={root / 'teacher'}"]))
+    with stage("2/6 cache the teacher's outputs", timings):
+        cache_teacher(
+            load_config(
+                "distill",
+                [*overrides, f"cache.teacher=[{teacher}]", f"kd.cache_dir={cache}"],
+            )
+        )
+    with stage("3/6 distill the student (KD)", timings):
+        student = fit(
+            load_config(
+                "distill",
+                [
+                    *overrides,
+                    f"run.dir={root / 'student'}",
+                    f"kd.cache_dir={cache}",
+                    f"kd.teacher={teacher}",
+                ],
+            )
+        )
+    with stage("4/6 train the same student without KD (baseline)", timings):
+        baseline = fit(
+            load_config("distill", [*overrides, "kd=none", f"run.dir={root / 'student_nokd'}"])
+        )
+    with stage("5/6 evaluate all three on the test split", timings):
+        for ckpt in (teacher, student, baseline):
+            evaluate(str(ckpt), "test", [])
+    with stage("6/6 write the report", timings):
+        report = build_report(
+            {
+                "teacher": root / "teacher",
+                "student": root / "student",
+                "baseline": root / "student_nokd",
+            },
+            root / "report",
+        )
+    return report, timings
+
+
+def main(args: list[str]) -> None:
+    from mtkd.cli import _take
+
+    runs, overrides = _take(args, "runs")
+    start = time.perf_counter()
+    report, timings = run_demo(overrides, runs or "runs")
+    total = time.perf_counter() - start
+    print(f"\n{'=' * 72}\n== demo: test metrics (* = each task's main metric)\n{'=' * 72}")
+    print(report.table)
+    print(f"\n{report.efficiency}\n\nwall time per stage:")
+    for title, seconds in timings.items():
+        print(f"  {title:<52} {seconds:7.1f} s")
+    print(f"  {'total':<52} {total:7.1f} s")
+    print(f"\nreport: {report.path} (figures beside it)")

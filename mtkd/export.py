@@ -1,0 +1,142 @@
+"""``mtkd export ckpt=PATH [out=DIR]``: the deployable student, without Lightning or the teacher.
+
+Writes ``model.pt`` (the network's state dict only: no optimiser state, no teacher, no config
+pickles; loads with ``weights_only=True``), ``model.onnx`` (one named output per task, dynamic
+batch axis) and ``metadata.json`` (everything needed to rebuild the network and to preprocess and
+read its outputs). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from data_modules.io import atomic_write_bytes
+from data_modules.preprocess import FOV_THRESHOLD
+from mtkd.models.multitask import MultiTaskNet, count_parameters
+from mtkd.modules.checkpoint import load_net
+from mtkd.predict import activation, channel_names
+
+ONNX_OPSET = 17
+INPUT_NAME = "image"
+
+
+class TaskOutputs(nn.Module):
+    """The network with its outputs as a tuple in task order, so ONNX output ``i`` is task ``i``
+    (the network's dict puts dense tasks first)."""
+
+    def __init__(self, net: MultiTaskNet, names: list[str]) -> None:
+        super().__init__()
+        self.net = net
+        self.names = names
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.net(image)
+        return tuple(outputs[n] for n in self.names)
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def onnx_bytes(net: MultiTaskNet, names: list[str], image_size: int) -> bytes:
+    """ONNX (TorchScript exporter, opset 17) with named per-task outputs and a dynamic batch."""
+    buf = io.BytesIO()
+    example = torch.randn(2, 3, image_size, image_size)
+    batch_axis = {0: "batch"}
+    torch.onnx.export(
+        TaskOutputs(net, names).eval(),
+        (example,),
+        buf,
+        input_names=[INPUT_NAME],
+        output_names=names,
+        dynamic_axes={INPUT_NAME: batch_axis, **{n: batch_axis for n in names}},
+        opset_version=ONNX_OPSET,
+        dynamo=False,
+    )
+    return buf.getvalue()
+
+
+def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict[str, Any]:
+    """What a consumer needs besides the weights: input size and normalisation, preprocessing,
+    each output's shape and channel names, and the config to rebuild the network."""
+    size = int(cfg.data.image_size)
+    with torch.inference_mode():
+        shapes = {n: list(v.shape[1:]) for n, v in net(torch.zeros(1, 3, size, size)).items()}
+    return {
+        "format": "mtkd-export/1",
+        "source_checkpoint": str(ckpt),
+        "stage": cfg.stage,
+        "parameters": count_parameters(net),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, size, size],
+            "image_size": size,
+            "layout": "RGB, float32, (pixel / 255 - mean) / std",
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+            "preprocess": {
+                "fov_crop": bool(cfg.data.preprocess.fov_crop),
+                "fov_threshold": FOV_THRESHOLD,
+                "clahe": bool(cfg.data.preprocess.clahe),
+                "local_mean": bool(cfg.data.preprocess.local_mean),
+            },
+        },
+        "outputs": list(tasks),
+        "tasks": {
+            name: {
+                "kind": task.kind,
+                "spec": task.describe(),
+                "names": channel_names(task),
+                "activation": activation(task),
+                "shape": ["batch", *shapes[name]],
+            }
+            for name, task in tasks.items()
+        },
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "versions": {
+            "mtkd": package_version("mtkd"),
+            "torch": torch.__version__,
+            "onnx_opset": ONNX_OPSET,
+        },
+    }
+
+
+def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
+    """Write model.pt, model.onnx and metadata.json for a checkpoint's network; returns the folder."""
+    net, tasks, cfg = load_net(ckpt)
+    out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "export"
+    names = list(tasks)
+    weights = io.BytesIO()
+    torch.save(net.state_dict(), weights)
+    atomic_write_bytes(out_dir / "model.pt", weights.getvalue())
+    atomic_write_bytes(out_dir / "model.onnx", onnx_bytes(net, names, int(cfg.data.image_size)))
+    meta = metadata(ckpt, net, tasks, cfg)
+    atomic_write_bytes(out_dir / "metadata.json", json.dumps(meta, indent=1).encode())
+    print(
+        f"exported {cfg.stage} network ({meta['parameters']:,} parameters, tasks {names}) to "
+        f"{out_dir}: model.pt, model.onnx, metadata.json"
+    )
+    return out_dir
+
+
+def main(args: list[str]) -> None:
+    from mtkd.cli import _take
+
+    ckpt, rest = _take(args, "ckpt")
+    out, rest = _take(rest, "out")
+    if rest:
+        raise ValueError(f"export: unknown arguments {rest}; valid: ckpt=, out=")
+    if not ckpt:
+        raise ValueError("export needs ckpt=<path/to/student best.ckpt>")
+    export(ckpt, out)

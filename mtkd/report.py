@@ -1,0 +1,342 @@
+"""``mtkd report [teacher=RUN student=RUN baseline=RUN out=DIR]``: did distillation pay off?
+
+Reads each run's ``metrics_test.json`` (written by ``mtkd evaluate``) and the checkpoint named in
+it, then writes ``report.md`` with PNG figures and ``report.json``: test metrics of the teacher, the
+distilled student and the student trained without KD; size and CPU speed of teacher and student
+(the baseline shares the student's architecture); a bar chart of each task's main metric; a panel
+of test images with every model's masks and points against the ground truth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_modules.datamodule import FundusDataModule
+from data_modules.io import atomic_write_bytes
+from mtkd.models.multitask import MultiTaskNet
+from mtkd.modules.checkpoint import load_net
+from mtkd.predict import activate, draw_overlay, layer_colors, legend_handles, spatial_layers
+from mtkd.profiling import THROUGHPUT_BATCH, Profile, profile_net
+from mtkd.tasks import Task
+
+#: role -> column title; the order of the columns
+ROLES = {"teacher": "teacher", "student": "student KD", "baseline": "student no KD"}
+DEFAULT_RUNS = {
+    "teacher": "runs/teacher",
+    "student": "runs/student",
+    "baseline": "runs/student_nokd",
+}
+METRICS_FILE = "metrics_test.json"
+
+
+@dataclass
+class RunResult:
+    role: str
+    run_dir: Path
+    checkpoint: Path
+    #: "<task>/<metric>" -> value, the split prefix removed
+    metrics: dict[str, float]
+
+
+@dataclass
+class Report:
+    path: Path
+    #: the metrics comparison as a Markdown table (what ``mtkd demo`` prints)
+    table: str
+    #: teacher vs student size and speed as a Markdown table
+    efficiency: str
+    data: dict[str, Any]
+
+
+def load_result(role: str, run_dir: str | Path) -> RunResult:
+    """A run's test metrics and checkpoint, with the command to run when they are missing."""
+    run_dir = Path(run_dir)
+    file = run_dir / METRICS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} not found: evaluate the {ROLES[role]} first, e.g. "
+            f"`mtkd evaluate ckpt={run_dir}/checkpoints/best.ckpt split=test`"
+        )
+    payload = json.loads(file.read_text())
+    ckpt = Path(payload["checkpoint"])
+    if not ckpt.is_file():  # a relative path written from another working directory
+        ckpt = run_dir / "checkpoints" / ckpt.name
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"{file} names checkpoint {payload['checkpoint']}, which does not exist (nor {ckpt})"
+        )
+    metrics = {k.split("/", 1)[1]: float(v) for k, v in payload["metrics"].items() if "/" in k}
+    return RunResult(role, run_dir, ckpt, metrics)
+
+
+def metric_rows(tasks: dict[str, Task], results: list[RunResult]) -> list[list[str]]:
+    """Rows task | metric | one value per run: the task's main metric first (marked *), then the
+    others alphabetically; losses are left out (they are not comparable across KD settings)."""
+    rows = []
+    for name, task in tasks.items():
+        main = task.monitor[0]
+        found = {k.split("/", 1)[1] for r in results for k in r.metrics if k.startswith(f"{name}/")}
+        found.discard("loss")
+        for metric in sorted(found, key=lambda m: (m != main, m)):
+            values = [r.metrics.get(f"{name}/{metric}") for r in results]
+            label = f"{metric} *" if metric == main else metric
+            rows.append([name, label, *("–" if v is None else f"{v:.4f}" for v in values)])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def ratios(teacher: Profile, student: Profile) -> dict[str, float]:
+    """How much smaller and faster the student is (teacher / student; > 1 favours the student)."""
+    return {
+        "compression": teacher.parameters / student.parameters,
+        "macs": teacher.macs / student.macs,
+        "latency_speedup": teacher.latency_ms / student.latency_ms,
+        "throughput_speedup": student.throughput / teacher.throughput,
+    }
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def efficiency_table(teacher: Profile, student: Profile) -> str:
+    r = ratios(teacher, student)
+    rows = [
+        [
+            "parameters",
+            _si(teacher.parameters),
+            _si(student.parameters),
+            f"{r['compression']:.2f}x",
+        ],
+        ["MACs per image", _si(teacher.macs), _si(student.macs), f"{r['macs']:.2f}x"],
+        [
+            "CPU latency, batch 1 (ms)",
+            f"{teacher.latency_ms:.1f}",
+            f"{student.latency_ms:.1f}",
+            f"{r['latency_speedup']:.2f}x",
+        ],
+        [
+            f"CPU throughput, batch {THROUGHPUT_BATCH} (img/s)",
+            f"{teacher.throughput:.1f}",
+            f"{student.throughput:.1f}",
+            f"{r['throughput_speedup']:.2f}x",
+        ],
+    ]
+    return markdown_table(["", "teacher", "student", "teacher / student"], rows)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def metrics_figure(tasks: dict[str, Task], results: list[RunResult]) -> bytes:
+    """One small bar chart per task: its main metric for each model."""
+    from matplotlib.figure import Figure
+
+    cols = min(len(tasks), 4)
+    rows = -(-len(tasks) // cols)
+    fig = Figure(figsize=(2.6 * cols, 3.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = ["#4c72b0", "#dd8452", "#8c8c8c"]
+    for ax, (name, task) in zip(axes, tasks.items()):
+        metric, mode = task.monitor
+        values = [r.metrics.get(f"{name}/{metric}", np.nan) for r in results]
+        bars = ax.bar(range(len(results)), values, color=colors[: len(results)])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(results)), [ROLES[r.role] for r in results], fontsize=8)
+        better = "higher" if mode == "max" else "lower"
+        ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(tasks) :]:
+        ax.set_axis_off()
+    return _png(fig)
+
+
+def predictions_figure(
+    tasks: dict[str, Task],
+    nets: dict[str, MultiTaskNet],
+    data_cfg: Any,
+    n_images: int,
+) -> bytes:
+    """Rows: the first test images; columns: ground truth, then each model's masks and points."""
+    from matplotlib.figure import Figure
+
+    dataset = FundusDataModule(data_cfg, tasks).dataset("test")
+    items = [dataset[i] for i in range(min(n_images, len(dataset)))]
+    images = torch.stack([it["image"] for it in items])
+    with torch.inference_mode():
+        outputs = {role: activate(tasks, net(images)) for role, net in nets.items()}
+    mean = torch.tensor(list(data_cfg.mean)).view(3, 1, 1)
+    std = torch.tensor(list(data_cfg.std)).view(3, 1, 1)
+    colors = layer_colors(tasks)
+    columns = ["ground truth", *(ROLES[r] for r in nets)]
+    fig = Figure(figsize=(2.4 * len(columns) + 2.2, 2.4 * len(items)), layout="constrained")
+    axes = fig.subplots(len(items), len(columns), squeeze=False)
+    for row, item in enumerate(items):
+        pixels = (item["image"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        has = {n: bool(v) for n, v in item["has"].items()}
+        layers = [spatial_layers(tasks, item["targets"], has)]
+        layers += [
+            spatial_layers(tasks, {n: v[row] for n, v in out.items()}) for out in outputs.values()
+        ]
+        for col, (masks, points) in enumerate(layers):
+            ax = axes[row][col]
+            draw_overlay(ax, pixels, masks, points, colors)
+            if row == 0:
+                ax.set_title(columns[col], fontsize=10)
+        axes[row][0].text(
+            -0.04,
+            0.5,
+            item["sample_id"],
+            transform=axes[row][0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=7,
+        )
+    handles = legend_handles(colors)
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return _png(fig)
+
+
+def build_report(
+    runs: dict[str, str | Path],
+    out: str | Path = "runs/report",
+    n_images: int = 4,
+    repeats: int = 5,
+) -> Report:
+    """Write report.md, report.json, metrics.png and predictions.png to ``out``. ``runs`` maps
+    teacher, student and (optionally) baseline to run directories; a baseline without test
+    metrics is left out with a note."""
+    out = Path(out)
+    results = []
+    for role in ROLES:
+        if role not in runs:
+            continue
+        try:
+            results.append(load_result(role, runs[role]))
+        except FileNotFoundError as exc:
+            if role != "baseline":
+                raise
+            print(f"report: no baseline column ({exc})")
+    if [r.role for r in results][:2] != ["teacher", "student"]:
+        raise ValueError("report needs teacher= and student= run directories")
+    loaded = {r.role: load_net(r.checkpoint) for r in results}
+    nets = {role: net for role, (net, _, _) in loaded.items()}
+    tasks, cfg = loaded["student"][1], loaded["student"][2]
+    size = int(cfg.data.image_size)
+    profiles = {role: profile_net(nets[role], size, repeats) for role in ("teacher", "student")}
+    rows = metric_rows(tasks, results)
+    table = markdown_table(["task", "metric", *(ROLES[r.role] for r in results)], rows)
+    figures = {
+        "metrics.png": metrics_figure(tasks, results),
+        "predictions.png": predictions_figure(tasks, nets, cfg.data, n_images),
+    }
+    for name, png in figures.items():
+        atomic_write_bytes(out / name, png)
+    data = {
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": {
+            r.role: {
+                "run_dir": str(r.run_dir),
+                "checkpoint": str(r.checkpoint),
+                "metrics": r.metrics,
+            }
+            for r in results
+        },
+        "profile": {role: p.as_dict() for role, p in profiles.items()},
+        "ratios": ratios(profiles["teacher"], profiles["student"]),
+    }
+    efficiency = efficiency_table(profiles["teacher"], profiles["student"])
+    markdown = render_markdown(results, loaded, profiles["teacher"], table, efficiency)
+    atomic_write_bytes(out / "report.md", markdown.encode())
+    atomic_write_bytes(out / "report.json", json.dumps(data, indent=1).encode())
+    return Report(out / "report.md", table, efficiency, data)
+
+
+def render_markdown(
+    results: list[RunResult],
+    loaded: dict[str, tuple],
+    teacher: Profile,
+    table: str,
+    efficiency: str,
+) -> str:
+    cfg = loaded["student"][2]
+    sources = ", ".join(f"{n} ({s.kind})" for n, s in cfg.data.sources.items())
+    models = markdown_table(
+        ["", "run", "checkpoint", "encoder", "KD"],
+        [
+            [
+                ROLES[r.role],
+                f"`{r.run_dir}`",
+                f"`{r.checkpoint}`",
+                loaded[r.role][2].model.encoder,
+                loaded[r.role][2].kd.mode if r.role != "teacher" else "–",
+            ]
+            for r in results
+        ],
+    )
+    return f"""# mtkd report: teacher vs distilled student
+
+Test split of {sources}, {teacher.image_size} x {teacher.image_size} px.
+
+## Models
+
+{models}
+
+## Test metrics
+
+`*` marks each task's main metric (the one charted below).
+
+{table}
+
+![main metric per task](metrics.png)
+
+## Size and CPU speed
+
+Median of timed forward passes after warm-up, {teacher.threads} torch thread(s),
+random {teacher.image_size} px input. The no-KD baseline has the student's architecture.
+
+{efficiency}
+
+## Test images
+
+Tinted masks and `X` points: ground truth (where labeled) and each model's prediction.
+
+![test predictions](predictions.png)
+"""
+
+
+def main(args: list[str]) -> None:
+    from mtkd.cli import _take
+
+    runs: dict[str, str | Path] = {}
+    rest = list(args)
+    for role, default in DEFAULT_RUNS.items():
+        given, rest = _take(rest, role)
+        runs[role] = given or default
+    out, rest = _take(rest, "out")
+    if rest:
+        raise ValueError(
+            f"report: unknown arguments {rest}; valid: teacher=, student=, baseline=, out="
+        )
+    report = build_report(runs, out or "runs/report")
+    print(f"\n{report.table}\n\n{report.efficiency}\n\nreport written to {report.path}")

@@ -1,0 +1,221 @@
+"""``mtkd sweep-local sweep=FILE [count=N] [key=value ...]``: run a W&B sweep YAML
+(``experiments/sweeps/*.yaml``) with no W&B server.
+
+W&B's own sweep engine (the ``sweeps`` package the W&B server runs) proposes each trial from the
+trials so far (grid, random or bayes). Each trial is a clean ``mtkd <stage>`` subprocess, so
+DDP works, that logs offline to ``runs/sweeps/<sweep>/<trial>``; its metric is read from the
+trial's ``metrics_val.json``. Results accumulate in ``runs/sweeps/<sweep>/results.{json,md}``:
+running the same sweep again continues it (a grid skips the points already tried).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_modules.io import atomic_write_bytes
+
+#: the W&B macros that must surround the stage arguments in a sweep's ``command``
+PROGRAM, ARGS = "${program}", "${args_no_hyphens}"
+#: where local sweeps write their trials and results
+SWEEPS_ROOT = Path("runs/sweeps")
+
+
+@dataclass
+class Trial:
+    """One finished or failed trial of a local sweep."""
+
+    name: str
+    params: dict[str, Any]
+    state: str  # "finished" or "failed"
+    metric: float | None
+    run_dir: str
+    seconds: float
+    error: str | None = None
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Parse a sweep YAML and refuse what neither W&B nor sweep-local can run."""
+    import sweeps
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"sweep file {file} does not exist; see experiments/sweeps/")
+    sweep = yaml.safe_load(file.read_text())
+    problems = list(sweeps.schema_violations_from_proposed_config(sweep))
+    for key in ("program", "method", "metric", "parameters", "command"):
+        if key not in sweep:
+            problems.append(f"missing {key!r}")
+    if sweep.get("program") != "mtkd":
+        problems.append("program must be mtkd")
+    metric = sweep.get("metric") or {}
+    if not metric.get("name") or metric.get("goal") not in ("maximize", "minimize"):
+        problems.append("metric needs a name and goal: maximize|minimize")
+    command = [str(c) for c in sweep.get("command") or []]
+    if (
+        PROGRAM not in command
+        or ARGS not in command
+        or command.index(ARGS) <= command.index(PROGRAM) + 1
+    ):
+        problems.append(f"command must read [${{env}}, {PROGRAM}, <stage>, ..., {ARGS}]")
+    if problems:
+        raise ValueError(f"sweep {file}: " + "; ".join(problems))
+    sweep.setdefault("name", file.stem)
+    return sweep
+
+
+def stage_args(sweep: dict[str, Any]) -> list[str]:
+    """The literal arguments between ``${program}`` and ``${args_no_hyphens}``: the stage,
+    then any fixed overrides."""
+    command = [str(c) for c in sweep["command"]]
+    return command[command.index(PROGRAM) + 1 : command.index(ARGS)]
+
+
+def propose(sweep: dict[str, Any], trials: list[Trial]) -> dict[str, Any] | None:
+    """The next parameters from W&B's engine given the trials so far; None when a grid is done."""
+    import sweeps
+
+    metric = sweep["metric"]["name"]
+    runs = [
+        sweeps.SweepRun(
+            name=t.name,
+            state=sweeps.RunState.finished if t.state == "finished" else sweeps.RunState.failed,
+            config={k: {"value": v} for k, v in t.params.items()},
+            summary_metrics={} if t.metric is None else {metric: t.metric},
+        )
+        for t in trials
+    ]
+    run = sweeps.next_run(sweep, runs)
+    return None if run is None else {k: v["value"] for k, v in run.config.items()}
+
+
+def run_trial(
+    sweep: dict[str, Any], params: dict[str, Any], extra: list[str], run_dir: Path
+) -> Trial:
+    """Run one trial as ``mtkd <stage> <params> <extra> logger=wandb_offline ...``; a failure
+    (non-zero exit, missing metric) is recorded in the Trial, never raised."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mtkd.cli",
+        *stage_args(sweep),
+        *(f"{k}={v}" for k, v in params.items()),
+        *extra,
+        "logger=wandb_offline",
+        f"logger.group={sweep['name']}",
+        f"run.dir={run_dir}",
+    ]
+    log = run_dir / "trial.log"
+    start = time.monotonic()
+    with log.open("w") as out:
+        out.write(" ".join(command) + "\n\n")
+        out.flush()
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
+    seconds = round(time.monotonic() - start, 1)
+    metric = sweep["metric"]["name"]
+    results = run_dir / "metrics_val.json"
+    if code != 0:
+        error = f"exit {code}, see {log}"
+    elif not results.is_file() or metric not in json.loads(results.read_text())["metrics"]:
+        error = f"{results} has no {metric}"
+    else:
+        value = float(json.loads(results.read_text())["metrics"][metric])
+        return Trial(run_dir.name, params, "finished", value, str(run_dir), seconds)
+    return Trial(run_dir.name, params, "failed", None, str(run_dir), seconds, error)
+
+
+def ranked(trials: list[Trial], goal: str) -> list[Trial]:
+    """Best first by the sweep metric; failed and NaN trials last, in trial order."""
+    scored = [t for t in trials if t.metric is not None and math.isfinite(t.metric)]
+    scored.sort(key=lambda t: t.metric, reverse=goal == "maximize")
+    return scored + [t for t in trials if t not in scored]
+
+
+def results_markdown(sweep: dict[str, Any], trials: list[Trial]) -> str:
+    """A markdown table of the trials, best first."""
+    metric, goal = sweep["metric"]["name"], sweep["metric"]["goal"]
+    names = list(sweep["parameters"])
+    lines = [
+        f"# Sweep {sweep['name']}: {metric} ({goal})",
+        "",
+        "| rank | trial | " + " | ".join(names) + f" | {metric} | state | seconds |",
+        "|" + "---|" * (len(names) + 5),
+    ]
+    for rank, t in enumerate(ranked(trials, goal), 1):
+        value = "" if t.metric is None else f"{t.metric:.4f}"
+        state = t.state if t.error is None else f"{t.state}: {t.error}"
+        cells = [str(t.params.get(n, "")) for n in names]
+        lines.append(
+            f"| {rank} | {t.name} | " + " | ".join(cells) + f" | {value} | {state} | {t.seconds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(sweep: dict[str, Any], trials: list[Trial], sweep_dir: Path) -> None:
+    """results.json (every trial, best first) and results.md beside the trials."""
+    ordered = ranked(trials, sweep["metric"]["goal"])
+    payload = {
+        "sweep": sweep["name"],
+        "metric": sweep["metric"],
+        "trials": [asdict(t) for t in ordered],
+    }
+    atomic_write_bytes(sweep_dir / "results.json", json.dumps(payload, indent=1).encode())
+    atomic_write_bytes(sweep_dir / "results.md", results_markdown(sweep, trials).encode())
+
+
+def run_sweep(
+    sweep: dict[str, Any], count: int | None, extra: list[str], root: Path = SWEEPS_ROOT
+) -> list[Trial]:
+    """Propose and run up to ``count`` new trials (default: the sweep's ``run_cap``, or every
+    grid point); returns every trial of the sweep so far, best first."""
+    count = count if count is not None else sweep.get("run_cap")
+    if count is None and sweep["method"] != "grid":
+        raise ValueError(f"a {sweep['method']} sweep never ends: pass count=N or set run_cap")
+    sweep_dir = root / sweep["name"]
+    previous = sweep_dir / "results.json"
+    trials = (
+        [Trial(**t) for t in json.loads(previous.read_text())["trials"]]
+        if previous.is_file()
+        else []
+    )
+    trials.sort(key=lambda t: t.name)
+    new = 0
+    while count is None or new < count:
+        params = propose(sweep, trials)
+        if params is None:
+            break
+        name = f"trial-{len(trials):03d}"
+        print(f"[{sweep['name']}] {name}: " + " ".join(f"{k}={v}" for k, v in params.items()))
+        trial = run_trial(sweep, params, extra, sweep_dir / name)
+        outcome = f"{trial.metric}" if trial.error is None else f"failed ({trial.error})"
+        print(
+            f"[{sweep['name']}] {name}: {sweep['metric']['name']} = {outcome} ({trial.seconds} s)"
+        )
+        trials.append(trial)
+        new += 1
+        write_results(sweep, trials, sweep_dir)
+    return ranked(trials, sweep["metric"]["goal"])
+
+
+def main(args: list[str]) -> None:
+    """``mtkd sweep-local sweep=FILE [count=N] [key=value ...]`` (extra overrides go to every
+    trial)."""
+    from mtkd.cli import _take
+
+    path, rest = _take(args, "sweep")
+    count, rest = _take(rest, "count")
+    if not path:
+        raise ValueError("sweep-local needs sweep=experiments/sweeps/<name>.yaml")
+    sweep = load_sweep(path)
+    trials = run_sweep(sweep, int(count) if count else None, rest)
+    print("\n" + results_markdown(sweep, trials))
+    print(f"results written to {SWEEPS_ROOT / sweep['name']}/results.md and results.json")

@@ -1,0 +1,54 @@
+"""Configuration composition and the errors a user sees for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtkd.config import ConfigError, apply_overrides, load_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_compose_groups():
+    cfg = load_config("teacher")
+    assert cfg.model.encoder == "resnet18"
+    assert cfg.data.sources.synthetic.kind == "synthetic"
+    assert cfg.trainer.accelerator == "cpu"
+    assert set(cfg.tasks) >= {"dr_grade", "lesions", "landmarks", "cdr"}
+    assert load_config("distill").model.encoder == "tu-mobilenetv3_small_100"
+
+
+def test_group_swap_and_value_overrides():
+    cfg = load_config("distill", ["kd=online", "trainer.max_epochs=3", "data.image_size=64"])
+    assert cfg.kd.mode == "online"
+    assert cfg.trainer.max_epochs == 3 and cfg.data.image_size == 64
+
+
+def test_gpu_profile_sets_full_size():
+    cfg = load_config("teacher", ["profile=gpu"])
+    assert cfg.data.image_size == 512 and cfg.trainer.accelerator == "gpu"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.encodr=resnet18", "valid keys under model: .*encoder"),
+        ("data.image_size=large", "data.image_size"),
+        ("trainer.max_epoch=2", "valid Lightning Trainer flags: .*max_epochs"),
+        ("kd.mode=sideways", "kd.mode='sideways' is not one of"),
+        ("tasks.dr_grade.colour=1", "valid keys"),
+        ("data=nope", "choose one of"),
+        ("kd.tasks.nope.alpha=1", "unknown tasks"),
+        ("noequals", "must look like key=value"),
+    ],
+)
+def test_bad_overrides_fail_with_valid_options(override, message):
+    with pytest.raises(ConfigError if "tasks.dr" not in override else ValueError, match=message):
+        load_config("teacher", [override])
+
+
+def test_apply_overrides_validates_saved_config():
+    cfg = load_config("teacher")
+    assert apply_overrides(cfg, ["data.batch_size=4"]).data.batch_size == 4
+    with pytest.raises(ConfigError):
+        apply_overrides(cfg, ["data.bogus=1"])

@@ -1,0 +1,175 @@
+"""Each task kind's loss, KD loss and metrics on hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtkd.modules.common import fp32
+from mtkd.tasks import Annotation, CacheStorage, build_tasks, masked_mean
+
+pytestmark = pytest.mark.unit
+
+
+def make(kind: str, **spec):
+    return build_tasks({"t": {"kind": kind, **spec}})["t"]
+
+
+def test_classification_ce_and_kd_with_temperature():
+    task = make("classification", num_classes=3)
+    pred = torch.tensor([[2.0, 0.0, 0.0]])
+    expected_ce = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert task.loss(pred, torch.tensor([0])).item() == pytest.approx(expected_ce, rel=1e-6)
+    teacher = torch.tensor([[0.0, 2.0, 0.0]])
+    temperature = 2.0
+    p_t = torch.softmax(teacher / temperature, 1)[0]
+    p_s = torch.softmax(pred / temperature, 1)[0]
+    kl = float((p_t * (p_t / p_s).log()).sum()) * temperature**2
+    assert task.kd_loss(pred, teacher, temperature).item() == pytest.approx(kl, rel=1e-6)
+    assert task.kd_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_gradient_flows_to_student_not_teacher():
+    task = make("classification", num_classes=3)
+    student = torch.randn(4, 3, requires_grad=True)
+    teacher = torch.randn(4, 3, requires_grad=True)
+    task.kd_loss(student, teacher.detach(), 4.0).mean().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_ordinal_penalises_distant_grades_more():
+    task = make("classification", num_classes=5, ordinal=True)
+    plain = make("classification", num_classes=5)
+    pred = torch.tensor([[5.0, 0, 0, 0, 0]])
+    near, far = torch.tensor([1]), torch.tensor([4])
+    # Plain CE is the same for both wrong grades; the ordinal term separates them.
+    assert plain.loss(pred, near).item() == pytest.approx(plain.loss(pred, far).item())
+    assert task.loss(pred, far).item() > task.loss(pred, near).item() + 0.5
+
+
+def test_classification_metrics_known_values():
+    task = make("classification", num_classes=3)
+    metrics = task.metrics()
+    logits = torch.eye(3)[[0, 1, 2, 2]] * 5
+    target = torch.tensor([0, 1, 2, 1])
+    task.update_metrics(metrics, logits, target, {})
+    values = metrics.compute()
+    assert values["acc"].item() == pytest.approx(0.75)
+    assert values["balanced_acc"].item() == pytest.approx((1 + 0.5 + 1) / 3)
+    # Quadratic weighted kappa is 1 for a perfect prediction.
+    perfect = task.metrics()
+    task.update_metrics(perfect, torch.eye(3)[target] * 5, target, {})
+    assert perfect.compute()["kappa"].item() == pytest.approx(1.0)
+
+
+def test_masked_mean_ignores_unlabeled_and_is_zero_without_labels():
+    values = torch.tensor([1.0, 3.0, 100.0], requires_grad=True)
+    assert masked_mean(values, torch.tensor([True, True, False])).item() == pytest.approx(2.0)
+    none = masked_mean(values, torch.tensor([False, False, False]))
+    assert none.item() == 0.0 and not torch.isnan(none)
+    none.backward()
+    assert torch.all(values.grad == 0)
+
+
+def test_segmentation_target_absent_class_is_empty_and_no_mask_is_unlabeled():
+    task = make("segmentation", classes=["a", "b"])
+    mask = np.ones((4, 4), np.float32)
+    target = task.target(Annotation(labels={}, masks={"a": mask}, points={}, size=4))
+    assert target.shape == (2, 4, 4)
+    assert target[0].sum() == 16 and target[1].sum() == 0
+    assert task.target(Annotation(labels={}, masks={}, points={}, size=4)) is None
+
+
+def test_segmentation_loss_and_kd_known_values():
+    task = make("segmentation", classes=["a"], dice_weight=0.0)
+    pred = torch.zeros(1, 1, 2, 2)
+    target = torch.ones(1, 1, 2, 2)
+    assert task.loss(pred, target).item() == pytest.approx(math.log(2), rel=1e-6)
+    # Binary KL(p || sigmoid(0)) with p = 0.8 at every pixel.
+    p = 0.8
+    kl = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    teacher = torch.full((1, 1, 4, 4), p)  # larger map: resized to the student's size
+    assert task.kd_loss(pred, teacher, 1.0).item() == pytest.approx(kl, rel=1e-4)
+    assert task.kd_loss(torch.logit(teacher[..., :2, :2]), teacher, 1.0).item() == pytest.approx(
+        0, abs=1e-5
+    )
+
+
+def test_segmentation_cache_uint8_round_trip():
+    task = make("segmentation", classes=["a", "b"])
+    probs = torch.rand(3, 2, 16, 16)
+    storage = CacheStorage(dense_size=8, dense_dtype="uint8")
+    rows = task.encode_cache(probs, storage)
+    assert rows.dtype == np.uint8 and rows.shape == (3, 2, 8, 8)
+    pooled = torch.nn.functional.avg_pool2d(probs, 2).numpy()
+    assert np.abs(task.decode_cache(rows[0]) - pooled[0]).max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("classes", [["a"], ["a", "b"]])
+def test_segmentation_metrics_dice_iou(classes):
+    task = make("segmentation", classes=classes)
+    metrics = task.metrics()
+    target = torch.tensor([[[[1, 1], [0, 0]]]]).repeat(1, len(classes), 1, 1)
+    pred_logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]]).repeat(1, len(classes), 1, 1)
+    # per class: 1 TP, 1 FP, 1 FN
+    task.update_metrics(metrics, pred_logits, target.float(), {})
+    values = metrics.compute()
+    assert values["dice"].item() == pytest.approx(0.5)
+    assert values["iou"].item() == pytest.approx(1 / 3)
+    assert values["dice_a"].item() == pytest.approx(0.5)
+
+
+def test_localization_loss_and_pixel_distance():
+    task = make("localization", points=["od", "fovea"])
+    pred = torch.tensor([[[0.5, 0.5], [0.2, 0.2]]])
+    target = torch.tensor([[[0.5, 0.8], [0.2, 0.2]]])
+    assert task.loss(pred, target).item() == pytest.approx(0.3 / 4)
+    assert task.kd_loss(pred, target, 1.0).item() == pytest.approx(0.09 / 4)
+    metrics = task.metrics()
+    task.update_metrics(metrics, pred, target, {"pixel_scale": torch.tensor([[1000.0, 2000.0]])})
+    values = metrics.compute()
+    assert values["dist"].item() == pytest.approx(0.15)
+    assert values["dist_px"].item() == pytest.approx(0.3 * 2000 / 2)
+
+
+def test_regression_and_multilabel():
+    reg = make("regression")
+    assert reg.loss(torch.tensor([[1.0]]), torch.tensor([[3.0]])).item() == pytest.approx(4.0)
+    m = reg.metrics()
+    reg.update_metrics(
+        m, torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0], [2.0], [4.0]]), {}
+    )
+    values = m.compute()
+    assert values["mae"].item() == pytest.approx(1 / 3)
+    assert values["rmse"].item() == pytest.approx(math.sqrt(1 / 3))
+    ml = make("multilabel", classes=["x", "y"])
+    pred = torch.zeros(1, 2)
+    assert ml.loss(pred, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(2))
+    assert ml.target(Annotation(labels={}, masks={}, points={}, size=4)) is None
+    with pytest.raises(ValueError, match="not"):
+        ml.target(Annotation(labels={"x": 1.0}, masks={}, points={}, size=4))
+
+
+def test_losses_stay_fp32_under_bf16_autocast():
+    task = make("classification", num_classes=3)
+    pred = torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(pred, torch.eye(3))
+        assert logits.dtype == torch.bfloat16
+        loss = fp32(lambda s, t: task.kd_loss(s, t, 4.0), logits, pred)
+    assert loss.dtype == torch.float32
+    expected = task.kd_loss(logits.float(), pred, 4.0)
+    assert torch.allclose(loss, expected)
+
+
+def test_unknown_kind_and_key_errors_list_valid_options():
+    with pytest.raises(ValueError, match="registered kinds: .*classification"):
+        build_tasks({"t": {"kind": "nope"}})
+    with pytest.raises(ValueError, match="valid keys"):
+        build_tasks({"t": {"kind": "segmentation", "classes": ["a"], "colour": 1}})
+    with pytest.raises(ValueError, match="needs a list of classes"):
+        build_tasks({"t": {"kind": "segmentation"}})
