@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from typing import Any
 
 import albumentations as A
 import cv2
 from albumentations.core.type_definitions import Targets
 from albumentations.pytorch import ToTensorV2
+
+# Evaluation pipelines have no geometric transform but still carry keypoints: expected, not a bug.
+warnings.filterwarnings("ignore", message="Got processor for keypoints, but no transform")
 
 
 def _build_one(spec: dict[str, Any], smooth_masks: bool) -> A.BasicTransform:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torchmetrics import MeanMetric
 
 from mtkd.config import import_plugins
 from mtkd.models.multitask import MultiTaskNet
@@ -41,6 +42,11 @@ class MultiTaskModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({n: t.metrics() for n, t in self.tasks.items()}) for s in EVAL_STAGES}
         )
+        # Per-task evaluation loss weighted by labeled samples, synced like the other metrics:
+        # a rank whose batches carry no label for a task must not skip a collective.
+        self.eval_losses = nn.ModuleDict(
+            {s: nn.ModuleDict({n: MeanMetric() for n in self.tasks}) for s in EVAL_STAGES}
+        )
         self._labeled = {s: torch.zeros(len(self.tasks)) for s in EVAL_STAGES}
         self._epoch_losses: dict[str, list[float]] = {}
 
@@ -66,14 +72,21 @@ class MultiTaskModule(L.LightningModule):
                 "trainer.precision=bf16-mixed or 32-true over 16-mixed, or check the inputs."
             )
 
-    def log_train_terms(self, prefix_terms: dict[str, torch.Tensor], total: torch.Tensor) -> None:
-        batch_size = None
-        for key, value in prefix_terms.items():
-            self.log(
-                f"train/{key}", value.detach(), on_step=False, on_epoch=True, batch_size=batch_size
-            )
-            self._epoch_losses.setdefault(key, []).append(float(value.detach()))
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True)
+    def log_train_terms(
+        self, terms: dict[str, torch.Tensor], total: torch.Tensor, batch_size: int
+    ) -> None:
+        for key, value in terms.items():
+            self.log(f"train/{key}", value.detach(), on_epoch=True, batch_size=batch_size)
+            if self.weighting.mode == "dwa":  # DWA needs epoch means (a host sync per term)
+                self._epoch_losses.setdefault(key, []).append(float(value.detach()))
+        self.log(
+            "train/loss",
+            total.detach(),
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+        )
 
     def on_train_epoch_end(self) -> None:
         means = {
@@ -101,13 +114,7 @@ class MultiTaskModule(L.LightningModule):
                     batch["targets"][name][has],
                     {"pixel_scale": batch["pixel_scale"][has]},
                 )
-                self.log(
-                    f"{stage}/{name}/loss",
-                    losses[name],
-                    on_epoch=True,
-                    batch_size=int(has.sum()),
-                    sync_dist=True,
-                )
+                self.eval_losses[stage][name].update(losses[name].detach(), weight=has.sum())
         total = self.weighting(losses) if self.weighting.mode == "fixed" else sum(losses.values())
         self.log(
             f"{stage}/loss",
@@ -125,11 +132,12 @@ class MultiTaskModule(L.LightningModule):
         for i, name in enumerate(self.tasks):
             collection = self.metrics[stage][name]
             if labeled[i] > 0:
-                values = collection.compute()
+                values = {**collection.compute(), "loss": self.eval_losses[stage][name].compute()}
                 self.log_dict(
                     {f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False
                 )
             collection.reset()
+            self.eval_losses[stage][name].reset()
         self._labeled[stage].zero_()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -80,5 +80,5 @@ class StudentModule(MultiTaskModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         total, terms = self.step_losses(batch)
         self.guard_finite(total, terms)
-        self.log_train_terms(terms, total)
+        self.log_train_terms(terms, total, len(batch["image"]))
         return total

@@ -13,5 +13,7 @@ class TeacherModule(MultiTaskModule):
         losses = self.supervised_losses(outputs, batch)
         total = self.weighting(losses)
         self.guard_finite(total, losses)
-        self.log_train_terms({f"{n}/loss": v for n, v in losses.items()}, total)
+        self.log_train_terms(
+            {f"{n}/loss": v for n, v in losses.items()}, total, len(batch["image"])
+        )
         return total
