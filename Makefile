@@ -73,7 +73,7 @@ predict: $(STAMP) ## predictions for images (CKPT=path IMAGES=file-or-folder)
 	$(MTKD) predict ckpt=$(or $(CKPT),$(STUDENT)) images=$(IMAGES) $(ARGS)
 
 sweep: $(STAMP) ## W&B sweep on a W&B server: wandb sweep + wandb agent (SWEEP=yaml)
-	$(BIN)/wandb agent $$($(BIN)/wandb sweep $(SWEEP) 2>&1 | awk '/wandb agent/{print $$NF}')
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/wandb agent $$($(BIN)/wandb sweep $(SWEEP) 2>&1 | awk '/wandb agent/{print $$NF}')
 
 sweep-local: $(STAMP) ## the same sweep YAML offline, no W&B server (SWEEP=yaml)
 	$(MTKD) sweep-local sweep=$(SWEEP) $(ARGS)

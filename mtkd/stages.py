@@ -162,7 +162,8 @@ def evaluate(
     if isinstance(module, StudentModule):
         module.kd_mode = "none"  # evaluation never needs the teacher
     dm = FundusDataModule(cfg.data, module.tasks)
-    trainer = make_trainer(cfg, None, [], logger=False)
+    logger = make_logger(cfg, Path(ckpt).parent.parent, job_type="evaluate")
+    trainer = make_trainer(cfg, None, logger_callbacks(cfg, logger), logger)
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
     run = trainer.validate if split == "val" else trainer.test

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import sweeps
 import yaml
 
 from data_modules.io import atomic_write_bytes
@@ -44,8 +45,6 @@ class Trial:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Parse a sweep YAML and refuse what neither W&B nor sweep-local can run."""
-    import sweeps
-
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"sweep file {file} does not exist; see experiments/sweeps/")
@@ -81,8 +80,6 @@ def stage_args(sweep: dict[str, Any]) -> list[str]:
 
 def propose(sweep: dict[str, Any], trials: list[Trial]) -> dict[str, Any] | None:
     """The next parameters from W&B's engine given the trials so far; None when a grid is done."""
-    import sweeps
-
     metric = sweep["metric"]["name"]
     runs = [
         sweeps.SweepRun(

@@ -29,7 +29,7 @@ def fp32(fn, *args: torch.Tensor) -> torch.Tensor:
 class MultiTaskModule(L.LightningModule):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": config})
+        self.save_hyperparameters({"config": config}, logger=False)
         self.cfg = OmegaConf.create(config)
         import_plugins(list(config.get("plugins", [])))
         self.tasks = build_tasks(config["tasks"])
