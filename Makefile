@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-all test-ddp lint format synth train-teacher cache-teacher distill \
-	distill-nokd evaluate demo report export predict sweep sweep-local bench clean
+	distill-nokd evaluate demo report export predict sweep sweep-local bench realdata clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -79,8 +79,11 @@ sweep-local: $(STAMP) ## the same sweep YAML offline, no W&B server (SWEEP=yaml)
 	$(MTKD) sweep-local sweep=$(SWEEP) $(ARGS)
 
 bench: $(STAMP) ## CPU benchmarks; figures go to bench/RESULTS.md by hand
-	$(BIN)/python bench/bench_kd_step.py
-	$(BIN)/python bench/bench_cache.py
+	$(BIN)/python bench/bench_kd.py
+	$(BIN)/python bench/bench_preprocess.py
+
+realdata: $(STAMP) ## real-data results of docs/real-data.md (MTKD_DATA_DIR; ARGS="retinamnist|idrid|bench")
+	bash bench/realdata.sh $(ARGS)
 
 clean: ## remove runs, generated data and caches (keeps .venv)
 	rm -rf runs data .pytest_cache

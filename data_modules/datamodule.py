@@ -37,31 +37,38 @@ class TeacherOutputs(Protocol):
 
 
 def load_samples(data_cfg: Any, run_dir: str | Path | None = None) -> list[Sample]:
-    """Read every configured source, rename labels, assign splits and label fraction."""
+    """Read every configured source, rename labels, assign splits and label fraction.
+
+    Splits are assigned source by source: a source without a validation split gets one carved
+    from its own training patients even when another source ships one, and an unlabeled source
+    stays in train (it has nothing to validate or test).
+    """
+    reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
     samples: list[Sample] = []
     for src in data_cfg.sources.values():
         got = read_source(src.kind, src.root, dict(src.options))
         label_map = dict(src.label_map)
-        for s in got:
-            s = s.renamed(label_map) if label_map else s
-            if src.unlabeled:
-                s = dataclasses.replace(s, labels={}, masks={}, points={}, split="train")
-            samples.append(s)
+        got = [s.renamed(label_map) for s in got] if label_map else got
+        if src.unlabeled:
+            got = [
+                dataclasses.replace(s, labels={}, masks={}, points={}, split="train") for s in got
+            ]
+        elif not reuse:
+            got = assign_splits(
+                got,
+                data_cfg.val_fraction,
+                data_cfg.test_fraction,
+                data_cfg.split_seed,
+                data_cfg.stratify_on,
+            )
+        samples.extend(got)
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("two data sources produce the same sample ids; give each a distinct root")
-    if data_cfg.split_file and Path(data_cfg.split_file).exists():
+    if reuse:
         samples = load_splits(samples, data_cfg.split_file)
-    else:
-        samples = assign_splits(
-            samples,
-            data_cfg.val_fraction,
-            data_cfg.test_fraction,
-            data_cfg.split_seed,
-            data_cfg.stratify_on,
-        )
-        if data_cfg.split_file:
-            save_splits(samples, data_cfg.split_file)
+    elif data_cfg.split_file:
+        save_splits(samples, data_cfg.split_file)
     if run_dir is not None:
         save_splits(samples, Path(run_dir) / "splits.json")
     if data_cfg.label_fraction < 1.0:

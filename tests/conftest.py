@@ -11,6 +11,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One OpenMP thread (set before torch loads): on a 2-core machine shared with other jobs, torch's
+# two threads spin-wait on each other and a tiny training run takes several times longer.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

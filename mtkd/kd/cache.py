@@ -101,7 +101,7 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir
         )
     lines.append(
         "Rebuild it with the same data/task overrides as this run: "
-        f"mtkd cache-teacher teacher=<teacher.ckpt> cache.dir={cache_dir} (or make cache-teacher)"
+        f"mtkd cache-teacher teacher=<teacher.ckpt> kd.cache_dir={cache_dir} (or make cache-teacher)"
     )
     raise StaleCacheError("\n".join(lines))
 
@@ -121,7 +121,7 @@ class TeacherCache:
             )
             raise FileNotFoundError(
                 f"teacher cache {self.dir}: {hint}. Build it with "
-                f"`mtkd cache-teacher teacher=<teacher.ckpt> cache.dir={self.dir}`."
+                f"`mtkd cache-teacher teacher=<teacher.ckpt> kd.cache_dir={self.dir}`."
             )
         self.fingerprint = json.loads(meta.read_text())
         self.tasks = tasks

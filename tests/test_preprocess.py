@@ -1,0 +1,216 @@
+"""Preprocessing: the FOV box, points that follow the crop, contrast enhancement, and the
+persistent disk cache (hit, stale file, corrupt entry, atomic writes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_modules.io as io_module
+import data_modules.preprocess as preprocess
+from data_modules.preprocess import Preprocessor, enhance, fov_box
+from data_modules.samples import Sample
+
+pytestmark = pytest.mark.unit
+
+SIZE = 64
+#: the bright square field of view of ``square_fov_photo``: x0, y0, side (original pixels)
+FOV = (192, 64, 640)
+#: a red marker centred here, at normalised (0.25, 0.75) of the FOV box
+MARKER = (FOV[0] + 0.25 * FOV[2], FOV[1] + 0.75 * FOV[2])
+
+
+def disc_image(height: int, width: int, centre: tuple[int, int], radius: int) -> np.ndarray:
+    """A black frame around a bright, mildly textured disc, like a fundus photograph."""
+    yy, xx = np.mgrid[:height, :width]
+    inside = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= radius**2
+    texture = np.random.default_rng(0).integers(60, 200, (height, width, 1))
+    return np.where(inside[..., None], texture + np.array([40, 0, -40]), 0).astype(np.uint8)
+
+
+def square_fov_photo(path: Path) -> Path:
+    """A 1024x768 JPEG (large enough for draft decoding) with a bright square FOV and a marker."""
+    image = np.zeros((768, 1024, 3), np.uint8)
+    x0, y0, side = FOV
+    image[y0 : y0 + side, x0 : x0 + side] = (120, 120, 120)
+    mx, my = (int(v) for v in MARKER)
+    image[my - 24 : my + 24, mx - 24 : mx + 24] = (255, 0, 0)
+    Image.fromarray(image).save(path, quality=95)
+    return path
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    Image.fromarray(image).save(path)
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Sample:
+    path = write_png(tmp_path / "photo.png", disc_image(90, 120, (60, 45), 40))
+    return Sample("s", "s", str(path), "train", points={"fovea": (60.0, 45.0)})
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every image reference the preprocessor decodes, in order."""
+    calls: list[str] = []
+
+    def counting_load_image(ref: str, draft_size: int | None = None) -> np.ndarray:
+        calls.append(ref)
+        return io_module.load_image(ref, draft_size)
+
+    monkeypatch.setattr(preprocess, "load_image", counting_load_image)
+    return calls
+
+
+def same(a: preprocess.Prepared, b: preprocess.Prepared) -> bool:
+    return (
+        np.array_equal(a.image, b.image)
+        and a.points == b.points
+        and a.pixel_scale == b.pixel_scale
+        and a.masks.keys() == b.masks.keys()
+        and all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+    )
+
+
+# --------------------------------------------------------------------------- FOV box and points
+
+
+def test_fov_box_is_the_square_around_a_disc_in_a_black_frame():
+    x0, y0, w, h = fov_box(disc_image(200, 300, (150, 100), 80))
+    assert (w, h) == pytest.approx((161, 161), abs=2)
+    assert (x0, y0) == pytest.approx((70, 20), abs=2)
+
+
+def test_fov_box_extends_past_a_disc_clipped_at_the_top_and_bottom():
+    # IDRiD-like: the disc is wider than the photograph is high.
+    x0, y0, w, h = fov_box(disc_image(100, 300, (150, 50), 80))
+    assert w == h == pytest.approx(161, abs=2)
+    assert y0 == pytest.approx(50 - 80, abs=2)
+
+
+def test_fov_box_is_the_whole_image_without_a_dark_frame():
+    assert fov_box(np.full((50, 50, 3), 128, np.uint8)) == (0, 0, 50, 50)
+
+
+def test_points_follow_the_crop_of_a_draft_decoded_jpeg(tmp_path: Path):
+    path = square_fov_photo(tmp_path / "photo.jpg")
+    sample = Sample("s", "s", str(path), "train", points={"marker": MARKER})
+    prepared = Preprocessor(SIZE, cache_dir=None)(sample)
+    assert prepared.pixel_scale == pytest.approx((FOV[2], FOV[2]), abs=8)
+    assert prepared.points["marker"] == pytest.approx((0.25, 0.75), abs=0.02)
+    # The marker's pixels land where its normalised point says (image and points agree).
+    red = (prepared.image[..., 0] > 180) & (prepared.image[..., 1] < 90)
+    ys, xs = np.nonzero(red)
+    centre = ((xs.mean() + 0.5) / SIZE, (ys.mean() + 0.5) / SIZE)
+    assert centre == pytest.approx(prepared.points["marker"], abs=1.5 / SIZE)
+
+
+def test_without_fov_crop_points_are_normalised_by_the_whole_image(photo: Sample):
+    prepared = Preprocessor(SIZE, fov_crop=False, cache_dir=None)(photo)
+    assert prepared.pixel_scale == (120.0, 90.0)
+    assert prepared.points["fovea"] == (0.5, 0.5)
+    assert prepared.image.shape == (SIZE, SIZE, 3)
+
+
+# --------------------------------------------------------------------------- enhancement
+
+
+@pytest.mark.parametrize("clahe, local_mean", [(True, False), (False, True), (True, True)])
+def test_enhancement_changes_pixels_but_not_shape_or_dtype(clahe: bool, local_mean: bool):
+    image = disc_image(96, 96, (48, 48), 40)
+    enhanced = enhance(image.copy(), clahe, local_mean)
+    assert enhanced.shape == image.shape and enhanced.dtype == np.uint8
+    assert not np.array_equal(enhanced, image)
+
+
+def test_local_mean_keeps_the_frame_black():
+    image = disc_image(96, 96, (48, 48), 40)
+    enhanced = enhance(image, clahe=False, local_mean=True)
+    assert not enhanced[image.max(axis=2) <= preprocess.FOV_THRESHOLD].any()
+
+
+# --------------------------------------------------------------------------- disk cache
+
+
+def test_second_call_reads_the_cache_instead_of_decoding(
+    photo: Sample, tmp_path: Path, decodes: list[str]
+):
+    cache = tmp_path / "cache"
+    first = Preprocessor(SIZE, cache_dir=str(cache))(photo)
+    second = Preprocessor(SIZE, cache_dir=str(cache))(photo)  # a new process would do the same
+    assert decodes == [photo.image]
+    assert same(first, second)
+    assert len(list(cache.rglob("*.npz"))) == 1
+
+
+def test_other_settings_are_another_entry(photo: Sample, tmp_path: Path, decodes: list[str]):
+    cache = str(tmp_path / "cache")
+    Preprocessor(SIZE, cache_dir=cache)(photo)
+    Preprocessor(SIZE, clahe=True, cache_dir=cache)(photo)
+    Preprocessor(SIZE // 2, cache_dir=cache)(photo)
+    assert len(decodes) == 3
+
+
+def test_an_edited_image_is_a_miss(photo: Sample, tmp_path: Path, decodes: list[str]):
+    prep = Preprocessor(SIZE, cache_dir=str(tmp_path / "cache"))
+    before = prep(photo)
+    write_png(Path(photo.image), disc_image(90, 120, (60, 45), 30))
+    stat = os.stat(photo.image)
+    os.utime(photo.image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = prep(photo)
+    assert len(decodes) == 2
+    assert not np.array_equal(before.image, after.image)
+    assert same(after, prep(photo)) and len(decodes) == 2
+
+
+def test_a_corrupt_entry_is_rebuilt(photo: Sample, tmp_path: Path, decodes: list[str]):
+    cache = tmp_path / "cache"
+    prep = Preprocessor(SIZE, cache_dir=str(cache))
+    fresh = prep(photo)
+    (entry,) = cache.rglob("*.npz")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # e.g. a crash mid-copy
+    rebuilt = prep(photo)
+    assert len(decodes) == 2
+    assert same(fresh, rebuilt)
+    with np.load(entry) as data:  # the entry on disk is whole again
+        assert np.array_equal(data["image"], fresh.image)
+
+
+def test_masks_are_cached_with_the_image(tmp_path: Path, decodes: list[str]):
+    image = disc_image(90, 120, (60, 45), 40)
+    mask = np.zeros((90, 120), np.uint8)
+    mask[30:60, 45:75] = 255
+    sample = Sample(
+        "s",
+        "s",
+        str(write_png(tmp_path / "photo.png", image)),
+        "train",
+        masks={"disc": str(write_png(tmp_path / "disc.png", mask))},
+    )
+    prep = Preprocessor(SIZE, cache_dir=str(tmp_path / "cache"))
+    first, second = prep(sample, ["disc"]), prep(sample, ["disc"])
+    assert len(decodes) == 1 and same(first, second)
+    assert first.masks["disc"].dtype == np.uint8 and set(np.unique(first.masks["disc"])) == {0, 1}
+
+
+def test_entries_are_written_atomically(
+    photo: Sample, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache = tmp_path / "cache"
+    Preprocessor(SIZE, cache_dir=str(cache))(photo)
+    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [".npz"]
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    other = Sample("t", "t", photo.image, "train")
+    monkeypatch.setattr(io_module.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        Preprocessor(SIZE, clahe=True, cache_dir=str(cache))(other)
+    # Neither a partial entry nor a temporary file is left behind.
+    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [".npz"]
