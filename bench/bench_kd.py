@@ -151,7 +151,9 @@ def memory_benchmark(work: Path, rows: int, reads: int) -> dict:
         del maps, logits
         probe = subprocess.run(
             [sys.executable, "-c", MEMORY_PROBE, str(root), str(n), str(reads)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         out[n] = json.loads(probe.stdout)
         out[n]["cache_mb"] = sum(p.stat().st_size for p in root.iterdir()) / 2**20
@@ -167,8 +169,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         teacher_cfg = load_config(
-            "teacher", [*overrides(work, args.size), f"run.dir={work / 'teacher'}", "trainer.max_epochs=1",
-                        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+            "teacher",
+            [
+                *overrides(work, args.size),
+                f"run.dir={work / 'teacher'}",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1",
+            ],
         )
         teacher_ckpt = str(fit(teacher_cfg))
         io = io_benchmark(work, args.size, teacher_ckpt)
@@ -181,21 +189,33 @@ def main() -> None:
         print(f"| {mode} | {steps[mode]:.3f} | {steps[mode] / steps['none']:.2f} |")
     student_fwd_bwd = steps["none"]
     expected = (steps["teacher_forward"] + student_fwd_bwd) / student_fwd_bwd
-    print(f"\nonline/cached = {steps['online'] / steps['cached']:.2f}; "
-          f"(teacher forward + student step) / student step = {expected:.2f}")
-    print(f"parameters: teacher {steps['teacher_params']:,}, student {steps['student_params']:,} "
-          f"({steps['student_params'] / steps['teacher_params']:.3f} of the teacher)")
+    print(
+        f"\nonline/cached = {steps['online'] / steps['cached']:.2f}; "
+        f"(teacher forward + student step) / student step = {expected:.2f}"
+    )
+    print(
+        f"parameters: teacher {steps['teacher_params']:,}, student {steps['student_params']:,} "
+        f"({steps['student_params'] / steps['teacher_params']:.3f} of the teacher)"
+    )
     print(f"\n## Cache I/O ({io['samples']} samples)\n")
     print("| measure | samples/s |\n|---|---|")
     print(f"| cache-teacher write (teacher forward included) | {io['write_samples_per_s']:.1f} |")
-    print(f"| read + join + augment (loader, 1 process) | {io['read_join_augment_samples_per_s']:.1f} |")
+    print(
+        f"| read + join + augment (loader, 1 process) | {io['read_join_augment_samples_per_s']:.1f} |"
+    )
     print(f"| same loader without teacher outputs | {io['no_teacher_augment_samples_per_s']:.1f} |")
     print(f"| student consumption (no-KD step) | {b / steps['none']:.1f} |")
-    print(f"\nbytes per sample: {io['bytes_per_sample']} (total {sum(io['bytes_per_sample'].values())})")
+    print(
+        f"\nbytes per sample: {io['bytes_per_sample']} (total {sum(io['bytes_per_sample'].values())})"
+    )
     print("\n## Memory while reading 20,000 random rows\n")
-    print("| cache rows | cache MB | anonymous RSS MB | file-backed RSS MB | peak RSS MB |\n|---|---|---|---|---|")
+    print(
+        "| cache rows | cache MB | anonymous RSS MB | file-backed RSS MB | peak RSS MB |\n|---|---|---|---|---|"
+    )
     for rows, m in memory.items():
-        print(f"| {rows:,} | {m['cache_mb']:.0f} | {m['rss_anon_mb']:.1f} | {m['rss_file_mb']:.1f} | {m['peak_rss_mb']:.1f} |")
+        print(
+            f"| {rows:,} | {m['cache_mb']:.0f} | {m['rss_anon_mb']:.1f} | {m['rss_file_mb']:.1f} | {m['peak_rss_mb']:.1f} |"
+        )
 
 
 if __name__ == "__main__":
