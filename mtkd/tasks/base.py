@@ -167,8 +167,9 @@ class Task(abc.ABC):
         return output.detach().float().cpu().numpy().astype(self.cache_dtype(storage))
 
     def decode_cache(self, row: np.ndarray) -> np.ndarray:
-        """One cache row -> float32 array (dense maps stay at cache resolution here)."""
-        return np.asarray(row, dtype=np.float32)
+        """One cache row -> float32 array (dense maps stay at cache resolution here); a copy,
+        so the read-only memory map is never handed to torch."""
+        return np.array(row, dtype=np.float32)
 
     # -- metrics -------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -106,7 +106,7 @@ class SegmentationTask(Task):
     def decode_cache(self, row: np.ndarray) -> np.ndarray:
         if row.dtype == np.uint8:
             return row.astype(np.float32) / 255.0
-        return np.asarray(row, dtype=np.float32)
+        return np.array(row, dtype=np.float32)
 
     def metrics(self) -> MetricCollection:
         n, names = self.out_channels, list(self.spec.classes)
