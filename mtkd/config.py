@@ -227,11 +227,27 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+#: groups that can be swapped on a saved config (how to run it, not what was trained)
+RUNTIME_GROUPS = ("trainer", "logger")
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Apply key=value overrides to an existing config (e.g. one saved in a checkpoint)."""
+    """Apply overrides to an existing config (e.g. one saved in a checkpoint): ``a.b=value``, and
+    ``trainer=<option>`` / ``logger=<option>``, which replace that group by its YAML."""
     schema = OmegaConf.structured(Config)
+    groups, values, removals = _split_overrides(list(overrides))
+    if removals:
+        raise ConfigError(f"~{removals[0]}: removals are not supported on a saved config")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    for group, choice in groups.items():
+        if group not in RUNTIME_GROUPS:
+            raise ConfigError(
+                f"{group}={choice}: only {' and '.join(RUNTIME_GROUPS)} can be swapped on a saved "
+                f"config; set single values with {group}.<key>=value"
+            )
+        cfg[group] = _read_yaml(experiments_dir() / group / f"{choice}.yaml")
     try:
-        merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(values))
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
     validate(merged)

@@ -12,8 +12,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
@@ -38,10 +40,50 @@ from mtkd.tasks import CacheStorage
 STAGE_MODULES = {"teacher": TeacherModule, "distill": StudentModule}
 
 
+class TimmSyncBatchNorm(TorchSyncBatchNorm):
+    """``trainer.sync_batchnorm`` with timm's converter. torch's ``convert_sync_batchnorm``, which
+    Lightning uses, turns timm ``BatchNormAct2d`` (norm + activation, the student's MobileNetV3)
+    into a plain SyncBatchNorm and silently drops the activation."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+        def back(module: nn.Module) -> nn.Module:
+            out = module
+            if isinstance(module, SyncBatchNormAct):
+                out = BatchNormAct2d(
+                    module.num_features,
+                    eps=module.eps,
+                    momentum=module.momentum,
+                    affine=module.affine,
+                    track_running_stats=module.track_running_stats,
+                )
+                out.act, out.drop = module.act, module.drop
+                if module.affine:
+                    out.weight, out.bias = module.weight, module.bias
+                out.running_mean, out.running_var = module.running_mean, module.running_var
+                out.num_batches_tracked = module.num_batches_tracked
+                out.train(module.training)
+            elif isinstance(module, nn.SyncBatchNorm):
+                return super(TimmSyncBatchNorm, self).revert(module)
+            for name, child in module.named_children():
+                out.add_module(name, back(child))
+            return out
+
+        return back(model)
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger: Any) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if run_dir is not None:
         kwargs.setdefault("default_root_dir", str(run_dir))
+    if kwargs.pop("sync_batchnorm", False):
+        kwargs["plugins"] = [*kwargs.get("plugins", []), TimmSyncBatchNorm()]
     return L.Trainer(callbacks=callbacks, logger=logger, **kwargs)
 
 

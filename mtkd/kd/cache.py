@@ -189,6 +189,13 @@ class CacheShardWriter(BasePredictionWriter):
         self.tasks = tasks
         self.storage = storage
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Start from an empty shard folder: one left by a crashed run under the same run token
+        # (torchrun's default TORCHELASTIC_RUN_ID is "none") must not be merged into this cache.
+        if trainer.is_global_zero:
+            shutil.rmtree(self.shard_dir, ignore_errors=True)
+        trainer.strategy.barrier("mtkd-cache-shards")
+
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:

@@ -47,6 +47,9 @@ class MultiTaskModule(L.LightningModule):
         self.eval_losses = nn.ModuleDict(
             {s: nn.ModuleDict({n: MeanMetric() for n in self.tasks}) for s in EVAL_STAGES}
         )
+        # The total too: self.log(sync_dist=True) averages the int64 batch-size count in place on
+        # gloo ((4 + 3) / 2 -> 3), which skews the epoch mean when the ranks' sizes differ.
+        self.eval_totals = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
         self._labeled = {s: torch.zeros(len(self.tasks)) for s in EVAL_STAGES}
         self._epoch_losses: dict[str, list[float]] = {}
 
@@ -116,14 +119,7 @@ class MultiTaskModule(L.LightningModule):
                 )
                 self.eval_losses[stage][name].update(losses[name].detach(), weight=has.sum())
         total = self.weighting(losses) if self.weighting.mode == "fixed" else sum(losses.values())
-        self.log(
-            f"{stage}/loss",
-            total,
-            on_epoch=True,
-            prog_bar=stage == "val",
-            batch_size=size,
-            sync_dist=True,
-        )
+        self.eval_totals[stage].update(total.detach(), weight=size)
 
     def _eval_epoch_end(self, stage: str) -> None:
         labeled = self.trainer.strategy.reduce(
@@ -139,6 +135,8 @@ class MultiTaskModule(L.LightningModule):
             collection.reset()
             self.eval_losses[stage][name].reset()
         self._labeled[stage].zero_()
+        self.log(f"{stage}/loss", self.eval_totals[stage].compute(), prog_bar=stage == "val")
+        self.eval_totals[stage].reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
