@@ -16,10 +16,10 @@ commands:
   cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...])
   distill        train the student with KD               (experiments/distill.yaml + overrides)
   evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE])
-  demo           teacher, cache, student, no-KD baseline, evaluation and report on synthetic data
-  report         markdown + figures from evaluated runs
+  demo           teacher, cache, student, no-KD baseline, evaluation, report  ([runs=DIR] + overrides)
+  report         markdown + figures from evaluated runs  (teacher=DIR student=DIR baseline=DIR out=DIR)
   export         student-only weights, ONNX and metadata  (ckpt=PATH [out=DIR])
-  predict        predictions for images                  (ckpt=PATH images=FILE|DIR)
+  predict        predictions for images                  (ckpt=PATH images=FILE|DIR [out=DIR])
   sweep-local    run a W&B sweep YAML offline             (sweep=experiments/sweeps/X.yaml)
 
 overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=) or a.b=value,

@@ -227,18 +227,12 @@ def build_report(
     teacher, student and (optionally) baseline to run directories; a baseline without test
     metrics is left out with a note."""
     out = Path(out)
-    results = []
-    for role in ROLES:
-        if role not in runs:
-            continue
+    results = [load_result("teacher", runs["teacher"]), load_result("student", runs["student"])]
+    if runs.get("baseline"):
         try:
-            results.append(load_result(role, runs[role]))
+            results.append(load_result("baseline", runs["baseline"]))
         except FileNotFoundError as exc:
-            if role != "baseline":
-                raise
             print(f"report: no baseline column ({exc})")
-    if [r.role for r in results][:2] != ["teacher", "student"]:
-        raise ValueError("report needs teacher= and student= run directories")
     loaded = {r.role: load_net(r.checkpoint) for r in results}
     nets = {role: net for role, (net, _, _) in loaded.items()}
     tasks, cfg = loaded["student"][1], loaded["student"][2]

@@ -118,6 +118,7 @@ def fit(cfg: DictConfig) -> Path:
         mode=mode,
         save_last=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,  # a rerun replaces best.ckpt instead of writing best-v1
     )
     logger = make_logger(cfg, run_dir, job_type=cfg.stage, resume_from=cfg.run.resume)
     callbacks: list = [checkpoint, *logger_callbacks(cfg, logger)]

@@ -1,0 +1,51 @@
+"""mtkd demo: the newcomer's whole path in one command, end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mtkd.demo import main, run_demo
+from tests.test_report import single_thread  # noqa: F401  (autouse)
+
+
+@pytest.mark.unit
+def test_demo_refuses_overrides_it_sets_per_stage() -> None:
+    with pytest.raises(ValueError, match=r"demo sets \['kd', 'run.dir'\] itself.*runs=DIR"):
+        run_demo(["run.dir=elsewhere", "kd=online", "trainer.max_epochs=1"])
+
+
+@pytest.mark.integration
+def test_demo_trains_evaluates_and_reports_all_three_models(
+    tiny, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    runs = tmp_path / "runs"
+    overrides = [o for o in tiny() if not o.startswith(("run.dir=", "kd.cache_dir="))]
+    main([f"runs={runs}", *overrides])
+    printed = capsys.readouterr().out
+
+    for step in ("1/6 train the teacher", "4/6 train the same student without KD", "6/6 write"):
+        assert f"== demo: {step}" in printed
+    table = printed.split("| task | metric | teacher | student KD | student no KD |\n", 1)[1]
+    rows = [line.split(" | ") for line in table.split("\n\n", 1)[0].splitlines()[1:]]
+    tasks = ["dr_grade", "dme_risk", "glaucoma", "cdr", "lesions", "anatomy", "landmarks"]
+    assert list(dict.fromkeys(r[0].removeprefix("| ") for r in rows)) == tasks
+    # The printed numbers are each model's own test metrics.
+    row = next(r for r in rows if r[0] == "| landmarks" and r[1] == "dist *")
+    for run, cell in zip(("teacher", "student", "student_nokd"), row[2:]):
+        metrics = json.loads((runs / run / "metrics_test.json").read_text())
+        assert metrics["split"] == "test"
+        assert cell.removesuffix(" |") == f"{metrics['metrics']['test/landmarks/dist']:.4f}"
+
+    student_cfg = (runs / "student" / "checkpoints" / "config.yaml").read_text()
+    baseline_cfg = (runs / "student_nokd" / "checkpoints" / "config.yaml").read_text()
+    assert "mode: cached" in student_cfg and "mode: none" in baseline_cfg
+    assert "max_epochs: 1" in student_cfg and "max_epochs: 1" in baseline_cfg  # same budget
+    assert (runs / "teacher_cache" / "fingerprint.json").is_file()
+    for name in ("report.md", "report.json", "metrics.png", "predictions.png"):
+        assert (runs / "report" / name).is_file()
+    assert "student no KD" in (runs / "report" / "report.md").read_text()
+    assert f"report: {runs / 'report' / 'report.md'}" in printed
+    assert "wall time per stage" in printed and "total" in printed

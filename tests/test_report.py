@@ -1,0 +1,182 @@
+"""mtkd report and the profiling helpers: the tables carry every task and model, the ratios
+follow from the networks' parameter counts, MACs are counted right, missing inputs are explained.
+
+Also home of ``trained_runs``: one tiny teacher and a smaller tiny student, trained and evaluated
+once per test session and shared by the report, export and predict tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mtkd.config import load_config
+from mtkd.models.multitask import count_parameters
+from mtkd.modules.checkpoint import load_net
+from mtkd.profiling import Profile, count_macs, profile_net
+from mtkd.report import ROLES, build_report, load_result, main, markdown_table, ratios
+from mtkd.stages import cache_teacher, evaluate, fit
+from tests.conftest import tiny_overrides
+
+#: the student's decoder is slimmer than the (student-sized) tiny teacher's, so ratios are > 1
+STUDENT_DECODER = "[32,16,8,8,8]"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class TinyRuns:
+    teacher_dir: Path
+    student_dir: Path
+    teacher: Path
+    student: Path
+
+
+def trained_runs(synth_root: Path, base: Path) -> TinyRuns:
+    """Teacher, teacher cache and KD student at 64 px for one epoch, both evaluated on the test
+    split. Kept on disk under ``base`` (the session's temp root) so every test module reuses it."""
+    runs = TinyRuns(
+        base / "teacher",
+        base / "student",
+        base / "teacher" / "checkpoints" / "best.ckpt",
+        base / "student" / "checkpoints" / "best.ckpt",
+    )
+    if (runs.student_dir / "metrics_test.json").is_file():
+        return runs
+    fit(load_config("teacher", tiny_overrides(synth_root, runs.teacher_dir)))
+    student = tiny_overrides(
+        synth_root,
+        runs.student_dir,
+        **{
+            "kd.cache_dir": base / "cache",
+            "cache.teacher": f"[{runs.teacher}]",
+            "model.decoder_channels": STUDENT_DECODER,
+        },
+    )
+    cache_teacher(load_config("distill", student))
+    fit(load_config("distill", student))
+    evaluate(str(runs.teacher), "test", [])
+    evaluate(str(runs.student), "test", [])
+    return runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for these toy-sized runs: on a CPU shared with other processes, two
+    spinning OpenMP threads per process made them over ten times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
+    return trained_runs(synth_root, tmp_path_factory.getbasetemp() / "tiny_runs")
+
+
+@pytest.mark.unit
+def test_macs_of_a_conv_and_a_linear_layer_are_counted_exactly() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    conv = 8 * 3 * 3 * 3 * 16 * 16  # out channels x in channels x kernel x output pixels
+    linear = 8 * 16 * 16 * 10
+    assert count_macs(net, 16) == conv + linear
+    profile = profile_net(net, 16, repeats=2, warmup=1)
+    assert profile.parameters == count_parameters(net) == (8 * 27 + 8) + (2048 * 10 + 10)
+    assert profile.latency_ms > 0 and profile.throughput > 0
+    assert profile.threads == torch.get_num_threads()
+
+
+@pytest.mark.unit
+def test_ratios_and_markdown_table() -> None:
+    teacher = Profile(1000, 500, 20.0, 50.0, 64, 2)
+    student = Profile(250, 50, 5.0, 400.0, 64, 2)
+    assert ratios(teacher, student) == {
+        "compression": 4.0,
+        "macs": 10.0,
+        "latency_speedup": 4.0,
+        "throughput_speedup": 8.0,
+    }
+    assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
+
+
+@pytest.mark.unit
+def test_missing_metrics_file_names_the_evaluate_command(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="mtkd evaluate ckpt=.*best.ckpt split=test"):
+        load_result("student", tmp_path)
+    with pytest.raises(ValueError, match="unknown arguments"):
+        main(["teacher=a", "epochs=3"])
+
+
+@pytest.mark.integration
+def test_report_compares_three_models_with_ratios_from_param_counts(
+    runs: TinyRuns, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    # The student's run doubles as the baseline: three columns without a third training.
+    report = build_report(
+        {"teacher": runs.teacher_dir, "student": runs.student_dir, "baseline": runs.student_dir},
+        out,
+        n_images=2,
+        repeats=2,
+    )
+    for name in ("report.md", "report.json", "metrics.png", "predictions.png"):
+        assert (out / name).is_file(), name
+    for name in ("metrics.png", "predictions.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.png",
+        "predictions.png",
+        "report.json",
+        "report.md",
+    ]  # atomic writes leave no temporary files
+
+    teacher_net, tasks, _ = load_net(runs.teacher)
+    student_net, _, _ = load_net(runs.student)
+    t_params, s_params = count_parameters(teacher_net), count_parameters(student_net)
+    assert t_params > s_params
+    data = report.data
+    assert data["profile"]["teacher"]["parameters"] == t_params
+    assert data["profile"]["student"]["parameters"] == s_params
+    assert data["ratios"]["compression"] == pytest.approx(t_params / s_params)
+    assert data["profile"]["teacher"]["macs"] > data["profile"]["student"]["macs"] > 0
+    markdown = (out / "report.md").read_text()
+    assert f"| {t_params / s_params:.2f}x |" in markdown
+    assert report.efficiency in markdown and report.table in markdown
+    assert "![main metric per task](metrics.png)" in markdown
+
+    header = report.table.splitlines()[0]
+    assert header == f"| task | metric | {' | '.join(ROLES.values())} |"
+    rows = [line.split(" | ") for line in report.table.splitlines()[2:]]
+    assert {r[0].removeprefix("| ") for r in rows} == set(tasks)
+    # Values are the evaluation's, per model: the teacher's main dr_grade metric, for example.
+    metrics = json.loads((runs.teacher_dir / "metrics_test.json").read_text())["metrics"]
+    kappa = next(r for r in rows if r[0] == "| dr_grade" and r[1] == "kappa *")
+    assert kappa[2] == f"{metrics['test/dr_grade/kappa']:.4f}"
+    assert not any(r[1] == "loss" for r in rows)
+
+
+@pytest.mark.integration
+def test_cli_report_without_baseline_omits_its_column(
+    runs: TinyRuns, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "report"
+    main(
+        [
+            f"teacher={runs.teacher_dir}",
+            f"student={runs.student_dir}",
+            f"baseline={tmp_path / 'never_trained'}",
+            f"out={out}",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "no baseline column" in printed and "mtkd evaluate" in printed
+    assert "| task | metric | teacher | student KD |\n" in printed
+    assert "student no KD" not in (out / "report.md").read_text()
+    assert f"report written to {out / 'report.md'}" in printed
+    assert set(json.loads((out / "report.json").read_text())["runs"]) == {"teacher", "student"}
