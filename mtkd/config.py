@@ -71,7 +71,6 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 16])
     head_dropout: float = 0.0
     channels_last: bool = False
-    compile: bool = False
 
 
 @dataclass
