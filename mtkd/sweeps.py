@@ -43,13 +43,19 @@ class Trial:
     error: str | None = None
 
 
+def engine_config(sweep: dict[str, Any]) -> dict[str, Any]:
+    """The sweep without ``run_cap``: a W&B server key that the local engine's schema does not
+    know in every ``sweeps`` release (0.2.0 rejects it; sweep-local enforces it itself)."""
+    return {k: v for k, v in sweep.items() if k != "run_cap"}
+
+
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Parse a sweep YAML and refuse what neither W&B nor sweep-local can run."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"sweep file {file} does not exist; see experiments/sweeps/")
     sweep = yaml.safe_load(file.read_text())
-    problems = list(sweeps.schema_violations_from_proposed_config(sweep))
+    problems = list(sweeps.schema_violations_from_proposed_config(engine_config(sweep)))
     for key in ("program", "method", "metric", "parameters", "command"):
         if key not in sweep:
             problems.append(f"missing {key!r}")
@@ -90,7 +96,7 @@ def propose(sweep: dict[str, Any], trials: list[Trial]) -> dict[str, Any] | None
         )
         for t in trials
     ]
-    run = sweeps.next_run(sweep, runs)
+    run = sweeps.next_run(engine_config(sweep), runs)
     return None if run is None else {k: v["value"] for k, v in run.config.items()}
 
 
