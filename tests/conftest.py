@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+#: the shared real data (read-only), as in ../shared/data/README.md
+DATA_DIR = Path(os.environ.get("MTKD_DATA_DIR", REPO.parent / "shared" / "data"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -55,3 +57,11 @@ def tiny(synth_root, tmp_path):
         return tiny_overrides(synth_root, tmp_path, **extra)
 
     return make
+
+
+def real_dataset(name: str) -> Path:
+    """Folder of a shared real dataset, or skip the test with the reason."""
+    root = DATA_DIR / name
+    if not root.is_dir():
+        pytest.skip(f"real data {root} is absent; set MTKD_DATA_DIR to the shared data folder")
+    return root

@@ -4,7 +4,6 @@ probabilities, overlays are written, and bad inputs get errors that name the pro
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from data_modules.preprocess import Preprocessor
 from mtkd import cli
 from mtkd.modules.checkpoint import load_net
 from mtkd.predict import predict, prepare
+from tests.conftest import DATA_DIR
 from tests.test_report import (
     PNG_MAGIC,
     TinyRuns,
@@ -22,9 +22,6 @@ from tests.test_report import (
     trained_runs,
 )
 
-DATA_DIR = Path(
-    os.environ.get("MTKD_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 IDRID_IMAGE = (
     DATA_DIR
     / "idrid"

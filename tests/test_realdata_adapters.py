@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from data_modules.io import load_image
 from data_modules.samples import read_source
+from tests.conftest import real_dataset
 
 pytestmark = pytest.mark.realdata
 
-DATA_DIR = Path(
-    os.environ.get("MTKD_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
-
-
-def dataset(name: str) -> Path:
-    root = DATA_DIR / name
-    if not root.is_dir():
-        pytest.skip(f"real data {root} is absent; set MTKD_DATA_DIR to the shared data folder")
-    return root
-
 
 def test_idrid_grading_and_localisation():
-    samples = read_source("idrid", dataset("idrid"))
+    samples = read_source("idrid", real_dataset("idrid"))
     splits = [s.split for s in samples]
     assert (splits.count("train"), splits.count("test")) == (413, 103)
     assert all(s.sample_id == f"idrid/{s.split}/{Path(s.image).stem}" for s in samples)
@@ -39,7 +28,7 @@ def test_idrid_grading_and_localisation():
 
 
 def test_retinamnist_official_splits():
-    samples = read_source("retinamnist", dataset("retinamnist"))
+    samples = read_source("retinamnist", real_dataset("retinamnist"))
     splits = [s.split for s in samples]
     assert (splits.count("train"), splits.count("val"), splits.count("test")) == (1080, 120, 400)
     assert {s.labels["dr_grade"] for s in samples} == {0, 1, 2, 3, 4}

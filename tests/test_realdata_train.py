@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
 from mtkd.config import load_config
 from mtkd.stages import evaluate, fit
+from tests.conftest import real_dataset
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
-
-DATA_DIR = Path(
-    os.environ.get("MTKD_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
-
-
-def dataset(name: str) -> Path:
-    root = DATA_DIR / name
-    if not root.is_dir():
-        pytest.skip(f"real data {root} is absent; set MTKD_DATA_DIR to the shared data folder")
-    return root
 
 
 def train_and_test(name: str, tmp_path: Path) -> dict[str, float]:
@@ -32,7 +21,7 @@ def train_and_test(name: str, tmp_path: Path) -> dict[str, float]:
     overrides = [
         f"data={name}",
         f"tasks={name}",
-        f"data.sources.{name}.root={dataset(name)}",
+        f"data.sources.{name}.root={real_dataset(name)}",
         "data.image_size=64",
         f"data.preprocess.cache_dir={tmp_path / 'preprocessed'}",
         "model=student",
