@@ -100,6 +100,9 @@ def test_distill_refuses_stale_cache_with_rebuild_command(synth_root, tmp_path, 
     other_teacher = distill_cfg(synth_root, tmp_path, f"kd.teacher={teacher_ckpts[1]}")
     with pytest.raises(StaleCacheError, match="teachers differs"):
         open_checked_cache(other_teacher, StudentTasks(other_teacher))
+    # A task weight steers training only: the cache stays valid (task-weight sweeps reuse it).
+    reweighted = distill_cfg(synth_root, tmp_path, "tasks.dr_grade.weight=3")
+    open_checked_cache(reweighted, StudentTasks(reweighted))
     same = distill_cfg(synth_root, tmp_path, f"kd.teacher={teacher_ckpts[0]}")
     assert open_checked_cache(same, StudentTasks(same)).fingerprint == json.loads(
         (Path(cfg.kd.cache_dir) / "fingerprint.json").read_text()

@@ -72,7 +72,7 @@ def fingerprint(
     return {
         "format_version": FORMAT_VERSION,
         "teachers": sorted(teacher_hashes),
-        "tasks": {name: task.describe() for name, task in sorted(tasks.items())},
+        "tasks": {name: task.identity() for name, task in sorted(tasks.items())},
         "preprocessing": {
             "image_size": int(data_cfg.image_size),
             "fov_crop": bool(pp.fov_crop),

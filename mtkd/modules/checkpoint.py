@@ -33,7 +33,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_same_tasks(found: dict[str, Any], expected: dict[str, Any], source: str) -> None:
     """Refuse a checkpoint trained for another task set."""
-    norm = lambda specs: {n: build_tasks({n: s})[n].describe() for n, s in specs.items()}  # noqa: E731
+    norm = lambda specs: {n: build_tasks({n: s})[n].identity() for n, s in specs.items()}  # noqa: E731
     have, want = norm(found), norm(expected)
     if have != want:
         diff = sorted(set(have) ^ set(want)) or sorted(n for n in have if have[n] != want.get(n))

@@ -182,8 +182,13 @@ class Task(abc.ABC):
         metrics.update(pred.float(), target)
 
     def describe(self) -> dict[str, Any]:
-        """The spec as a plain dict (for fingerprints and checkpoints)."""
+        """The spec as a plain dict (for checkpoints and exports)."""
         return dataclasses.asdict(self.spec)
+
+    def identity(self) -> dict[str, Any]:
+        """What fixes the task's outputs: the spec without its loss weight, which only steers
+        training (a task-weight sweep must reuse the same teacher cache and checkpoints)."""
+        return {k: v for k, v in self.describe().items() if k != "weight"}
 
 
 def build_tasks(specs: dict[str, dict[str, Any]]) -> dict[str, Task]:
