@@ -193,6 +193,8 @@ def evaluate(
     """Test a teacher or student checkpoint on a split; print a table and write metrics JSON."""
     from mtkd.config import apply_overrides
 
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
     saved = read_checkpoint(ckpt)["hyper_parameters"]["config"]
     cfg = apply_overrides(OmegaConf.create(saved), overrides)
     check_same_tasks(
@@ -207,8 +209,6 @@ def evaluate(
     dm = FundusDataModule(cfg.data, module.tasks)
     logger = make_logger(cfg, Path(ckpt).parent.parent, job_type="evaluate")
     trainer = make_trainer(cfg, None, logger_callbacks(cfg, logger), logger)
-    if split not in ("val", "test"):
-        raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
     run = trainer.validate if split == "val" else trainer.test
     results = run(module, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
