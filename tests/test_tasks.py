@@ -99,6 +99,18 @@ def test_segmentation_loss_and_kd_known_values():
     )
 
 
+def test_segmentation_dice_counts_only_the_classes_a_sample_shows():
+    task = make("segmentation", classes=["a", "b"])
+    pred = torch.zeros(2, 2, 2, 2)  # p = 0.5 everywhere: BCE = ln 2 per pixel
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, 0, 0] = 1  # sample 0 shows class a on 2 of 4 pixels and no class b
+    loss = task.loss(pred, target)
+    # Class a: Dice = (2 * 0.5 * 2 + 1) / (0.5 * 4 + 2 + 1) = 0.6; the empty b is not counted.
+    assert loss[0].item() == pytest.approx(math.log(2) + 0.4, rel=1e-6)
+    # An empty sample keeps only BCE: soft Dice would reward predicting nothing at all there.
+    assert loss[1].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
 def test_segmentation_cache_uint8_round_trip():
     task = make("segmentation", classes=["a", "b"])
     probs = torch.rand(3, 2, 16, 16)
