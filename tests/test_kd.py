@@ -197,13 +197,14 @@ def test_inconsistent_transform_is_refused_in_cached_mode():
 
 
 @pytest.mark.parametrize(
-    ("storage", "tolerance"),
-    [(EXACT, 1e-5), ([], 2e-2)],
+    ("storage", "tolerance", "floor"),
+    [(EXACT, 1e-5, 1e-6), ([], 2e-2, 2e-4)],
     ids=["fp32-cache", "default-fp16-uint8-cache"],
 )
-def test_cached_equals_online(synth_root, tmp_path, teacher_ckpts, storage, tolerance):
-    """Same deterministic view: cached KD loss equals online KD loss (fp32 exactly; the default
-    compact storage within 2 % relative)."""
+def test_cached_equals_online(synth_root, tmp_path, teacher_ckpts, storage, tolerance, floor):
+    """Same deterministic view: cached KD loss equals online KD loss (fp32 to rounding: the
+    cache was predicted in other batches; the default compact storage within 2 % relative).
+    ``floor`` is the absolute tolerance for terms near 0, where relative error means little."""
     cfg = build_cache(synth_root, tmp_path, teacher_ckpts[:1], *storage, "data.augment=[]")
     student, batch = _student_batch(cfg, open_checked_cache(cfg, StudentTasks(cfg)))
     torch.manual_seed(0)
@@ -218,7 +219,7 @@ def test_cached_equals_online(synth_root, tmp_path, teacher_ckpts, storage, tole
     for key, online in online_terms.items():
         if key.endswith("/kd"):
             assert cached_terms[key].item() == pytest.approx(
-                online.item(), rel=tolerance, abs=tolerance * 1e-2
+                online.item(), rel=tolerance, abs=floor
             ), key
 
 

@@ -1,5 +1,6 @@
 """MultiTaskNet: one shared smp/timm encoder, a shared U-Net decoder for dense tasks, one head
-per task. Global tasks read pooled deepest encoder features; dense tasks read the decoder."""
+per task. Dense tasks read the decoder's full-resolution features; global tasks read one pooled
+vector (see ``MultiTaskNet.pooled``)."""
 
 from __future__ import annotations
 
@@ -62,22 +63,33 @@ class MultiTaskNet(nn.Module):
             load_encoder_weights(self.encoder, model_cfg.encoder_weights)
         self.has_dense = any(t.dense for t in tasks.values())
         self.decoder = unet.decoder if self.has_dense else None
-        deepest = self.encoder.out_channels[-1]
+        pooled = self.encoder.out_channels[-1] + (2 * channels[-1] if self.has_dense else 0)
         self.heads = nn.ModuleDict(
-            {n: t.build_head(channels[-1] if t.dense else deepest) for n, t in tasks.items()}
+            {n: t.build_head(channels[-1] if t.dense else pooled) for n, t in tasks.items()}
         )
         self.dense_tasks = [n for n, t in tasks.items() if t.dense]
         self.stride = 2**depth
 
+    @staticmethod
+    def pooled(deepest: torch.Tensor, decoded: torch.Tensor | None) -> torch.Tensor:
+        """The global tasks' input: the deepest encoder features averaged (the whole eye: disc,
+        illumination), plus, with a decoder, its full-resolution features averaged and maxed. A
+        few small lesions vanish in a 3x3 encoder map but not in the decoder's maximum, so DR
+        grade and DME risk can read what the lesion segmentation sees."""
+        parts = [deepest.mean(dim=(2, 3))]
+        if decoded is not None:
+            decoded = decoded.detach()
+            parts += [decoded.mean(dim=(2, 3)), decoded.amax(dim=(2, 3))]
+        return torch.cat(parts, dim=1)
+
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(image)
-        outputs = {}
-        if self.decoder is not None:
-            decoded = self.decoder(features)
-            outputs.update({n: self.heads[n](decoded) for n in self.dense_tasks})
+        decoded = self.decoder(features) if self.decoder is not None else None
+        outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
+        pooled = self.pooled(features[-1], decoded)
         for name, head in self.heads.items():
             if name not in outputs:
-                outputs[name] = head(features[-1])
+                outputs[name] = head(pooled)
         return outputs
 
 

@@ -220,10 +220,5 @@ def elementwise_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tenso
 
 
 def global_head(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Module:
-    """Pooled encoder features -> linear outputs (shared by every global task kind)."""
-    return nn.Sequential(
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(in_channels, out_channels),
-    )
+    """Pooled image features (batch, in_channels) -> linear outputs (every global task kind)."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_channels, out_channels))
