@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data_modules.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_modules.samples import SPLITS, Sample, register_source
 
-VERSION = 1
+VERSION = 2
 PARAMS_NAME = "synth.json"
 MASK_NAMES = (
     "vessels",
@@ -39,6 +39,10 @@ SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test, by patient
 GLAUCOMA_CDR = 0.6
 FOVEA_DISC_DIAMETERS = 2.5
 MIN_IMAGE_SIZE = 64
+# Lesion radii in pixels of a 256 px image, large enough to survive the CPU profile's 96 px.
+MICROANEURYSM_RADIUS = (1.5, 2.5)
+HAEMORRHAGE_RADIUS = (2.5, 6.0)
+EXUDATE_RADIUS = (2.0, 3.5)
 
 # Per-channel darkening of red structures: red falls least, so vessels and blood look dark red.
 _BLOOD_TINT = np.array([0.45, 0.80, 0.75], dtype=np.float32)
@@ -409,13 +413,13 @@ def _draw_lesions(
     if grade >= 1:
         count = int(rng.integers(*{1: (2, 6), 2: (5, 13), 3: (10, 21), 4: (8, 21)}[grade]))
         for x, y in _sample_points(rng, count, *lay.lesion_area, lay.off_disc):
-            r = rng.uniform(0.5, 1.0) * s
-            _stamp(red, masks["microaneurysms"], (x, y), (r, r), value=rng.uniform(0.65, 0.85))
+            r = rng.uniform(*MICROANEURYSM_RADIUS) * s
+            _stamp(red, masks["microaneurysms"], (x, y), (r, r), value=rng.uniform(0.8, 0.95))
     if grade < 2:
         return red, yellow
     for x, y in _haemorrhage_centres(rng, grade, lay):
         for _ in range(int(rng.integers(1, 4))):  # a blot is one to three overlapping ellipses
-            r = rng.uniform(1.5, 4.5) * s
+            r = rng.uniform(*HAEMORRHAGE_RADIUS) * s
             at = (x + rng.normal(0, r / 2), y + rng.normal(0, r / 2))
             radii = (r, r * rng.uniform(0.6, 1.0))
             angle = rng.uniform(0, np.pi)
@@ -484,7 +488,7 @@ def _place_exudates(
     the zones that would raise it."""
     s = lay.scale
     diameter = 2 * np.sqrt(masks["optic_disc"].sum() / np.pi)  # as _dme_risk measures it
-    margin = 1.8 * s + 1.5  # largest speck radius plus rasterisation slack
+    margin = EXUDATE_RADIUS[1] * s + 1.5  # largest speck radius plus rasterisation slack
     first_zone, rest_inner = {
         0: ((2 * diameter + margin, np.inf), 2 * diameter + margin),
         1: ((diameter + margin, 2 * diameter - margin), diameter + margin),
@@ -495,11 +499,11 @@ def _place_exudates(
     for cluster in range(int(rng.integers(1, 4))):
         zone = _ring(lay.fovea, *first_zone) if cluster == 0 else allowed
         centre = _sample_points(rng, 1, *lay.lesion_area, lambda p, z=zone: z(p) & lay.off_disc(p))
-        spread = rng.normal(0, 3 * s, (int(rng.integers(1, 6)), 2))
+        spread = rng.normal(0, 4 * s, (int(rng.integers(1, 6)), 2))
         specks = np.round(np.concatenate([centre, centre + spread]))
         for x, y in specks[allowed(specks) & lay.off_disc(specks) & in_area(specks)]:
-            r = rng.uniform(0.7, 1.8) * s
-            _stamp(cover, masks["hard_exudates"], (x, y), (r, r), value=rng.uniform(0.6, 0.9))
+            r = rng.uniform(*EXUDATE_RADIUS) * s
+            _stamp(cover, masks["hard_exudates"], (x, y), (r, r), value=rng.uniform(0.8, 0.95))
 
 
 def _camera(
