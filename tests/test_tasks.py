@@ -89,6 +89,9 @@ def test_segmentation_loss_and_kd_known_values():
     pred = torch.zeros(1, 1, 2, 2)
     target = torch.ones(1, 1, 2, 2)
     assert task.loss(pred, target).item() == pytest.approx(math.log(2), rel=1e-6)
+    weighted = make("segmentation", classes=["a"], dice_weight=0.0, pos_weight=[3.0])
+    target[..., 0, :] = 0  # half the pixels foreground: mean of 3 ln 2 and ln 2
+    assert weighted.loss(pred, target).item() == pytest.approx(2 * math.log(2), rel=1e-6)
     # Binary KL(p || sigmoid(0)) with p = 0.8 at every pixel.
     p = 0.8
     kl = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
@@ -97,6 +100,15 @@ def test_segmentation_loss_and_kd_known_values():
     assert task.kd_loss(torch.logit(teacher[..., :2, :2]), teacher, 1.0).item() == pytest.approx(
         0, abs=1e-5
     )
+
+
+def test_segmentation_kd_adds_dice_with_the_teacher_map_as_soft_label():
+    task = make("segmentation", classes=["a"])
+    teacher = torch.tensor([0.8, 0.8, 0.2, 0.2]).view(1, 1, 2, 2)
+    kl = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)  # the same at 0.8 and 0.2
+    # Dice of p = 0.5 against the soft map: (2 * 0.5 * 2 + 1) / (2 + 2 + 1) = 0.6.
+    got = task.kd_loss(torch.zeros(1, 1, 2, 2), teacher, 1.0).item()
+    assert got == pytest.approx(kl + 0.4, rel=1e-5)
 
 
 def test_segmentation_dice_counts_only_the_classes_a_sample_shows():
@@ -185,3 +197,5 @@ def test_unknown_kind_and_key_errors_list_valid_options():
         build_tasks({"t": {"kind": "segmentation", "classes": ["a"], "colour": 1}})
     with pytest.raises(ValueError, match="needs a list of classes"):
         build_tasks({"t": {"kind": "segmentation"}})
+    with pytest.raises(ValueError, match="one positive number per class"):
+        build_tasks({"t": {"kind": "segmentation", "classes": ["a", "b"], "pos_weight": [2.0]}})

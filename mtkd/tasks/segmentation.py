@@ -21,11 +21,25 @@ from mtkd.tasks.base import Annotation, CacheStorage, Task, TaskSpec, register_t
 _EPS = 1e-4
 
 
+def _dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice per sample, averaged over the classes the target shows (some pixel above
+    0.5; 0 when none does). On an empty mask soft Dice rewards predicting nothing at all; with
+    small lesions absent from half the images that reward won (the synthetic teacher predicted
+    no lesion anywhere). BCE / KL still penalise false positives there."""
+    prob, target = prob.flatten(2), target.flatten(2)
+    dice = (2 * (prob * target).sum(-1) + 1.0) / (prob.sum(-1) + target.sum(-1) + 1.0)
+    shown = (target.amax(-1) > 0.5).to(dice.dtype)
+    return ((1.0 - dice) * shown).sum(dim=1) / shown.sum(dim=1).clamp(min=1.0)
+
+
 @dataclass
 class SegmentationSpec(TaskSpec):
     classes: list[str] = field(default_factory=list)
     #: weight of the soft Dice term added to pixel-wise BCE
     dice_weight: float = 1.0
+    #: BCE weight of foreground pixels, one per class (null: 1 for all): > 1 for structures of a
+    #: few pixels (lesions), whose rare foreground otherwise leaves every probability near 0
+    pos_weight: list[float] | None = None
 
 
 @register_task("segmentation")
@@ -41,6 +55,12 @@ class SegmentationTask(Task):
     def validate(self) -> None:
         if not self.spec.classes:
             raise ValueError(f"task {self.name!r}: segmentation needs a list of classes")
+        weights = self.spec.pos_weight
+        if weights is not None and (len(weights) != len(self.spec.classes) or min(weights) <= 0):
+            raise ValueError(
+                f"task {self.name!r}: pos_weight needs one positive number per class "
+                f"{list(self.spec.classes)}; got {list(weights)}"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -63,22 +83,22 @@ class SegmentationTask(Task):
         return torch.zeros(self.out_channels, size, size)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Pixel BCE plus soft Dice over the classes a sample shows. On an empty mask soft Dice
-        rewards predicting nothing at all; with small lesions absent from half the images that
-        reward won (the synthetic teacher predicted no lesion anywhere). BCE still penalises
-        false positives on empty masks."""
-        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none").flatten(1).mean(1)
-        prob = torch.sigmoid(pred).flatten(2)
-        tgt = target.flatten(2)
-        dice = (2 * (prob * tgt).sum(-1) + 1.0) / (prob.sum(-1) + tgt.sum(-1) + 1.0)
-        shown = (tgt.sum(-1) > 0).to(dice.dtype)
-        dice_loss = ((1.0 - dice) * shown).sum(dim=1) / shown.sum(dim=1).clamp(min=1.0)
-        return bce + self.spec.dice_weight * dice_loss
+        """Pixel BCE plus soft Dice over the classes a sample shows (``_dice_loss``)."""
+        weights = self.spec.pos_weight
+        pos_weight = None if weights is None else pred.new_tensor(list(weights)).view(-1, 1, 1)
+        bce = F.binary_cross_entropy_with_logits(
+            pred, target, pos_weight=pos_weight, reduction="none"
+        )
+        bce = bce.flatten(1).mean(1)
+        return bce + self.spec.dice_weight * _dice_loss(torch.sigmoid(pred), target)
 
     def kd_loss(
         self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        """Pixel-wise binary KL(teacher || student) at the student's output size."""
+        """Pixel-wise binary KL(teacher || student) at the student's output size, plus the
+        supervised loss's Dice term with the teacher map as a soft label. The pixel mean alone
+        is too faint for small structures: the distilled student lost the optic cup and every
+        haemorrhage (dice 0) that the same student learns from labels alone."""
         if teacher.shape[-2:] != pred.shape[-2:]:
             teacher = F.interpolate(
                 teacher, size=pred.shape[-2:], mode="bilinear", align_corners=False
@@ -89,7 +109,8 @@ class SegmentationTask(Task):
         z = pred / temperature
         entropy = -(p * p.log() + (1 - p) * (1 - p).log())
         kl = F.binary_cross_entropy_with_logits(z, p, reduction="none") - entropy
-        return kl.flatten(1).mean(dim=1) * temperature**2
+        kl = kl.flatten(1).mean(dim=1) * temperature**2
+        return kl + self.spec.dice_weight * _dice_loss(torch.sigmoid(pred), teacher)
 
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(pred.float())
