@@ -75,7 +75,9 @@ class MultiTaskNet(nn.Module):
         """The global tasks' input: the deepest encoder features averaged (the whole eye: disc,
         illumination), plus, with a decoder, its full-resolution features averaged and maxed. A
         few small lesions vanish in a 3x3 encoder map but not in the decoder's maximum, so DR
-        grade and DME risk can read what the lesion segmentation sees."""
+        grade and DME risk can read what the lesion segmentation sees. That part is detached:
+        trained by the seven image-level losses too, the decoder's few channels served the dense
+        tasks worse (teacher lesion dice 0, vessel dice 0.17 instead of 0.45)."""
         parts = [deepest.mean(dim=(2, 3))]
         if decoded is not None:
             decoded = decoded.detach()
