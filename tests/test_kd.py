@@ -100,9 +100,20 @@ def test_distill_refuses_stale_cache_with_rebuild_command(synth_root, tmp_path, 
     other_teacher = distill_cfg(synth_root, tmp_path, f"kd.teacher={teacher_ckpts[1]}")
     with pytest.raises(StaleCacheError, match="teachers differs"):
         open_checked_cache(other_teacher, StudentTasks(other_teacher))
-    # A task weight steers training only: the cache stays valid (task-weight sweeps reuse it).
-    reweighted = distill_cfg(synth_root, tmp_path, "tasks.dr_grade.weight=3")
-    open_checked_cache(reweighted, StudentTasks(reweighted))
+    # Task weights and loss settings steer training only: the cache stays valid (sweeps reuse it).
+    for loss_setting in (
+        "tasks.dr_grade.weight=3",
+        "tasks.lesions.pos_weight=[5,5,5]",
+        "tasks.anatomy.dice_weight=0.5",
+        "tasks.dr_grade.ordinal_weight=2",
+        "tasks.landmarks.loss=mse",
+    ):
+        retuned = distill_cfg(synth_root, tmp_path, loss_setting)
+        open_checked_cache(retuned, StudentTasks(retuned))
+    # What the task outputs is part of the cache's identity.
+    relabelled = distill_cfg(synth_root, tmp_path, "tasks.dr_grade.ordinal=false")
+    with pytest.raises(StaleCacheError, match="tasks differs"):
+        open_checked_cache(relabelled, StudentTasks(relabelled))
     same = distill_cfg(synth_root, tmp_path, f"kd.teacher={teacher_ckpts[0]}")
     assert open_checked_cache(same, StudentTasks(same)).fingerprint == json.loads(
         (Path(cfg.kd.cache_dir) / "fingerprint.json").read_text()

@@ -27,6 +27,9 @@ class TaskSpec:
 
     kind: str
     weight: float = 1.0
+    #: fields that only steer the training loss, not what the task outputs: left out of the
+    #: task's identity, so changing them reuses teacher caches and checkpoints
+    loss_only: ClassVar[tuple[str, ...]] = ("weight",)
 
 
 @dataclass(frozen=True)
@@ -186,9 +189,9 @@ class Task(abc.ABC):
         return dataclasses.asdict(self.spec)
 
     def identity(self) -> dict[str, Any]:
-        """What fixes the task's outputs: the spec without its loss weight, which only steers
-        training (a task-weight sweep must reuse the same teacher cache and checkpoints)."""
-        return {k: v for k, v in self.describe().items() if k != "weight"}
+        """What fixes the task's outputs: the spec without its ``loss_only`` fields (a task-weight
+        or loss sweep must reuse the same teacher cache and checkpoints)."""
+        return {k: v for k, v in self.describe().items() if k not in self.spec.loss_only}
 
 
 def build_tasks(specs: dict[str, dict[str, Any]]) -> dict[str, Task]:

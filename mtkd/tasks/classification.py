@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ class ClassificationSpec(TaskSpec):
     ordinal: bool = False
     #: weight of the squared expected-grade error added to cross-entropy when ordinal
     ordinal_weight: float = 1.0
+    loss_only: ClassVar[tuple[str, ...]] = ("weight", "ordinal_weight")
     class_names: list[str] | None = None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from mtkd.tasks.base import (
 class LocalizationSpec(TaskSpec):
     points: list[str] = field(default_factory=list)
     loss: str = "l1"
+    loss_only: ClassVar[tuple[str, ...]] = ("weight", "loss")
 
 
 class MeanPointDistance(Metric):

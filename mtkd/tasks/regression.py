@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ class RegressionSpec(TaskSpec):
     #: source labels to predict; defaults to the task's own name
     labels: list[str] = field(default_factory=list)
     loss: str = "mse"
+    loss_only: ClassVar[tuple[str, ...]] = ("weight", "loss")
 
 
 @register_task("regression")

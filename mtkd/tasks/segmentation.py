@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ class SegmentationSpec(TaskSpec):
     #: BCE weight of foreground pixels, one per class (null: 1 for all): > 1 for structures of a
     #: few pixels (lesions), whose rare foreground otherwise leaves every probability near 0
     pos_weight: list[float] | None = None
+    loss_only: ClassVar[tuple[str, ...]] = ("weight", "dice_weight", "pos_weight")
 
 
 @register_task("segmentation")
