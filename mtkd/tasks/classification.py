@@ -21,7 +21,7 @@ class ClassificationSpec(TaskSpec):
     ordinal: bool = False
     #: weight of the squared expected-grade error added to cross-entropy when ordinal
     ordinal_weight: float = 1.0
-    loss_only: ClassVar[tuple[str, ...]] = ("weight", "ordinal_weight")
+    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "ordinal_weight")
     class_names: list[str] | None = None
 
 

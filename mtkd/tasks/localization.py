@@ -25,7 +25,7 @@ from mtkd.tasks.base import (
 class LocalizationSpec(TaskSpec):
     points: list[str] = field(default_factory=list)
     loss: str = "l1"
-    loss_only: ClassVar[tuple[str, ...]] = ("weight", "loss")
+    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "loss")
 
 
 class MeanPointDistance(Metric):

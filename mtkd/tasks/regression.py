@@ -26,7 +26,7 @@ class RegressionSpec(TaskSpec):
     #: source labels to predict; defaults to the task's own name
     labels: list[str] = field(default_factory=list)
     loss: str = "mse"
-    loss_only: ClassVar[tuple[str, ...]] = ("weight", "loss")
+    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "loss")
 
 
 @register_task("regression")

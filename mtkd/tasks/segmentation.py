@@ -41,7 +41,7 @@ class SegmentationSpec(TaskSpec):
     #: BCE weight of foreground pixels, one per class (null: 1 for all): > 1 for structures of a
     #: few pixels (lesions), whose rare foreground otherwise leaves every probability near 0
     pos_weight: list[float] | None = None
-    loss_only: ClassVar[tuple[str, ...]] = ("weight", "dice_weight", "pos_weight")
+    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "dice_weight", "pos_weight")
 
 
 @register_task("segmentation")
