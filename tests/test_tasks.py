@@ -199,3 +199,19 @@ def test_unknown_kind_and_key_errors_list_valid_options():
         build_tasks({"t": {"kind": "segmentation"}})
     with pytest.raises(ValueError, match="one positive number per class"):
         build_tasks({"t": {"kind": "segmentation", "classes": ["a", "b"], "pos_weight": [2.0]}})
+
+
+def test_head_dropout_acts_on_the_global_tasks_input_in_training_only():
+    from mtkd.config import load_config
+    from mtkd.models.multitask import MultiTaskNet
+
+    cfg = load_config("distill", ["model.head_dropout=0.5"]).model
+    tasks = build_tasks({"grade": {"kind": "classification", "num_classes": 3}})
+    net = MultiTaskNet(tasks, cfg)
+    image = torch.randn(2, 3, 64, 64)
+    net.train()
+    torch.manual_seed(0)
+    first = net(image)["grade"]
+    assert not torch.equal(first, net(image)["grade"])  # a new mask per forward
+    net.eval()
+    assert torch.equal(net(image)["grade"], net(image)["grade"])

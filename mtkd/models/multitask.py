@@ -1,6 +1,6 @@
 """MultiTaskNet: one shared smp/timm encoder, a shared U-Net decoder for dense tasks, one head
 per task. Dense tasks read the decoder's full-resolution features; global tasks read one pooled
-vector (see ``MultiTaskNet.pooled``)."""
+vector (see ``MultiTaskNet.pooled``), after ``model.head_dropout``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class MultiTaskNet(nn.Module):
         )
         self.dense_tasks = [n for n, t in tasks.items() if t.dense]
         self.stride = 2**depth
+        self.head_dropout = nn.Dropout(float(model_cfg.head_dropout))
 
     @staticmethod
     def pooled(deepest: torch.Tensor, decoded: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +89,7 @@ class MultiTaskNet(nn.Module):
         features = self.encoder(image)
         decoded = self.decoder(features) if self.decoder is not None else None
         outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
-        pooled = self.pooled(features[-1], decoded)
+        pooled = self.head_dropout(self.pooled(features[-1], decoded))
         for name, head in self.heads.items():
             if name not in outputs:
                 outputs[name] = head(pooled)
