@@ -286,8 +286,39 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"kd.tasks names unknown tasks {unknown_kd}; tasks are {sorted(cfg.tasks)}"
         )
-    if not 0.0 < cfg.data.label_fraction <= 1.0:
-        raise ConfigError("data.label_fraction must be in (0, 1]")
+    # Numbers the schema types but cannot bound: key -> (test, valid range for the message).
+    at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")  # noqa: E731
+    fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
+    ranges = {
+        "kd.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "kd.temperature": (lambda v: v > 0, "> 0 (or null for each task's default)"),
+        "data.image_size": at_least(32),
+        "data.batch_size": at_least(1),
+        "data.eval_batch_size": at_least(1),
+        "data.num_workers": at_least(0),
+        "data.val_fraction": fraction,
+        "data.test_fraction": fraction,
+        "data.label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "optim.lr": (lambda v: v > 0, "> 0"),
+        "optim.weight_decay": at_least(0),
+        "optim.warmup_epochs": at_least(0),
+        "cache.dense_size": at_least(1),
+        "cache.views": at_least(0),
+        "trainer.max_epochs": at_least(1),
+    }
+    for name in cfg.kd.tasks:
+        ranges[f"kd.tasks.{name}.alpha"] = ranges["kd.alpha"]
+        ranges[f"kd.tasks.{name}.temperature"] = ranges["kd.temperature"]
+    for key, (ok, valid) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (isinstance(value, int | float) and ok(value)):
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {valid}")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = "
+            f"{cfg.data.val_fraction + cfg.data.test_fraction} leaves no training data; "
+            "their sum must be < 1"
+        )
 
 
 def import_plugins(modules: list[str]) -> None:

@@ -31,8 +31,9 @@ from mtkd.kd.cache import (
     run_token,
 )
 from mtkd.kd.ensemble import TeacherEnsemble
+from mtkd.locks import directory_lock
 from mtkd.logging import logger_callbacks, make_logger
-from mtkd.modules.checkpoint import check_same_tasks, read_checkpoint
+from mtkd.modules.checkpoint import RngState, SafeCheckpointIO, check_same_tasks, read_checkpoint
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
 from mtkd.tasks import CacheStorage
@@ -82,9 +83,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if run_dir is not None:
         kwargs.setdefault("default_root_dir", str(run_dir))
+    plugins = [*kwargs.pop("plugins", []), SafeCheckpointIO()]
     if kwargs.pop("sync_batchnorm", False):
-        kwargs["plugins"] = [*kwargs.get("plugins", []), TimmSyncBatchNorm()]
-    return L.Trainer(callbacks=callbacks, logger=logger, **kwargs)
+        plugins.append(TimmSyncBatchNorm())
+    return L.Trainer(callbacks=callbacks, logger=logger, plugins=plugins, **kwargs)
 
 
 def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
@@ -102,39 +104,49 @@ def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
 
 def fit(cfg: DictConfig) -> Path:
     """Train the teacher (cfg.stage == "teacher") or the student ("distill"); returns the best
-    checkpoint after printing its per-task validation metrics."""
-    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    checkpoint after printing its per-task validation metrics.
+
+    ``last.ckpt`` is written (atomically) at every epoch end whatever the monitored metric does,
+    with optimizer, scheduler, loop and RNG state: ``run.resume=.../last.ckpt`` continues at the
+    next epoch as if never interrupted."""
     run_dir = Path(cfg.run.dir)
-    module = STAGE_MODULES[cfg.stage](to_container(cfg))
-    teacher = None
-    if cfg.stage == "distill" and cfg.kd.mode == "cached":
-        teacher = open_checked_cache(cfg, module.tasks)
-    dm = FundusDataModule(cfg.data, module.tasks, teacher=teacher, run_dir=run_dir)
-    monitor, mode = monitor_of(cfg, module.tasks)
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode=mode,
-        save_last=True,
-        auto_insert_metric_name=False,
-        enable_version_counter=False,  # a rerun replaces best.ckpt instead of writing best-v1
-    )
-    logger = make_logger(cfg, run_dir, job_type=cfg.stage, resume_from=cfg.run.resume)
-    callbacks: list = [checkpoint, *logger_callbacks(cfg, logger)]
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    trainer = make_trainer(cfg, run_dir, callbacks, logger)
-    if trainer.is_global_zero:
-        save_config(cfg, run_dir / "checkpoints" / "config.yaml")
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.run.resume)
-    best = Path(checkpoint.best_model_path or checkpoint.last_model_path)
-    results = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    if trainer.is_global_zero:
-        print_metrics(metrics, f"{cfg.stage} validation ({best})")
-        write_metrics(run_dir / "metrics_val.json", str(best), "val", metrics)
-    return best
+    with directory_lock(run_dir, f"mtkd {cfg.stage} run"):
+        L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+        module = STAGE_MODULES[cfg.stage](to_container(cfg))
+        teacher = None
+        if cfg.stage == "distill" and cfg.kd.mode == "cached":
+            teacher = open_checked_cache(cfg, module.tasks)
+        dm = FundusDataModule(cfg.data, module.tasks, teacher=teacher, run_dir=run_dir)
+        monitor, mode = monitor_of(cfg, module.tasks)
+        best_ckpt = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,  # a rerun replaces best.ckpt instead of writing best-v1
+        )
+        # ModelCheckpoint(save_last=True) refreshes last.ckpt only when best.ckpt improves.
+        last_ckpt = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
+        )
+        logger = make_logger(cfg, run_dir, job_type=cfg.stage, resume_from=cfg.run.resume)
+        callbacks: list = [best_ckpt, last_ckpt, RngState(), *logger_callbacks(cfg, logger)]
+        if logger:
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        trainer = make_trainer(cfg, run_dir, callbacks, logger)
+        if trainer.is_global_zero:
+            save_config(cfg, run_dir / "checkpoints" / "config.yaml")
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.run.resume, weights_only=True)
+        best = Path(best_ckpt.best_model_path or last_ckpt.best_model_path)
+        results = trainer.validate(
+            module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+        )
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        if trainer.is_global_zero:
+            print_metrics(metrics, f"{cfg.stage} validation ({best})")
+            write_metrics(run_dir / "metrics_val.json", str(best), "val", metrics)
+        return best
 
 
 def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:

@@ -1,14 +1,24 @@
-"""Loading mtkd checkpoints safely (``weights_only=True``) with errors that name the fix."""
+"""Saving and loading mtkd checkpoints safely: atomic writes, ``weights_only=True`` reads, RNG
+state for exact resume, and plugins imported only when the user names them."""
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import random
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from mtkd.config import import_plugins
+from data_modules.io import atomic_write_bytes
+from mtkd.config import ConfigError, import_plugins
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.tasks import Task, build_tasks
 
@@ -28,7 +38,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if "config" not in ckpt.get("hyper_parameters", {}):
         raise ValueError(f"{file} is not an mtkd checkpoint (no saved config)")
+    check_plugins(ckpt["hyper_parameters"]["config"].get("plugins", []), file)
     return ckpt
+
+
+#: environment variable naming the plugin modules a checkpoint may make mtkd import
+PLUGINS_ENV = "MTKD_PLUGINS"
+
+
+def check_plugins(plugins: list[str], source: str | Path) -> None:
+    """Refuse a checkpoint whose ``plugins`` would import code the user did not name: a module
+    is allowed when this run's own config imported it already, or when ``MTKD_PLUGINS`` lists it."""
+    named = {m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()}
+    unnamed = [m for m in plugins if m not in sys.modules and m not in named]
+    if unnamed:
+        raise ConfigError(
+            f"checkpoint {source} asks to import plugin modules {unnamed}, which run code. If you "
+            f"trust them, name them: {PLUGINS_ENV}={','.join(unnamed)} mtkd ... (or plugins=[...] "
+            "in the run's config)"
+        )
 
 
 def check_same_tasks(found: dict[str, Any], expected: dict[str, Any], source: str) -> None:
@@ -50,7 +78,7 @@ def load_net(
     """Rebuild the network of a checkpoint (teacher or student) and load its weights."""
     ckpt = read_checkpoint(path)
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    import_plugins(list(cfg.get("plugins", [])))
+    import_plugins(list(cfg.get("plugins", [])))  # allowed by read_checkpoint
     specs = OmegaConf.to_container(cfg.tasks, resolve=True)
     if expected_tasks is not None:
         check_same_tasks(specs, expected_tasks, f"checkpoint {path}")
@@ -60,3 +88,57 @@ def load_net(
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval(), tasks, cfg
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written through a temporary file in the same folder and a rename (Lightning's
+    own writer stages the file under /tmp and moves it, a copy when /tmp is another filesystem,
+    so a kill can leave a truncated ``last.ckpt``), and always read with ``weights_only=True``,
+    whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"checkpoint {path} cannot be read safely ({str(exc).splitlines()[0]}); it holds "
+                "objects other than weights. Use a checkpoint written by mtkd."
+            ) from None
+
+
+RNG_KEY = "mtkd_rng"
+
+
+class RngState(Callback):
+    """Stores the global RNG states (torch, numpy, Python) in every checkpoint and restores them
+    on resume, so a resumed run shuffles and drops out exactly like an uninterrupted one. Only in
+    one process: a DDP checkpoint holds rank 0's state, which must not be copied to every rank."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint[RNG_KEY] = {
+            "torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(RNG_KEY)
+        if state is None or trainer.world_size > 1:
+            return
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
