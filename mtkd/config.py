@@ -58,8 +58,9 @@ class DataConfig:
     stratify_on: str | None = None
     label_fraction: float = 1.0
     augment: list[dict[str, Any]] = field(default_factory=list)
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    #: input normalisation; null follows the encoder's pretraining (see resolve_normalisation)
+    mean: list[float] | None = None
+    std: list[float] | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
@@ -80,6 +81,10 @@ class OptimConfig:
     weight_decay: float = 1e-4
     scheduler: str = "cosine"
     warmup_epochs: int = 0
+    #: learning rate of the encoder relative to optim.lr (e.g. 0.1 for a pretrained encoder)
+    encoder_lr_mult: float = 1.0
+    #: epochs at the start during which the encoder is frozen (weights and BatchNorm statistics)
+    freeze_encoder_epochs: int = 0
 
 
 @dataclass
@@ -222,8 +227,23 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
     for key in removals:
         _remove(cfg, key)
     cfg.stage = stage
+    resolve_normalisation(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_normalisation(cfg: DictConfig) -> None:
+    """Fill an unset ``data.mean``/``data.std`` from the encoder's pretraining (timm's
+    ``pretrained_cfg``; ImageNet statistics for random or local weights). The resolved values are
+    saved with the config, so every later command on the checkpoint uses them."""
+    from mtkd.models.pretrained import pretrained_normalisation
+
+    if cfg.data.mean is None or cfg.data.std is None:
+        mean, std = pretrained_normalisation(cfg.model.encoder, cfg.model.encoder_weights)
+        if cfg.data.mean is None:
+            cfg.data.mean = list(mean)
+        if cfg.data.std is None:
+            cfg.data.std = list(std)
 
 
 #: groups that can be swapped on a saved config (how to run it, not what was trained)

@@ -1,38 +1,24 @@
-"""MultiTaskNet: one shared smp/timm encoder, a shared U-Net decoder for dense tasks, one head
-per task. Dense tasks read the decoder's full-resolution features; global tasks read one pooled
-vector (see ``MultiTaskNet.pooled``), after ``model.head_dropout``."""
+"""MultiTaskNet: one shared smp/timm encoder (random, local or pretrained weights: see
+``mtkd.models.pretrained``), a shared U-Net decoder for dense tasks, one head per task. Dense
+tasks read the decoder's full-resolution features; global tasks read one pooled vector (see
+``MultiTaskNet.pooled``), after ``model.head_dropout``."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from mtkd.models.pretrained import (
+    hub_offline_unless_reachable,
+    is_online_name,
+    load_encoder_weights,
+    online_failure,
+    smp_weights_argument,
+)
 from mtkd.tasks import Task
-
-
-def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """Load encoder weights from a local file (state dict, optionally under "state_dict" and/or
-    with an "encoder." prefix). Nothing is fetched from the network."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"model.encoder_weights={path!r} is not a file. Pretrained weights are never "
-            "downloaded: pass a local .pth/.pt state dict, or null for random initialisation."
-        )
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("encoder."): v for k, v in state.items()}
-    own = encoder.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ValueError(
-            f"{path}: no tensor matches the encoder's parameters (wrong architecture?)"
-        )
-    encoder.load_state_dict(matched, strict=False)
 
 
 class MultiTaskNet(nn.Module):
@@ -45,30 +31,37 @@ class MultiTaskNet(nn.Module):
                 f"model.decoder_channels has {len(channels)} entries but encoder_depth is {depth}; "
                 "give one channel count per decoder stage"
             )
+        encoder, weights = model_cfg.encoder, model_cfg.encoder_weights
+        online = is_online_name(weights)
         try:
-            unet = smp.Unet(
-                encoder_name=model_cfg.encoder,
-                encoder_weights=None,
-                encoder_depth=depth,
-                decoder_channels=channels,
-                classes=1,
-            )
+            with hub_offline_unless_reachable():
+                unet = smp.Unet(
+                    encoder_name=encoder,
+                    encoder_weights=smp_weights_argument(encoder, weights) if online else None,
+                    encoder_depth=depth,
+                    decoder_channels=channels,
+                    classes=1,
+                )
         except (KeyError, ValueError, RuntimeError) as exc:
+            if online and "weights" in str(exc).lower():
+                raise online_failure(encoder, weights, exc) from None
             raise ValueError(
-                f"model.encoder={model_cfg.encoder!r} cannot be built ({exc}). Use an smp encoder "
+                f"model.encoder={encoder!r} cannot be built ({exc}). Use an smp encoder "
                 "name (resnet18, resnet34, efficientnet-b0, ...) or any timm model as 'tu-<name>'."
             ) from None
+        except OSError as exc:  # the hub is out of reach and nothing is cached
+            raise online_failure(encoder, weights, exc) from None
         self.encoder = unet.encoder
-        if model_cfg.encoder_weights:
-            load_encoder_weights(self.encoder, model_cfg.encoder_weights)
-        self.has_dense = any(t.dense for t in tasks.values())
-        self.decoder = unet.decoder if self.has_dense else None
-        pooled = self.encoder.out_channels[-1] + (2 * channels[-1] if self.has_dense else 0)
+        if weights and not online:
+            load_encoder_weights(self.encoder, encoder, weights)
+        #: built whenever a task reads full-resolution features (segmentation, heatmap points)
+        self.has_decoder = any(t.dense for t in tasks.values())
+        self.decoder = unet.decoder if self.has_decoder else None
+        pooled = self.encoder.out_channels[-1] + (2 * channels[-1] if self.has_decoder else 0)
         self.heads = nn.ModuleDict(
             {n: t.build_head(channels[-1] if t.dense else pooled) for n, t in tasks.items()}
         )
         self.dense_tasks = [n for n, t in tasks.items() if t.dense]
-        self.stride = 2**depth
         self.head_dropout = nn.Dropout(float(model_cfg.head_dropout))
 
     @staticmethod

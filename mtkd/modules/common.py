@@ -151,9 +151,31 @@ class MultiTaskModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     # -- optimisation --------------------------------------------------------------------------
+    def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict[str, Any]]:
+        """Encoder and the rest as two groups: a pretrained encoder is usually fine-tuned at a
+        lower rate (``optim.encoder_lr_mult``) than the freshly initialised decoder and heads."""
+        encoder = {id(p) for p in self.net.encoder.parameters()}
+        groups = [
+            {
+                "params": [p for p in self.parameters() if id(p) in encoder],
+                "lr": lr * encoder_lr_mult,
+            },
+            {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": lr},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def on_train_epoch_start(self) -> None:
+        """``optim.freeze_encoder_epochs``: the first epochs train only decoder and heads on a
+        frozen encoder (weights and BatchNorm statistics), so random heads do not wreck
+        pretrained features before they produce useful gradients."""
+        frozen = self.current_epoch < int(self.cfg.optim.freeze_encoder_epochs)
+        self.net.encoder.requires_grad_(not frozen)
+        if frozen:
+            self.net.encoder.eval()
+
     def configure_optimizers(self):
         o = self.cfg.optim
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = self.param_groups(o.lr, float(o.encoder_lr_mult))
         if o.name == "sgd":
             opt = torch.optim.SGD(
                 params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay, nesterov=True

@@ -37,7 +37,11 @@ class StudentModule(MultiTaskModule):
             if not self.cfg.kd.teacher:
                 raise ValueError("kd.mode=online needs kd.teacher=<path/to/teacher.ckpt>")
             self._teacher.append(
-                TeacherEnsemble([self.cfg.kd.teacher], dict(self.hparams.config["tasks"]))
+                TeacherEnsemble(
+                    [self.cfg.kd.teacher],
+                    dict(self.hparams.config["tasks"]),
+                    input_norm=(tuple(self.cfg.data.mean), tuple(self.cfg.data.std)),
+                )
             )
 
     def on_fit_start(self) -> None:
