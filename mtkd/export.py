@@ -22,7 +22,8 @@ from data_modules.io import atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
-from mtkd.predict import activation, channel_names
+from mtkd.predict import channel_names
+from mtkd.tasks import Task
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
@@ -32,14 +33,14 @@ class TaskOutputs(nn.Module):
     """The network with its outputs as a tuple in task order, so ONNX output ``i`` is task ``i``
     (the network's dict puts dense tasks first)."""
 
-    def __init__(self, net: MultiTaskNet, names: list[str]) -> None:
+    def __init__(self, net: MultiTaskNet, tasks: dict[str, Task]) -> None:
         super().__init__()
         self.net = net
-        self.names = names
+        self.tasks = tasks
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.net(image)
-        return tuple(outputs[n] for n in self.names)
+        return tuple(t.exported(outputs[n]) for n, t in self.tasks.items())
 
 
 def package_version(name: str) -> str:
@@ -49,18 +50,18 @@ def package_version(name: str) -> str:
         return "unknown"
 
 
-def onnx_bytes(net: MultiTaskNet, names: list[str], image_size: int) -> bytes:
+def onnx_bytes(net: MultiTaskNet, tasks: dict[str, Task], image_size: int) -> bytes:
     """ONNX (TorchScript exporter, opset 17) with named per-task outputs and a dynamic batch."""
     buf = io.BytesIO()
     example = torch.randn(2, 3, image_size, image_size)
     batch_axis = {0: "batch"}
     torch.onnx.export(
-        TaskOutputs(net, names).eval(),
+        TaskOutputs(net, tasks).eval(),
         (example,),
         buf,
         input_names=[INPUT_NAME],
-        output_names=names,
-        dynamic_axes={INPUT_NAME: batch_axis, **{n: batch_axis for n in names}},
+        output_names=list(tasks),
+        dynamic_axes={INPUT_NAME: batch_axis, **{n: batch_axis for n in tasks}},
         opset_version=ONNX_OPSET,
         dynamo=False,
     )
@@ -72,7 +73,8 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
     each output's shape and channel names, and the config to rebuild the network."""
     size = int(cfg.data.image_size)
     with torch.inference_mode():
-        shapes = {n: list(v.shape[1:]) for n, v in net(torch.zeros(1, 3, size, size)).items()}
+        raw = net(torch.zeros(1, 3, size, size))
+        shapes = {n: list(t.exported(raw[n]).shape[1:]) for n, t in tasks.items()}
     return {
         "format": "mtkd-export/1",
         "source_checkpoint": str(ckpt),
@@ -98,7 +100,7 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
                 "kind": task.kind,
                 "spec": task.describe(),
                 "names": channel_names(task),
-                "activation": activation(task),
+                "activation": task.activation,
                 "shape": ["batch", *shapes[name]],
             }
             for name, task in tasks.items()
@@ -120,7 +122,7 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     weights = io.BytesIO()
     torch.save(net.state_dict(), weights)
     atomic_write_bytes(out_dir / "model.pt", weights.getvalue())
-    atomic_write_bytes(out_dir / "model.onnx", onnx_bytes(net, names, int(cfg.data.image_size)))
+    atomic_write_bytes(out_dir / "model.onnx", onnx_bytes(net, tasks, int(cfg.data.image_size)))
     meta = metadata(ckpt, net, tasks, cfg)
     atomic_write_bytes(out_dir / "metadata.json", json.dumps(meta, indent=1).encode())
     print(

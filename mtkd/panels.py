@@ -120,22 +120,24 @@ class ValidationPanels(Callback):
         precision = trainer.precision_plugin
         image = precision.convert_input(torch.stack([it["image"] for it in self._items]))
         with torch.no_grad(), precision.val_step_context():
-            outputs = pl_module(image.to(pl_module.device))
-        return [self.image(i, item, outputs, pl_module.tasks) for i, item in enumerate(self._items)]
+            raw = pl_module(image.to(pl_module.device))
+        tasks = pl_module.tasks
+        values = {n: t.activate(raw[n]).cpu() for n, t in tasks.items()}
+        return [self.image(i, item, values, tasks) for i, item in enumerate(self._items)]
 
     def image(
-        self, i: int, item: dict[str, Any], outputs: dict[str, torch.Tensor], tasks: dict
+        self, i: int, item: dict[str, Any], values: dict[str, torch.Tensor], tasks: dict
     ) -> wandb.Image:
-        """Sample ``i``: segmentation masks and landmark boxes (predicted, and true when labeled)
-        over the image; classification predictions in the caption."""
+        """Sample ``i`` from activated outputs (``Task.activate``): segmentation masks and landmark
+        boxes (predicted, and true when labeled) over the image; classes in the caption."""
         masks, boxes, caption = {}, {}, [item["sample_id"]]
         for name, task in tasks.items():
             has = bool(item["has"][name])
-            pred, true = outputs[name][i], item["targets"][name]
+            pred, true = values[name][i], item["targets"][name]
             if isinstance(task, SegmentationTask):
                 labels = {c + 1: n for c, n in enumerate(task.spec.classes)}
                 masks[f"{name} predicted"] = {
-                    "mask_data": label_map(torch.sigmoid(pred.float())),
+                    "mask_data": label_map(pred),
                     "class_labels": labels,
                 }
                 if has:

@@ -49,25 +49,9 @@ def channel_names(task: Task) -> list[str]:
     return [str(i) for i in range(task.out_channels)]
 
 
-def activation(task: Task) -> str:
-    """How a task's raw output becomes probabilities: "softmax", "sigmoid" or "none"."""
-    if isinstance(task, ClassificationTask):
-        return "softmax"
-    if isinstance(task, (MultilabelTask, SegmentationTask)):
-        return "sigmoid"
-    return "none"
-
-
-_ACTIVATIONS = {
-    "softmax": lambda x: x.softmax(dim=1),
-    "sigmoid": torch.sigmoid,
-    "none": lambda x: x,
-}
-
-
 def activate(tasks: dict[str, Task], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Raw network outputs -> probabilities (classification, multilabel, segmentation) or values."""
-    return {n: _ACTIVATIONS[activation(t)](outputs[n].float()) for n, t in tasks.items()}
+    """Raw network outputs -> each task's readable values (``Task.activate``)."""
+    return {n: t.activate(outputs[n]) for n, t in tasks.items()}
 
 
 def spatial_layers(

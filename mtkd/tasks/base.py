@@ -102,6 +102,8 @@ class Task(abc.ABC):
     default_temperature: ClassVar[float] = 1.0
     #: The metric that summarises this task and whether higher is better.
     monitor: ClassVar[tuple[str, str]] = ("loss", "min")
+    #: How the raw output becomes probabilities: "softmax", "sigmoid" or "none" (export metadata).
+    activation: ClassVar[str] = "none"
 
     def __init__(self, name: str, raw_spec: dict[str, Any]) -> None:
         self.name = name
@@ -150,6 +152,16 @@ class Task(abc.ABC):
     ) -> torch.Tensor:
         """Distillation loss per sample against the teacher's (cached) output, shape [B]."""
 
+    # -- readable outputs ----------------------------------------------------------------------
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head output -> what a person reads: probabilities, values or points."""
+        return ACTIVATIONS[self.activation](raw.float())
+
+    def exported(self, raw: torch.Tensor) -> torch.Tensor:
+        """What the exported (ONNX) network outputs for this task: the raw head output, which
+        ``activation`` turns into probabilities."""
+        return raw
+
     # -- teacher outputs and the cache -----------------------------------------------------------
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
         """What the teacher passes to the student (logits by default)."""
@@ -192,6 +204,13 @@ class Task(abc.ABC):
         """What fixes the task's outputs: the spec without its ``loss_only`` fields (a task-weight
         or loss sweep must reuse the same teacher cache and checkpoints)."""
         return {k: v for k, v in self.describe().items() if k not in self.spec.loss_only}
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda x: x.softmax(dim=1),
+    "sigmoid": torch.sigmoid,
+    "none": lambda x: x,
+}
 
 
 def build_tasks(specs: dict[str, dict[str, Any]]) -> dict[str, Task]:

@@ -28,6 +28,7 @@ class ClassificationSpec(TaskSpec):
 @register_task("classification")
 class ClassificationTask(Task):
     spec_class = ClassificationSpec
+    activation = "softmax"
     default_temperature = 4.0
     monitor = ("kappa", "max")
 

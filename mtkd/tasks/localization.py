@@ -1,4 +1,10 @@
-"""Landmark localisation: K points (optic-disc centre, fovea) in normalised coordinates."""
+"""Landmark localisation: K points (optic-disc centre, fovea) in normalised coordinates.
+
+Two heads: ``pooled`` regresses the points from the pooled image features; ``heatmap`` predicts
+one heatmap per point from the decoder's full-resolution features and reads the point as the
+heatmap's soft-argmax. Regression from pooled features drifts to the mean position on real eyes
+(the disc sits left or right); a heatmap finds the structure where it is.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +26,75 @@ from mtkd.tasks.base import (
     register_task,
 )
 
+HEADS = ("pooled", "heatmap")
+
 
 @dataclass
 class LocalizationSpec(TaskSpec):
     points: list[str] = field(default_factory=list)
     loss: str = "l1"
-    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "loss")
+    #: "pooled" (regression from pooled features) or "heatmap" (soft-argmax of K heatmaps)
+    head: str = "pooled"
+    #: heatmap head: std of the Gaussian target around each point, as a fraction of the side
+    sigma: float = 0.02
+    #: heatmap head: weight of the heatmap term (KL to the Gaussian) beside the coordinate loss
+    heatmap_weight: float = 0.1
+    loss_only: ClassVar[tuple[str, ...]] = (
+        *TaskSpec.loss_only,
+        "loss",
+        "sigma",
+        "heatmap_weight",
+    )
+
+
+def grid(size_h: int, size_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixel-centre coordinates (x along width, y along height), flattened."""
+    ys = (torch.arange(size_h, device=device, dtype=torch.float32) + 0.5) / size_h
+    xs = (torch.arange(size_w, device=device, dtype=torch.float32) + 0.5) / size_w
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return x.flatten(), y.flatten()
+
+
+def soft_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[B, K, H, W] heatmap logits -> [B, K, 2] expected (x, y) under each softmax heatmap."""
+    b, k, h, w = logits.shape
+    prob = logits.float().flatten(2).softmax(dim=-1)
+    x, y = grid(h, w, logits.device)
+    return torch.stack([(prob * x).sum(-1), (prob * y).sum(-1)], dim=-1)
+
+
+def gaussian_targets(points: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
+    """[B, K, 2] normalised points -> [B, K, H*W] Gaussian distributions (each sums to 1)."""
+    x, y = grid(h, w, points.device)
+    d2 = (x - points[..., :1]) ** 2 + (y - points[..., 1:]) ** 2
+    return (-d2 / (2 * sigma**2)).softmax(dim=-1)
+
+
+def heatmap_kl(logits: torch.Tensor, points: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-sample KL(Gaussian around ``points`` || softmax heatmap), averaged over the K points:
+    a dense signal at every pixel, which trains on few images where the coordinate alone
+    (one number per point) does not."""
+    b, k, h, w = logits.shape
+    target = gaussian_targets(points.float(), h, w, sigma)
+    log_prob = logits.float().flatten(2).log_softmax(dim=-1)
+    kl = (target * (target.clamp_min(1e-12).log() - log_prob)).sum(-1)
+    return kl.mean(dim=1)
+
+
+class HeatmapHead(nn.Module):
+    """Decoder features [B, C, H, W] -> K heatmap logits [B, K, H, W]."""
+
+    def __init__(self, in_channels: int, num_points: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, num_points, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.body(features)
 
 
 class MeanPointDistance(Metric):
@@ -35,14 +104,18 @@ class MeanPointDistance(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, in_pixels: bool) -> None:
+    def __init__(self, in_pixels: bool, point: int | None = None) -> None:
+        """``point``: one point's index (the challenge reports disc and fovea apart), else all."""
         super().__init__()
         self.in_pixels = in_pixels
+        self.point = point
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, pixel_scale: torch.Tensor) -> None:
         diff = pred.double() - target.double()
+        if self.point is not None:
+            diff = diff[:, self.point : self.point + 1]
         if self.in_pixels:
             diff = diff * pixel_scale.double()[:, None, :]
         self.total += diff.norm(dim=-1).sum()
@@ -63,6 +136,15 @@ class LocalizationTask(Task):
             raise ValueError(f"task {self.name!r}: localization needs a list of points")
         if self.spec.loss not in ("mse", "l1"):
             raise ValueError(f"task {self.name!r}: loss must be 'mse' or 'l1'")
+        if self.spec.head not in HEADS:
+            raise ValueError(f"task {self.name!r}: head={self.spec.head!r} is not one of {HEADS}")
+        if not 0 < self.spec.sigma < 1:
+            raise ValueError(f"task {self.name!r}: sigma={self.spec.sigma} must be in (0, 1)")
+
+    @property
+    def dense(self) -> bool:  # type: ignore[override]
+        """The heatmap head reads the decoder's full-resolution features."""
+        return self.spec.head == "heatmap"
 
     @property
     def num_points(self) -> int:
@@ -73,6 +155,8 @@ class LocalizationTask(Task):
         return 2 * self.num_points
 
     def build_head(self, in_channels: int) -> nn.Module:
+        if self.dense:
+            return HeatmapHead(in_channels, self.num_points)
         return nn.Sequential(
             global_head(in_channels, self.out_channels),
             nn.Sigmoid(),
@@ -90,13 +174,35 @@ class LocalizationTask(Task):
     def empty_target(self, size: int) -> torch.Tensor:
         return torch.zeros(self.num_points, 2)
 
+    def points(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head output -> [B, K, 2] normalised points."""
+        return soft_argmax(raw) if self.dense else raw
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.points(raw).float()
+
+    def exported(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.points(raw)
+
+    def point_loss(self, raw: torch.Tensor, points: torch.Tensor, kind: str) -> torch.Tensor:
+        """Coordinate loss, plus the heatmap term for the heatmap head."""
+        loss = elementwise_loss(self.points(raw), points, kind)
+        if self.dense:
+            loss = loss + self.spec.heatmap_weight * heatmap_kl(raw, points, self.spec.sigma)
+        return loss
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return elementwise_loss(pred, target, self.spec.loss)
+        return self.point_loss(pred, target, self.spec.loss)
 
     def kd_loss(
         self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        return elementwise_loss(pred, teacher, "mse")
+        """MSE to the teacher's points (the cache stores points whatever the teacher's head),
+        plus the heatmap term around them for a heatmap student."""
+        return self.point_loss(pred, teacher, "mse")
+
+    def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
+        return self.points(pred).float()
 
     def cache_shape(self, storage: CacheStorage) -> tuple[int, ...]:
         return (self.num_points, 2)
@@ -105,12 +211,19 @@ class LocalizationTask(Task):
         return np.dtype(np.float32)
 
     def metrics(self) -> MetricCollection:
+        """Mean distance (normalised and in original pixels), and each point's own distance in
+        original pixels (``dist_px_<point>``), as the IDRiD challenge reports disc and fovea."""
+        per_point = {
+            f"dist_px_{name}": MeanPointDistance(in_pixels=True, point=i)
+            for i, name in enumerate(self.spec.points)
+        }
         return MetricCollection(
             {
                 "dist": MeanPointDistance(in_pixels=False),
                 "dist_px": MeanPointDistance(in_pixels=True),
+                **per_point,
             }
         )
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
-        metrics.update(pred.float(), target, pixel_scale=batch["pixel_scale"])
+        metrics.update(self.points(pred).float(), target, pixel_scale=batch["pixel_scale"])

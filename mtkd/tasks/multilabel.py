@@ -21,6 +21,7 @@ class MultilabelSpec(TaskSpec):
 @register_task("multilabel")
 class MultilabelTask(Task):
     spec_class = MultilabelSpec
+    activation = "sigmoid"
     default_temperature = 2.0
     monitor = ("auroc", "max")
 

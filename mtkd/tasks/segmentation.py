@@ -50,6 +50,7 @@ class SegmentationTask(Task):
     absent is then empty (IDRiD ships no file for a lesion an image does not show)."""
 
     spec_class = SegmentationSpec
+    activation = "sigmoid"
     dense = True
     teacher_spatial = "mask"
     monitor = ("dice", "max")
