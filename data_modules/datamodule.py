@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.io import NPZ_SEPARATOR, load_image
 from data_modules.preprocess import Preprocessor
 from data_modules.samples import Sample, read_source
 from data_modules.splits import _rank, assign_splits, load_splits, save_splits
@@ -36,12 +38,19 @@ class TeacherOutputs(Protocol):
     def view_seed(self, sample_id: str, view: int) -> int: ...
 
 
-def load_samples(data_cfg: Any, run_dir: str | Path | None = None) -> list[Sample]:
+def load_samples(
+    data_cfg: Any,
+    run_dir: str | Path | None = None,
+    tasks: dict[str, Task] | None = None,
+    teacher_covers: bool = False,
+) -> list[Sample]:
     """Read every configured source, rename labels, assign splits and label fraction.
 
     Splits are assigned source by source: a source without a validation split gets one carved
     from its own training patients even when another source ships one, and an unlabeled source
-    stays in train (it has nothing to validate or test).
+    stays in train (it has nothing to validate or test). With ``tasks``, every label is checked
+    against them (``check_labels``); ``teacher_covers`` says a teacher cache supervises every
+    training sample, so a task without labels is KD-only instead of an error.
     """
     reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
     samples: list[Sample] = []
@@ -65,6 +74,8 @@ def load_samples(data_cfg: Any, run_dir: str | Path | None = None) -> list[Sampl
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("two data sources produce the same sample ids; give each a distinct root")
+    if tasks is not None:
+        check_labels(samples, tasks, teacher_covers)
     if reuse:
         samples = load_splits(samples, data_cfg.split_file)
     elif data_cfg.split_file:
@@ -74,6 +85,59 @@ def load_samples(data_cfg: Any, run_dir: str | Path | None = None) -> list[Sampl
     if data_cfg.label_fraction < 1.0:
         samples = [_maybe_unlabel(s, data_cfg.label_fraction, data_cfg.split_seed) for s in samples]
     return samples
+
+
+def check_labels(samples: list[Sample], tasks: dict[str, Task], teacher_covers: bool) -> None:
+    """Refuse bad labels (each task kind's ``label_problems``), all listed at once with the sample
+    and its source row, and a task that no sample is labeled for: it would train with no
+    supervision and no metric (KD-only when ``teacher_covers``, said once)."""
+    problems, labeled = [], dict.fromkeys(tasks, 0)
+    for s in samples:
+        points = _normalised_points(s) if s.points else {}
+        for name, task in tasks.items():
+            found = task.label_problems(s.labels, set(s.masks), points)
+            if found is not None:
+                labeled[name] += 1
+                where = s.origin or f"image {s.image}"
+                problems += [f"  {s.sample_id} ({where}): task {name!r}: {p}" for p in found]
+    if problems:
+        shown = "\n".join(problems[:20]) + (
+            f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""
+        )
+        raise ValueError(
+            f"{len(problems)} bad label(s); fix or empty these cells in the source:\n{shown}"
+        )
+    for name in [n for n, count in labeled.items() if count == 0]:
+        if teacher_covers:
+            rank_zero_warn(
+                f"task {name!r}: no sample carries a label for it; it is trained from the teacher "
+                "cache only (KD-only) and has no validation metric"
+            )
+            continue
+        found = {
+            "labels": sorted({k for s in samples for k in s.labels}),
+            "masks": sorted({k for s in samples for k in s.masks}),
+            "points": sorted({k for s in samples for k in s.points}),
+        }
+        raise ValueError(
+            f"task {name!r}: no sample of the configured sources carries its label, so it would "
+            f"train with no supervision and no metric. The sources provide {found}. Point the "
+            f"task at one of these names, rename with data.sources.<source>.label_map, or drop "
+            f"it with ~tasks.{name}"
+        )
+
+
+def _normalised_points(sample: Sample) -> dict[str, tuple[float, float]]:
+    """Pixel points -> fractions of the image size (read from the file header)."""
+    if NPZ_SEPARATOR in sample.image:
+        height, width = load_image(sample.image).shape[:2]
+    else:
+        try:
+            with Image.open(sample.image) as img:
+                width, height = img.size
+        except (OSError, ValueError):
+            return {}  # a missing or broken image is reported when images are read
+    return {n: (x / width, y / height) for n, (x, y) in sample.points.items()}
 
 
 def _maybe_unlabel(sample: Sample, fraction: float, seed: int) -> Sample:
@@ -242,7 +306,9 @@ class FundusDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.samples is None:
-            self.samples = load_samples(self.cfg, self.run_dir)
+            # Predicting (the teacher cache) reads no label, so it checks none.
+            tasks = None if stage == "predict" else self.tasks
+            self.samples = load_samples(self.cfg, self.run_dir, tasks, self.teacher is not None)
 
     def split(self, name: str) -> list[Sample]:
         self.setup()

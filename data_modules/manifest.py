@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from data_modules.samples import Sample, register_source
 
 BASE_COLUMNS = ("sample_id", "patient_id", "split", "image")
 MANIFEST_NAME = "manifest.csv"
+#: accepted ``split`` cells (after trimming and lower-casing) -> split; ``validation`` is a common
+#: spelling of val. Anything else is refused: a silently dropped row would shrink a split.
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -50,19 +54,14 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 continue
             kind, _, name = col.partition(":")
             if kind == "label":
-                try:
-                    labels[name] = float(value)
-                except ValueError:
-                    raise ValueError(
-                        f"manifest {path} line {line}: {col}={value!r} is not a number"
-                    ) from None
+                labels[name] = _number(value, path, line, col)
             elif kind == "mask":
                 masks[name] = _resolve(base, value)
             elif kind == "point":
                 pname, _, axis = name.rpartition(":")
                 if axis not in ("x", "y"):
                     raise ValueError(f"manifest {path}: column {col!r} must end in ':x' or ':y'")
-                points.setdefault(pname, {})[axis] = float(value)
+                points.setdefault(pname, {})[axis] = _number(value, path, line, col)
             elif kind:
                 raise ValueError(
                     f"manifest {path}: unknown column {col!r}; use sample_id, patient_id, split, "
@@ -71,19 +70,39 @@ def read_manifest(path: str | Path) -> list[Sample]:
         for pname, xy in points.items():
             if set(xy) != {"x", "y"}:
                 raise ValueError(f"manifest {path} line {line}: point {pname!r} needs both x and y")
-        split = row["split"] or None
+        split = row["split"].lower()
+        if split and split not in SPLIT_NAMES:
+            raise ValueError(
+                f"manifest {path} line {line}: split={row['split']!r} is not a split; use one of "
+                f"{sorted(SPLIT_NAMES)} (any case), or leave it empty to have it assigned"
+            )
         samples.append(
             Sample(
                 sample_id=row["sample_id"],
                 patient_id=row["patient_id"] or row["sample_id"],
                 image=_resolve(base, row["image"]),
-                split=split,
+                split=SPLIT_NAMES.get(split),
                 labels=labels,
                 masks=masks,
                 points={k: (v["x"], v["y"]) for k, v in points.items()},
+                origin=f"{path} line {line}",
             )
         )
     return samples
+
+
+def _number(value: str, path: Path, line: int, col: str) -> float:
+    """A finite number: a ``nan`` label would turn every monitored metric into NaN."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"manifest {path} line {line}: {col}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(
+            f"manifest {path} line {line}: {col}={value!r} is not a finite number; leave the "
+            "cell empty for a missing label"
+        )
+    return number
 
 
 def write_manifest(samples: Iterable[Sample], path: str | Path) -> Path:

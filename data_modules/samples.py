@@ -33,6 +33,8 @@ class Sample:
     labels: dict[str, float] = field(default_factory=dict)
     masks: dict[str, str] = field(default_factory=dict)
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: where the record came from (e.g. ``manifest.csv line 12``), for error messages
+    origin: str | None = None
 
     def renamed(self, label_map: dict[str, str]) -> Sample:
         """Return a copy whose label, mask and point names pass through ``label_map``."""

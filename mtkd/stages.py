@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from data_modules.datamodule import FundusDataModule
+from data_modules.datamodule import FundusDataModule, load_samples
 from data_modules.io import atomic_write_bytes
 from data_modules.transforms import view_seed
 from mtkd.config import save_config, to_container
@@ -25,9 +25,11 @@ from mtkd.kd.cache import (
     CacheShardWriter,
     TeacherCache,
     check_fingerprint,
+    expected_teachers,
     file_sha256,
     fingerprint,
     merge_shards,
+    remove_orphans,
     run_token,
 )
 from mtkd.kd.ensemble import TeacherEnsemble
@@ -153,13 +155,12 @@ def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:
     """Open the teacher cache and refuse it unless it describes this run's teacher and data."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
     storage = cache.fingerprint["storage"]
-    teachers = [file_sha256(cfg.kd.teacher)] if cfg.kd.teacher else []
-    probe = FundusDataModule(cfg.data, tasks)
+    teachers = expected_teachers(cache.fingerprint, cfg.kd.teacher, cfg.kd.cache_dir)
     expected = fingerprint(
         teachers,
         tasks,
         cfg.data,
-        [s.sample_id for s in probe.split("train")],
+        [s.sample_id for s in load_samples(cfg.data) if s.split == "train"],
         CacheStorage(storage["dense_size"], storage["dense_dtype"], storage["logits_dtype"]),
         int(storage["views"]),
     )
@@ -178,24 +179,28 @@ def cache_teacher(cfg: DictConfig) -> Path:
     views = int(cfg.cache.views)
     dm = FundusDataModule(cfg.data, tasks, predict_views=views)
     cache_dir = Path(cfg.kd.cache_dir)
-    shard_dir = cache_dir.parent / f".{cache_dir.name}.partial-{run_token()}"
-    writer = CacheShardWriter(shard_dir, tasks, storage)
-    trainer = make_trainer(cfg, None, [writer], logger=False)
-    trainer.predict(ensemble, datamodule=dm, return_predictions=False)
-    trainer.strategy.barrier()
-    if trainer.is_global_zero:
-        train_ids = [s.sample_id for s in dm.split("train")]
-        fp = fingerprint(
-            [file_sha256(p) for p in cfg.cache.teacher], tasks, cfg.data, train_ids, storage, views
-        )
-        merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
-        summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
-        print(
-            f"teacher cache written to {cache_dir}: {len(train_ids)} samples x {max(views, 1)} view(s)"
-        )
-        for name, nbytes in summary.items():
-            print(f"  {name:<16} {nbytes:>8} bytes/sample")
-    trainer.strategy.barrier()
+    with directory_lock(cache_dir, "mtkd cache-teacher"):
+        if rank_zero_only.rank == 0:
+            for orphan in remove_orphans(cache_dir):
+                print(f"removed {orphan}, left by an interrupted cache-teacher")
+        shard_dir = cache_dir.parent / f".{cache_dir.name}.partial-{run_token()}"
+        writer = CacheShardWriter(shard_dir, tasks, storage)
+        trainer = make_trainer(cfg, None, [writer], logger=False)
+        trainer.predict(ensemble, datamodule=dm, return_predictions=False)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            train_ids = [s.sample_id for s in dm.split("train")]
+            teachers = {str(Path(p).resolve()): file_sha256(p) for p in cfg.cache.teacher}
+            fp = fingerprint(teachers, tasks, cfg.data, train_ids, storage, views)
+            merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
+            summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
+            print(
+                f"teacher cache written to {cache_dir}: {len(train_ids)} samples x "
+                f"{max(views, 1)} view(s)"
+            )
+            for name, nbytes in summary.items():
+                print(f"  {name:<16} {nbytes:>8} bytes/sample")
+        trainer.strategy.barrier()
     return cache_dir
 
 

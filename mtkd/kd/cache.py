@@ -3,7 +3,9 @@
 Layout of a cache directory (only ever seen complete: it is assembled under a temporary name
 and renamed into place; ``fingerprint.json`` is written last)::
 
-    fingerprint.json   what produced it (teacher hashes, tasks, preprocessing, split, storage)
+    fingerprint.json   what produced it (teacher files and hashes, tasks, preprocessing, split,
+                       storage)
+    checksums.json     sha256 and size of every other file, verified whenever the cache is opened
     index.json         sample ids; position = row in every array
     <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
     view_seeds.npy     [N, views] augmentation seeds of the cached views (exact multi-view mode)
@@ -32,8 +34,10 @@ from omegaconf import OmegaConf
 from data_modules.io import atomic_save_npy, atomic_write_bytes
 from mtkd.tasks import CacheStorage, Task
 
-FORMAT_VERSION = 1
+#: 2: teacher files recorded and compared always; checksums.json
+FORMAT_VERSION = 2
 FINGERPRINT = "fingerprint.json"
+CHECKSUMS = "checksums.json"
 INDEX = "index.json"
 SEEDS = "view_seeds.npy"
 
@@ -55,14 +59,16 @@ def _digest(value: Any) -> str:
 
 
 def fingerprint(
-    teacher_hashes: list[str],
+    teachers: dict[str, str],
     tasks: dict[str, Task],
     data_cfg: Any,
     train_ids: list[str],
     storage: CacheStorage,
     views: int,
 ) -> dict[str, Any]:
-    """Everything a cached output depends on. Compared part by part by ``check_fingerprint``."""
+    """Everything a cached output depends on, compared part by part by ``check_fingerprint``.
+    ``teachers`` maps each teacher checkpoint's resolved path to its sha256: the paths let a later
+    ``distill`` re-hash the files and notice a retrained teacher even when kd.teacher is unset."""
     pp = data_cfg.preprocess
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
@@ -71,7 +77,8 @@ def fingerprint(
         storage["albumentations"] = albumentations.__version__
     return {
         "format_version": FORMAT_VERSION,
-        "teachers": sorted(teacher_hashes),
+        "teachers": sorted(teachers.values()),
+        "teacher_files": dict(sorted(teachers.items())),
         "tasks": {name: task.identity() for name, task in sorted(tasks.items())},
         "preprocessing": {
             "image_size": int(data_cfg.image_size),
@@ -88,9 +95,7 @@ def fingerprint(
 
 def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir: str) -> None:
     """Raise StaleCacheError naming each differing part and the command that rebuilds."""
-    parts = ["format_version", "tasks", "preprocessing", "split"]
-    if expected.get("teachers"):
-        parts.append("teachers")
+    parts = ["format_version", "teachers", "tasks", "preprocessing", "split"]
     differing = [p for p in parts if found.get(p) != expected.get(p)]
     if not differing:
         return
@@ -100,10 +105,31 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir
             f"  - {part} differs: cache has {found.get(part)!r}, this run has {expected.get(part)!r}"
         )
     lines.append(
-        "Rebuild it with the same data/task overrides as this run: "
-        f"mtkd cache-teacher teacher=<teacher.ckpt> kd.cache_dir={cache_dir} (or make cache-teacher)"
+        f"Rebuild it with the same data/task overrides as this run: {rebuild_command(cache_dir)} "
+        "(or make cache-teacher)"
     )
     raise StaleCacheError("\n".join(lines))
+
+
+def rebuild_command(cache_dir: str | Path, teachers: list[str] | None = None) -> str:
+    named = " ".join(f"teacher={t}" for t in teachers or ["<teacher.ckpt>"])
+    return f"mtkd cache-teacher {named} kd.cache_dir={cache_dir}"
+
+
+def expected_teachers(found: dict[str, Any], teacher: str | None, cache_dir: str) -> dict[str, str]:
+    """The teacher files a cache must have been built from: ``teacher`` when the run names one,
+    else the files the cache recorded, hashed again now (a retrained teacher makes it stale)."""
+    if teacher:
+        return {str(Path(teacher).resolve()): file_sha256(teacher)}
+    recorded = found.get("teacher_files", {})
+    gone = [p for p in recorded if not Path(p).is_file()]
+    if gone:
+        raise StaleCacheError(
+            f"teacher cache {cache_dir} was built from {gone}, which no longer exist(s), so it "
+            "cannot be checked against its teacher. Name the teacher with kd.teacher=<ckpt>, or "
+            f"rebuild: {rebuild_command(cache_dir)}"
+        )
+    return {p: file_sha256(p) for p in recorded}
 
 
 class TeacherCache:
@@ -126,11 +152,37 @@ class TeacherCache:
         self.fingerprint = json.loads(meta.read_text())
         self.tasks = tasks
         self.views = int(self.fingerprint["storage"]["views"])
+        self._verify()
         ids = json.loads((self.dir / INDEX).read_text())
         self.rows = {sid: i for i, sid in enumerate(ids)}
         self._arrays: dict[str, np.ndarray] | None = None
         self._seeds: np.ndarray | None = None
         self._pid = -1
+
+    def _verify(self) -> None:
+        """Compare every file with the checksum recorded when it was written: overwritten bytes
+        in a dense map would otherwise train silently, a truncated array fail mid-epoch."""
+        teachers = list(self.fingerprint.get("teacher_files", {}))
+        fix = f"Rebuild it: {rebuild_command(self.dir, teachers or None)}"
+        sums = self.dir / CHECKSUMS
+        if not sums.is_file():
+            raise StaleCacheError(
+                f"teacher cache {self.dir} has no {CHECKSUMS} (written by an older mtkd). {fix}"
+            )
+        for name, want in json.loads(sums.read_text()).items():
+            file = self.dir / name
+            if not file.is_file():
+                raise StaleCacheError(f"teacher cache {self.dir}: {name} is missing. {fix}")
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                raise StaleCacheError(
+                    f"teacher cache {self.dir}: {name} has {size} bytes, {want['bytes']} were "
+                    f"written (truncated or overwritten). {fix}"
+                )
+            if file_sha256(file) != want["sha256"]:
+                raise StaleCacheError(
+                    f"teacher cache {self.dir}: {name} does not match its checksum (damaged). {fix}"
+                )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -168,6 +220,22 @@ class TeacherCache:
     def nbytes_per_sample(self) -> dict[str, int]:
         arrays = self._open()
         return {n: int(a[0].nbytes) for n, a in arrays.items()}
+
+
+def remove_orphans(cache_dir: str | Path) -> list[Path]:
+    """Delete the shard (``.partial-*``), merge (``.tmp-*``) and swap (``.old-*``) folders that
+    interrupted writers left beside ``cache_dir``. Call it holding the cache's lock
+    (``mtkd.locks``): every such folder's writer is then gone."""
+    cache_dir = Path(cache_dir)
+    found = [
+        p
+        for kind in ("partial", "tmp", "old")
+        for p in cache_dir.parent.glob(f".{cache_dir.name}.{kind}-*")
+        if p.is_dir()
+    ]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def run_token() -> str:
@@ -268,6 +336,11 @@ def merge_shards(
             )
             atomic_save_npy(tmp / SEEDS, seeds)
         atomic_write_bytes(tmp / INDEX, json.dumps(ids).encode())
+        sums = {
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+        }
+        atomic_write_bytes(tmp / CHECKSUMS, json.dumps(sums, indent=1).encode())
         atomic_write_bytes(tmp / FINGERPRINT, json.dumps(fingerprint_data, indent=1).encode())
         old = None
         if cache_dir.exists():

@@ -205,6 +205,27 @@ class Task(abc.ABC):
         or loss sweep must reuse the same teacher cache and checkpoints)."""
         return {k: v for k, v in self.describe().items() if k not in self.spec.loss_only}
 
+    def label_problems(
+        self, labels: dict[str, float], masks: set[str], points: dict[str, tuple[float, float]]
+    ) -> list[str] | None:
+        """One sample's raw labels, checked once when the data is loaded (a bad value must not
+        surface mid-epoch or as a NaN metric): None when the sample carries no label for this
+        task, else its problems (empty: fine). ``masks`` are the mask names the sample has;
+        ``points`` are normalised to the image ((0, 0) to (1, 1)). This default checks points
+        and masks; kinds that read ``labels`` override it."""
+        have = [n for n in self.required_points() if n in points]
+        if have:
+            return [
+                f"point {n}={points[n]} (normalised) lies outside the image"
+                for n in have
+                if not all(0 <= v <= 1 for v in points[n])
+            ]
+        if self.required_points():
+            return None
+        if self.required_masks():
+            return [] if masks & set(self.required_masks()) else None
+        return []
+
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda x: x.softmax(dim=1),

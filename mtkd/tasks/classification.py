@@ -64,6 +64,14 @@ class ClassificationTask(Task):
     def empty_target(self, size: int) -> torch.Tensor:
         return torch.tensor(0, dtype=torch.long)
 
+    def label_problems(self, labels, masks, points) -> list[str] | None:
+        value = labels.get(self.label)
+        if value is None:
+            return None
+        if 0 <= value < self.spec.num_classes and value == int(value):  # NaN fails the first test
+            return []
+        return [f"{self.label}={value!r} is not a class index in [0, {self.spec.num_classes})"]
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(pred, target, reduction="none")
         if self.spec.ordinal:

@@ -48,6 +48,15 @@ class MultilabelTask(Task):
     def empty_target(self, size: int) -> torch.Tensor:
         return torch.zeros(self.out_channels)
 
+    def label_problems(self, labels, masks, points) -> list[str] | None:
+        values = {c: labels.get(c) for c in self.spec.classes}
+        missing = [c for c, v in values.items() if v is None]
+        if len(missing) == len(values):
+            return None
+        problems = [f"labels some classes but not {missing}"] if missing else []
+        bad = {c: v for c, v in values.items() if v is not None and not 0 <= v <= 1}
+        return problems + [f"{c}={v!r} is not in [0, 1]" for c, v in bad.items()]
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(dim=1)
 

@@ -58,6 +58,15 @@ class RegressionTask(Task):
     def empty_target(self, size: int) -> torch.Tensor:
         return torch.zeros(self.out_channels)
 
+    def label_problems(self, labels, masks, points) -> list[str] | None:
+        values = {n: labels.get(n) for n in self.label_names}
+        if any(v is None for v in values.values()):
+            return None
+        inf = float("inf")
+        return [
+            f"{n}={v!r} is not a finite number" for n, v in values.items() if not -inf < v < inf
+        ]
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return elementwise_loss(pred, target, self.spec.loss)
 

@@ -1,0 +1,270 @@
+"""Bad inputs and faults that used to lose work or give a silently wrong result (issue 13): each
+is refused before any work with a message naming the input and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_modules.datamodule import load_samples
+from data_modules.manifest import read_manifest, write_manifest
+from mtkd.config import ConfigError, load_config
+from mtkd.kd.cache import StaleCacheError, TeacherCache
+from mtkd.locks import LockedError, directory_lock, lock_path
+from mtkd.modules.checkpoint import read_checkpoint
+from mtkd.stages import cache_teacher, fit, open_checked_cache
+from mtkd.tasks import build_tasks
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.integration
+
+MANIFEST_HEAD = "sample_id,patient_id,split,image,label:dr_grade,label:cdr\n"
+
+
+def _manifest(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "manifest.csv"
+    path.write_text(MANIFEST_HEAD + "".join(r + "\n" for r in rows))
+    return path
+
+
+# -- 5. manifest split values ---------------------------------------------------------------------
+
+
+def test_manifest_split_variants_are_accepted_and_others_refused(tmp_path):
+    rows = [
+        "a,a, Train ,a.png,1,",
+        "b,b,VAL,b.png,1,",
+        "c,c,validation,c.png,1,",
+        "d,d,test ,d.png,",
+    ]
+    splits = [s.split for s in read_manifest(_manifest(tmp_path, rows))]
+    assert splits == ["train", "val", "val", "test"]
+    with pytest.raises(ValueError, match=r"line 3: split='holdout'.*\['test', 'train', 'val'"):
+        read_manifest(_manifest(tmp_path, ["a,a,train,a.png,1,", "b,b,holdout,b.png,1,"]))
+
+
+# -- 2. labels validated when samples are loaded ------------------------------------------------
+
+
+def test_non_finite_manifest_label_is_refused_with_file_line_and_value(tmp_path):
+    with pytest.raises(ValueError, match=r"manifest\.csv line 3: label:cdr='nan' is not a finite"):
+        read_manifest(_manifest(tmp_path, ["a,a,val,a.png,1,0.3", "b,b,val,b.png,1,nan"]))
+
+
+def _manifest_cfg(synth_root, tmp_path, rows_fn):
+    """A copy of the synthetic manifest edited by ``rows_fn(samples)``, as the only source."""
+    samples = read_manifest(synth_root / "manifest.csv")
+    write_manifest(rows_fn(samples), synth_root.parent / f"edited-{tmp_path.name}.csv")
+    over = tiny_overrides(synth_root, tmp_path)
+    over = [o for o in over if not o.startswith("data.sources.synthetic")]
+    source = "{kind: manifest, root: " + str(synth_root.parent / f"edited-{tmp_path.name}.csv")
+    return load_config("teacher", [*over, "~data.sources.synthetic", f"data.sources.m={source}}}"])
+
+
+def test_out_of_range_labels_are_listed_with_sample_row_and_value(synth_root, tmp_path):
+    import dataclasses
+
+    def damage(samples):
+        out = list(samples)
+        out[3] = dataclasses.replace(out[3], labels={**out[3].labels, "dr_grade": 7.0})
+        out[5] = dataclasses.replace(out[5], points={**out[5].points, "fovea": (-40.0, 10.0)})
+        return out
+
+    cfg = _manifest_cfg(synth_root, tmp_path, damage)
+    tasks = build_tasks(dict(cfg.tasks))
+    with pytest.raises(ValueError) as err:
+        load_samples(cfg.data, tasks=tasks)
+    message = str(err.value)
+    assert message.startswith("2 bad label(s)")
+    assert "line 5): task 'dr_grade': dr_grade=7.0 is not a class index in [0, 5)" in message
+    assert "line 7): task 'landmarks': point fovea=" in message and "outside the image" in message
+
+
+# -- 6. a task whose label no source provides -----------------------------------------------------
+
+
+def test_task_without_labels_is_refused_or_named_kd_only(synth_root, tmp_path):
+    cfg = load_config(
+        "teacher", tiny_overrides(synth_root, tmp_path, **{"tasks.cdr.labels": "[cup_ratio]"})
+    )
+    tasks = build_tasks(dict(cfg.tasks))
+    with pytest.raises(
+        ValueError, match=r"task 'cdr': no sample .*'labels': \[.*'cdr'.*~tasks\.cdr"
+    ):
+        load_samples(cfg.data, tasks=tasks)
+    with pytest.warns(UserWarning, match="task 'cdr'.*KD-only"):
+        load_samples(cfg.data, tasks=tasks, teacher_covers=True)
+
+
+# -- 7. numeric ranges ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("kd.alpha=2", r"kd.alpha=2.0 is out of range: it must be in \[0, 1\]"),
+        ("kd.temperature=0", r"kd.temperature=0.0 .* > 0"),
+        ("trainer.max_epochs=0", r"trainer.max_epochs=0 .* >= 1"),
+        ("data.batch_size=-4", r"data.batch_size=-4 .* >= 1"),
+        ("kd.tasks.dr_grade={alpha: 1.5}", r"kd.tasks.dr_grade.alpha=1.5 .* \[0, 1\]"),
+        ("data.val_fraction=0.9", r"val_fraction \+ data.test_fraction = 1.05 .* < 1"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_with_key_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("distill", [override])
+
+
+# -- 3. one writer per directory -----------------------------------------------------------------
+
+
+def test_second_writer_fails_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    with directory_lock(run, "first"):
+        with pytest.raises(LockedError, match=rf"pid {os.getpid()}, started 20\d\d-"):
+            with directory_lock(run, "second"):
+                pass
+    assert not lock_path(run).exists()  # released
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    stale = {"pid": int(dead.stdout), "host": os.uname().nodename, "started": 0, "purpose": "x"}
+    lock_path(run).write_text(json.dumps(stale))
+    with directory_lock(run, "after a kill"):
+        assert json.loads(lock_path(run).read_text())["pid"] == os.getpid()
+
+
+def test_fit_refuses_a_run_directory_in_use(synth_root, tmp_path):
+    cfg = load_config("teacher", tiny_overrides(synth_root, tmp_path))
+    with directory_lock(tmp_path, "another train-teacher"):
+        with pytest.raises(LockedError, match="another train-teacher"):
+            fit(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+# -- 9. safe loading -----------------------------------------------------------------------------
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_never_unpickles_code_even_when_the_environment_allows_it(
+    synth_root, tmp_path, monkeypatch
+):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, crafted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    cfg = load_config("teacher", tiny_overrides(synth_root, tmp_path, **{"run.resume": crafted}))
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        fit(cfg)
+    assert not marker.exists()
+
+
+def test_checkpoint_plugins_are_imported_only_when_named(tmp_path, monkeypatch):
+    (tmp_path / "mtkd_test_plugin_xyz.py").write_text("IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = tmp_path / "plugin.ckpt"
+    torch.save({"hyper_parameters": {"config": {"plugins": ["mtkd_test_plugin_xyz"]}}}, ckpt)
+    with pytest.raises(ConfigError, match="MTKD_PLUGINS=mtkd_test_plugin_xyz mtkd"):
+        read_checkpoint(ckpt)
+    assert "mtkd_test_plugin_xyz" not in sys.modules
+    monkeypatch.setenv("MTKD_PLUGINS", "mtkd_test_plugin_xyz")
+    assert read_checkpoint(ckpt)["hyper_parameters"]["config"]["plugins"] == [
+        "mtkd_test_plugin_xyz"
+    ]
+
+
+# -- 4, 8, 10. the teacher cache -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_and_cache(synth_root, tmp_path_factory):
+    """A tiny teacher and a cache built from it, copied per test."""
+    root = tmp_path_factory.mktemp("cache")
+    teacher = fit(load_config("teacher", tiny_overrides(synth_root, root / "teacher")))
+    cfg = load_config("distill", [*tiny_overrides(synth_root, root), f"cache.teacher=[{teacher}]"])
+    cache_teacher(cfg)
+    return teacher, Path(cfg.kd.cache_dir)
+
+
+def _distill_cfg(synth_root, tmp_path, cache_dir, teacher_ckpt):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    cfg = load_config(
+        "distill", [*tiny_overrides(synth_root, tmp_path), f"cache.teacher=[{teacher_ckpt}]"]
+    )
+    return cfg, copy, build_tasks(dict(cfg.tasks))
+
+
+def test_cache_of_a_retrained_teacher_is_refused_without_kd_teacher(
+    synth_root, tmp_path, teacher_and_cache
+):
+    teacher, cache_dir = teacher_and_cache
+    moved = tmp_path / "teacher.ckpt"
+    shutil.copy(teacher, moved)
+    cfg, copy, tasks = _distill_cfg(synth_root, tmp_path, cache_dir, moved)
+    fp = json.loads((copy / "fingerprint.json").read_text())
+    fp["teacher_files"] = {str(moved): fp["teachers"][0]}  # as if built from the copy
+    (copy / "fingerprint.json").write_text(json.dumps(fp))
+    assert not cfg.kd.teacher
+    open_checked_cache(cfg, tasks)  # same file: accepted
+    ckpt = torch.load(moved, weights_only=True)
+    ckpt["epoch"] += 1  # "retrained": other bytes at the same path
+    torch.save(ckpt, moved)
+    with pytest.raises(StaleCacheError, match="teachers differs"):
+        open_checked_cache(cfg, tasks)
+    moved.unlink()
+    with pytest.raises(StaleCacheError, match="no longer exist.*kd.teacher=<ckpt>"):
+        open_checked_cache(cfg, tasks)
+
+
+def test_damaged_truncated_or_missing_cache_files_are_named_with_the_rebuild_command(
+    synth_root, tmp_path, teacher_and_cache
+):
+    teacher, cache_dir = teacher_and_cache
+    cfg, copy, tasks = _distill_cfg(synth_root, tmp_path, cache_dir, teacher)
+    lesions = copy / "lesions.npy"
+    data = bytearray(lesions.read_bytes())
+    data[-10:] = bytes(255 - b for b in data[-10:])  # overwritten bytes, same size
+    lesions.write_bytes(bytes(data))
+    with pytest.raises(
+        StaleCacheError, match=r"lesions.npy does not match its checksum.*cache-teacher teacher=/"
+    ):
+        TeacherCache(copy, tasks)
+    lesions.write_bytes(bytes(data[:-100]))
+    with pytest.raises(StaleCacheError, match=r"lesions.npy has \d+ bytes, \d+ were written"):
+        TeacherCache(copy, tasks)
+    (copy / "index.json").unlink()
+    with pytest.raises(StaleCacheError, match="index.json is missing"):
+        TeacherCache(copy, tasks)
+    assert np.load(cache_dir / "dr_grade.npy", mmap_mode="r").shape[0] > 0  # original untouched
+
+
+def test_orphan_partial_folders_are_removed_by_the_next_cache_teacher(
+    synth_root, tmp_path, teacher_and_cache
+):
+    teacher, _ = teacher_and_cache
+    cfg = load_config(
+        "distill", [*tiny_overrides(synth_root, tmp_path), f"cache.teacher=[{teacher}]"]
+    )
+    cache_dir = Path(cfg.kd.cache_dir)
+    orphan = cache_dir.parent / f".{cache_dir.name}.partial-deadbeef"
+    orphan.mkdir(parents=True)
+    (orphan / "rank0-view0-batch0.npz").write_bytes(b"half")
+    cache_teacher(cfg)
+    assert not orphan.exists()
+    assert (cache_dir / "fingerprint.json").exists()
