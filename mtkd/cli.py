@@ -126,12 +126,37 @@ def main(argv: list[str] | None = None) -> int:
     args = [a.removeprefix("--") for a in args]
     try:
         resolve(command)(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        if os.environ.get("MTKD_DEBUG"):
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
             raise
-        print(f"mtkd {command}: error: {exc}", file=sys.stderr)
+        print(f"mtkd {command}: error: {explain(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+#: set to 1 for the full traceback instead of the one-line message
+DEBUG_ENV = "MTKD_DEBUG"
+
+
+def explain(exc: Exception) -> str:
+    """A failure as the message a user can act on: mtkd's own errors already name the fix;
+    others get the fix for their kind, or the debug flag."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, MisconfigurationException):
+        return f"Lightning refused the run: {text} (check the trainer.* settings)"
+    if isinstance(exc, OSError) and exc.errno is not None:  # from the system, not from mtkd
+        return (
+            f"{text}. Check that the path exists, is a folder you can write to where one is "
+            "written, and that the disk has space"
+        )
+    if isinstance(exc, (ValueError, LookupError, RuntimeError, ArithmeticError, OSError)):
+        return text  # mtkd's own messages, raised with the fix
+    return (
+        f"unexpected {type(exc).__name__}: {text}. Rerun with {DEBUG_ENV}=1 for the traceback "
+        "and report it"
+    )
 
 
 if __name__ == "__main__":

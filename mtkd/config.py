@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -152,7 +153,12 @@ def _read_yaml(path: Path) -> DictConfig:
     if not path.exists():
         options = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"no config {path.name} in {path.parent}; choose one of {options}")
-    return OmegaConf.load(path)
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
 
 
 def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str], list[str]]:

@@ -117,6 +117,8 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
 def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     """Write model.pt, model.onnx and metadata.json for a checkpoint's network; returns the folder."""
     net, tasks, cfg = load_net(ckpt)
+    if cfg.stage == "teacher":
+        print(f"note: {ckpt} is a teacher checkpoint; exporting the teacher, not a student")
     out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "export"
     names = list(tasks)
     weights = io.BytesIO()

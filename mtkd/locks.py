@@ -64,8 +64,12 @@ def directory_lock(directory: str | Path, purpose: str) -> Iterator[None]:
     if rank_zero_only.rank != 0:
         yield
         return
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"{directory} is a file, not a folder; remove it or choose another folder")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"{directory} is not writable; choose a folder you can write to")
     path = lock_path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     record = {"pid": os.getpid(), "host": host, "started": time.time(), "purpose": purpose}
     empty_reads = 0

@@ -268,3 +268,56 @@ def test_orphan_partial_folders_are_removed_by_the_next_cache_teacher(
     cache_teacher(cfg)
     assert not orphan.exists()
     assert (cache_dir / "fingerprint.json").exists()
+
+
+# -- the message pattern: one line with the fix, MTKD_DEBUG=1 for the traceback -------------------
+
+
+def test_cli_names_yaml_syntax_errors_with_file_line_and_column(tmp_path, monkeypatch, capsys):
+    from mtkd.cli import main
+    from mtkd.config import experiments_dir
+
+    tree = tmp_path / "experiments"
+    shutil.copytree(experiments_dir(), tree)
+    (tree / "teacher.yaml").write_text((tree / "teacher.yaml").read_text() + "broken: [1, 2\n")
+    monkeypatch.setenv("MTKD_EXPERIMENTS", str(tree))
+    assert main(["train-teacher"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tree / 'teacher.yaml'}:" in err and "YAML syntax error" in err
+    assert "Traceback" not in err
+
+
+def test_cli_refuses_a_file_shaped_run_dir_before_work(synth_root, tmp_path, capsys):
+    from mtkd.cli import main
+
+    (tmp_path / "run").write_text("not a folder")
+    assert (
+        main(
+            [
+                "train-teacher",
+                *tiny_overrides(synth_root, tmp_path, **{"run.dir": tmp_path / "run"}),
+            ]
+        )
+        == 2
+    )
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_cli_turns_any_failure_into_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    import mtkd.cli as cli
+
+    def broken(args):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(cli, "resolve", lambda command: broken)
+    assert cli.main(["synth"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mtkd synth: error: unexpected TypeError: boom. Rerun with MTKD_DEBUG=1 for the traceback "
+        "and report it"
+    )
+    monkeypatch.setattr(cli, "resolve", lambda command: lambda a: open("/nonexistent/x", "w"))
+    assert cli.main(["synth"]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    monkeypatch.setenv("MTKD_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["synth"])
