@@ -143,3 +143,42 @@ def test_heatmap_teacher_learns_points_on_one_batch(tiny):
         losses["landmarks"].backward()
         opt.step()
     assert error() < 0.5 * start, (start, error())
+
+
+@pytest.mark.integration
+def test_pretrained_heatmap_checkpoint_exports_and_predicts_points(tiny, tmp_path, synth_root):
+    """A packaged-weights teacher with a heatmap head: export writes points (not heatmaps) and
+    the encoder's normalisation; ONNX matches torch; predict gives points in image pixels."""
+    import json
+
+    import onnxruntime as ort
+
+    from mtkd.config import load_config
+    from mtkd.export import export
+    from mtkd.modules.checkpoint import load_net
+    from mtkd.predict import predict
+    from mtkd.stages import fit
+
+    overrides = tiny(
+        **{
+            "tasks.landmarks.head": "heatmap",
+            "model.encoder": "tu-tf_efficientnet_lite0",
+            "model.encoder_weights": "packaged",
+        }
+    )
+    best = fit(load_config("teacher", overrides))
+    out = export(best, tmp_path / "export")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["input"]["mean"] == [0.5, 0.5, 0.5] and meta["input"]["std"] == [0.5, 0.5, 0.5]
+    assert meta["tasks"]["landmarks"]["shape"] == ["batch", 2, 2]
+    net, tasks, _ = load_net(best)
+    image = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = tasks["landmarks"].activate(net(image)["landmarks"])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip(meta["outputs"], session.run(None, {"image": image.numpy()})))
+    assert torch.allclose(torch.from_numpy(got["landmarks"]), expected, atol=1e-4)
+    photo = sorted((synth_root / "images").iterdir())[0]
+    result = predict(best, photo, tmp_path / "pred")["predictions"][0]["tasks"]["landmarks"]
+    assert set(result["points"]) == {"optic_disc", "fovea"}
+    assert all(0 <= p["x"] <= 128 and 0 <= p["y"] <= 128 for p in result["points"].values())
