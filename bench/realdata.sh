@@ -21,35 +21,6 @@ step() {  # run a command and print its wall time
   echo "[realdata] $((SECONDS - start)) s: $*"
 }
 
-joint_accuracy() {  # checkpoint: IDRiD's challenge score, DR and DME grades both right
-  .venv/bin/python - "$1" <<'PY'
-import sys
-
-import torch
-from omegaconf import OmegaConf
-
-from data_modules.datamodule import FundusDataModule
-from mtkd.modules.checkpoint import read_checkpoint
-from mtkd.stages import STAGE_MODULES
-
-ckpt = sys.argv[1]
-config = read_checkpoint(ckpt)["hyper_parameters"]["config"]
-module = STAGE_MODULES[config["stage"]].load_from_checkpoint(
-    ckpt, map_location="cpu", weights_only=True, config=config
-)
-module.eval()
-right = total = 0
-with torch.no_grad():
-    for batch in FundusDataModule(OmegaConf.create(config).data, module.tasks).test_dataloader():
-        outputs = module(batch["image"])
-        both = torch.ones(len(batch["image"]), dtype=torch.bool)
-        for task in ("dr_grade", "dme_risk"):
-            both &= outputs[task].argmax(dim=1) == batch["targets"][task]
-        right, total = right + int(both.sum()), total + len(both)
-print(f"{ckpt}: joint DR+DME test accuracy {right / total:.4f} ({right}/{total})")
-PY
-}
-
 pipeline() {  # dataset teacher_epochs student_epochs [overrides for every stage...]
   local name=$1 teacher_epochs=$2 student_epochs=$3
   shift 3
@@ -65,6 +36,8 @@ pipeline() {  # dataset teacher_epochs student_epochs [overrides for every stage
     "trainer.max_epochs=$student_epochs" optim.lr=0.003
   step $MTKD distill "${common[@]}" kd=none "run.dir=$dir/student_nokd" \
     "trainer.max_epochs=$student_epochs" optim.lr=0.003
+  # evaluate also reports IDRiD's joint DR+DME accuracy (test/dr_grade+dme_risk/joint_acc)
+  # whenever the checkpoint has both tasks (mtkd/evaluation.py, JOINT_DEFAULTS).
   for stage in teacher student student_nokd; do
     step $MTKD evaluate "ckpt=$dir/$stage/checkpoints/best.ckpt" split=test
   done
@@ -76,12 +49,7 @@ for target in "$@"; do
     # 64 px (28 px upsampled); checkpoint on validation AUC, as MedMNIST selects its models.
     retinamnist) pipeline retinamnist 15 15 run.monitor=val/dr_grade/auroc ;;
     # 128 px FOV crops; checkpoint on the summed validation loss of the three tasks.
-    idrid)
-      pipeline idrid 10 15
-      for stage in teacher student student_nokd; do
-        joint_accuracy "$OUT/idrid/$stage/checkpoints/best.ckpt"
-      done
-      ;;
+    idrid) pipeline idrid 10 15 ;;
     bench) step .venv/bin/python bench/bench_preprocess.py ;;
     *) echo "unknown target $target: use retinamnist, idrid or bench" >&2; exit 2 ;;
   esac

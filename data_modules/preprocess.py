@@ -28,12 +28,14 @@ FOV_THRESHOLD = 20
 @dataclass
 class Prepared:
     """A sample at the working resolution. Points are normalised to [0,1]; ``pixel_scale`` is the
-    width and height, in original pixels, of the region the normalised coordinates span."""
+    width and height, in original pixels, of the region the normalised coordinates span; ``box``
+    is that region (x0, y0, width, height), which ``uncrop`` maps predictions back through."""
 
     image: np.ndarray
     masks: dict[str, np.ndarray]
     points: dict[str, tuple[float, float]]
     pixel_scale: tuple[float, float]
+    box: tuple[int, int, int, int]
 
 
 def original_size(ref: str) -> tuple[int, int]:
@@ -45,11 +47,16 @@ def original_size(ref: str) -> tuple[int, int]:
         return img.size
 
 
+def fov_region(image: np.ndarray) -> np.ndarray:
+    """H x W bool: the pixels bright enough to lie inside the field of view."""
+    return image.max(axis=2) > FOV_THRESHOLD
+
+
 def fov_box(image: np.ndarray) -> tuple[int, int, int, int]:
     """Square box (x0, y0, side, side) around the bright field of view; may extend past the
     image, where it is padded with black. Falls back to the whole image when nothing is dark."""
     h, w = image.shape[:2]
-    bright = image.max(axis=2) > FOV_THRESHOLD
+    bright = fov_region(image)
     rows = np.flatnonzero(bright.mean(axis=1) > 0.02)
     cols = np.flatnonzero(bright.mean(axis=0) > 0.02)
     if len(rows) == 0 or len(cols) == 0:
@@ -72,6 +79,30 @@ def crop_resize(
     if sx1 > sx0 and sy1 > sy0:
         canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
     return np.asarray(Image.fromarray(canvas).resize((size, size), resample))
+
+
+def uncrop(maps: np.ndarray, box: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
+    """The inverse of ``crop_resize`` for float maps: C x size x size at the working resolution
+    -> C x ``height`` x ``width`` on the original pixel grid, bilinear. Pixel centres map onto
+    pixel centres (the convention of PIL's resize); past the box's edge the edge values
+    continue (those pixels lie outside the field of view, which evaluation leaves out)."""
+    x0, y0, bw, bh = box
+    sx, sy = maps.shape[2] / bw, maps.shape[1] / bh
+    # original pixel x (centre x + 0.5) -> map pixel (x + 0.5 - x0) * sx - 0.5
+    to_map = np.array([[sx, 0, (0.5 - x0) * sx - 0.5], [0, sy, (0.5 - y0) * sy - 0.5]])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    return np.stack(
+        [
+            cv2.warpAffine(
+                m.astype(np.float32),
+                to_map,
+                (width, height),
+                flags=flags,
+                borderMode=cv2.BORDER_REPLICATE,
+            )
+            for m in maps
+        ]
+    )
 
 
 def enhance(image: np.ndarray, clahe: bool, local_mean: bool) -> np.ndarray:
@@ -125,7 +156,7 @@ class Preprocessor:
         image, masks, box = self._pixels(sample, names)
         x0, y0, bw, bh = box
         points = {k: ((x - x0) / bw, (y - y0) / bh) for k, (x, y) in sample.points.items()}
-        return Prepared(image, masks, points, (float(bw), float(bh)))
+        return Prepared(image, masks, points, (float(bw), float(bh)), box)
 
     def _pixels(self, sample: Sample, names: list[str]):
         if self.cache_dir is None:

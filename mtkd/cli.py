@@ -15,7 +15,8 @@ commands:
   train-teacher  train the multi-task teacher            (experiments/teacher.yaml + overrides)
   cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...])
   distill        train the student with KD               (experiments/distill.yaml + overrides)
-  evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE])
+  evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE]
+                 [resolution=working|original] [joint=TASK,TASK ... | joint=none])
   demo           teacher, cache, student, no-KD baseline, evaluation, report  ([runs=DIR] + overrides)
   report         markdown + figures from evaluated runs  (teacher=DIR student=DIR baseline=DIR out=DIR)
   export         student-only weights, ONNX and metadata  (ckpt=PATH [out=DIR])
@@ -89,9 +90,11 @@ def cmd_evaluate(args: list[str]) -> None:
     ckpt, rest = _take(args, "ckpt")
     split, rest = _take(rest, "split")
     out, rest = _take(rest, "out")
+    resolution, rest = _take(rest, "resolution")
+    joint, rest = _take(rest, "joint", many=True)
     if not ckpt:
         raise ValueError("evaluate needs ckpt=<path/to/checkpoint.ckpt>")
-    evaluate(ckpt, split or "test", rest, out)
+    evaluate(ckpt, split or "test", rest, out, resolution or "working", joint or None)
 
 
 #: command -> "module:function"; each function takes the remaining ``key=value`` arguments.

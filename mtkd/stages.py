@@ -205,13 +205,27 @@ def cache_teacher(cfg: DictConfig) -> Path:
 
 
 def evaluate(
-    ckpt: str, split: str, overrides: list[str], out: str | None = None
+    ckpt: str,
+    split: str,
+    overrides: list[str],
+    out: str | None = None,
+    resolution: str = "working",
+    joint: list[str] | None = None,
 ) -> dict[str, float]:
-    """Test a teacher or student checkpoint on a split; print a table and write metrics JSON."""
+    """Test a teacher or student checkpoint on a split; print a table and write metrics JSON.
+
+    ``resolution="original"`` scores segmentation on the original photographs' pixels inside the
+    field of view (into ``metrics_<split>_original.json``); ``joint`` names classification task
+    groups for joint accuracy (default: IDRiD's DR + DME when present). See ``mtkd.evaluation``."""
     from mtkd.config import apply_overrides
+    from mtkd.evaluation import RESOLUTIONS, challenge_metrics, joint_groups
 
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
+    if resolution not in RESOLUTIONS:
+        raise ValueError(
+            f"resolution={resolution!r}: evaluate takes resolution=working or resolution=original"
+        )
     saved = read_checkpoint(ckpt)["hyper_parameters"]["config"]
     cfg = apply_overrides(OmegaConf.create(saved), overrides)
     check_same_tasks(
@@ -223,6 +237,7 @@ def evaluate(
     )
     if isinstance(module, StudentModule):
         module.kd_mode = "none"  # evaluation never needs the teacher
+    groups = joint_groups(module.tasks, joint)
     dm = FundusDataModule(cfg.data, module.tasks)
     logger = make_logger(cfg, Path(ckpt).parent.parent, job_type="evaluate")
     trainer = make_trainer(cfg, None, logger_callbacks(cfg, logger), logger)
@@ -230,8 +245,13 @@ def evaluate(
     results = run(module, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
-        print_metrics(metrics, f"{cfg.stage} on {split} ({ckpt})")
-        target = Path(out) if out else Path(ckpt).parent.parent / f"metrics_{split}.json"
+        device = trainer.strategy.root_device
+        metrics.update(challenge_metrics(module, dm, split, resolution, groups, device))
+        working = resolution == "working"
+        where = split if working else f"{split}, original resolution"
+        print_metrics(metrics, f"{cfg.stage} on {where} ({ckpt})")
+        name = f"metrics_{split}.json" if working else f"metrics_{split}_original.json"
+        target = Path(out) if out else Path(ckpt).parent.parent / name
         write_metrics(target, str(ckpt), split, metrics)
         print(f"metrics written to {target}")
     return metrics

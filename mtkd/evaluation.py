@@ -1,0 +1,239 @@
+"""Evaluation the way the challenges score it: ``mtkd evaluate resolution=original joint=...``.
+
+Validation during training and the default ``resolution=working`` score segmentation on the
+FOV-cropped square at the working resolution: fast, and enough to choose checkpoints. Challenges
+(IDRiD lesions, DRIVE and CHASE_DB1 vessels) score the original photograph's pixels inside its
+field of view, so ``resolution=original`` maps each predicted probability map back through its
+crop box onto that grid (``data_modules.preprocess.uncrop``) and scores it there, one image at a
+time. Joint accuracy counts an image right only when several classification tasks are all right on
+it: IDRiD's DR + DME grading score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryF1Score,
+    BinaryJaccardIndex,
+)
+
+from data_modules.datamodule import FundusDataModule
+from data_modules.io import load_image, load_mask
+from data_modules.preprocess import fov_region, original_size, uncrop
+from data_modules.samples import Sample
+from mtkd.tasks import ClassificationTask, SegmentationTask, Task
+
+RESOLUTIONS = ("working", "original")
+#: the mask name under which the DRIVE and CHASE_DB1 adapters give each image's field of view
+FOV_MASK = "fov"
+#: threshold bins of the AUPR / AUROC curves (torchmetrics ``thresholds=``)
+CURVE_BINS = 200
+#: the metrics a class without foreground pixels leaves undefined
+CURVES = ("aupr", "auroc")
+#: task groups scored jointly when ``joint=`` is not given and the checkpoint has all their tasks:
+#: IDRiD's challenge grading score (Porwal et al., Med. Image Anal. 2020), both grades right
+JOINT_DEFAULTS: tuple[tuple[str, ...], ...] = (("dr_grade", "dme_risk"),)
+
+
+class _BinnedCurve:
+    """Fills torchmetrics' ``thresholds=`` state, one 2 x 2 confusion matrix per threshold (memory
+    independent of the pixel count), with one bucketize and one bincount. torchmetrics' own update
+    passes over the pixels once per threshold: ~15 s per class for one 4288 x 2848 photograph at
+    100 thresholds on one CPU thread."""
+
+    thresholds: torch.Tensor
+    confmat: torch.Tensor
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        above = torch.bucketize(preds, self.thresholds, right=True)  # thresholds <= p
+        bins = len(self.thresholds) + 1
+        counts = torch.bincount(above * 2 + target.long(), minlength=2 * bins).view(bins, 2)
+        # positive at threshold i: p >= thresholds[i], i.e. above > i; columns: target 0, 1
+        positive = counts.flip(0).cumsum(0).flip(0)[1:]
+        total = counts.sum(0)
+        self.confmat[:, 1, 1] += positive[:, 1]
+        self.confmat[:, 0, 1] += positive[:, 0]
+        self.confmat[:, 1, 0] += total[1] - positive[:, 1]
+        self.confmat[:, 0, 0] += total[0] - positive[:, 0]
+
+
+class BinnedAveragePrecision(_BinnedCurve, BinaryAveragePrecision):
+    """AUPR (average precision) from binned thresholds, in bounded memory."""
+
+
+class BinnedAUROC(_BinnedCurve, BinaryAUROC):
+    """Pixel AUROC from binned thresholds, in bounded memory."""
+
+
+class MaskScores:
+    """Per class, over every pixel of every image seen (pooled, as the challenges rank): Dice and
+    IoU of the mask thresholded at 0.5 (probability > 0.5, torchmetrics' rule, as in validation),
+    AUPR (average precision, IDRiD's lesion ranking) and pixel AUROC. The curves use
+    ``BinnedAveragePrecision`` / ``BinnedAUROC`` with ``CURVE_BINS`` thresholds, so memory does not
+    grow with the images; a class without any foreground pixel has no curve (NaN). Plain names
+    (``dice``) are means over the classes that have a value."""
+
+    def __init__(self, classes: list[str], bins: int = CURVE_BINS) -> None:
+        self.classes = classes
+        self.images = 0  # labeled images scored
+        self.positives = [0] * len(classes)  # foreground pixels per class
+        # One process scores the whole split (see ``challenge_metrics``): never sync ranks.
+        common = {"validate_args": False, "sync_on_compute": False}
+        self.metrics = [
+            {
+                "dice": BinaryF1Score(**common),
+                "iou": BinaryJaccardIndex(**common),
+                "aupr": BinnedAveragePrecision(thresholds=bins, **common),
+                "auroc": BinnedAUROC(thresholds=bins, **common),
+            }
+            for _ in classes
+        ]
+
+    def update(self, index: int, prob: torch.Tensor, target: torch.Tensor) -> None:
+        """Class ``index``: probabilities and {0,1} labels of the same pixels, any shape."""
+        self.positives[index] += int(target.sum())
+        for metric in self.metrics[index].values():
+            metric.update(prob.flatten(), target.flatten())
+
+    def compute(self) -> dict[str, float]:
+        out = {}
+        for name, metrics, positives in zip(self.classes, self.metrics, self.positives):
+            for key, metric in metrics.items():
+                undefined = key in CURVES and not positives
+                out[f"{key}_{name}"] = math.nan if undefined else float(metric.compute())
+        for key in self.metrics[0]:
+            values = [v for c in self.classes if not math.isnan(v := out[f"{key}_{c}"])]
+            out[key] = sum(values) / len(values) if values else math.nan
+        return out
+
+
+def original_masks(sample: Sample, classes: list[str]) -> np.ndarray | None:
+    """C x H x W {0,1} label masks at the original resolution. As ``SegmentationTask.target``
+    reads them: an absent class is empty, a sample with none of the classes is unlabeled (None)."""
+    if not any(c in sample.masks for c in classes):
+        return None
+    width, height = original_size(sample.image)
+    empty = np.zeros((height, width), np.uint8)
+    return np.stack([load_mask(sample.masks[c]) if c in sample.masks else empty for c in classes])
+
+
+def field_of_view(sample: Sample) -> np.ndarray:
+    """H x W bool: the dataset's FOV mask when it ships one (DRIVE, CHASE_DB1), else the bright
+    region of the photograph (the rule ``fov_box`` crops around)."""
+    if FOV_MASK in sample.masks:
+        return load_mask(sample.masks[FOV_MASK]).astype(bool)
+    return fov_region(load_image(sample.image))
+
+
+def score_original(
+    scores: MaskScores, prob: np.ndarray, sample: Sample, box: tuple[int, int, int, int]
+) -> None:
+    """Map one sample's C x s x s probabilities back through its crop ``box`` onto the original
+    grid and score the pixels inside the field of view; one class at a time, so a 4288 x 2848
+    photograph needs ~50 MB per map. Unlabeled samples are skipped."""
+    target = original_masks(sample, scores.classes)
+    if target is None:
+        return
+    scores.images += 1
+    fov = field_of_view(sample)
+    height, width = fov.shape
+    for index, plane in enumerate(prob):
+        full = uncrop(plane[None], box, width, height)[0]
+        scores.update(index, torch.from_numpy(full[fov]), torch.from_numpy(target[index][fov]))
+
+
+class JointAccuracy:
+    """Fraction of the images labeled for every task of ``group`` on which every task's
+    predicted class (argmax) is right."""
+
+    def __init__(self, group: tuple[str, ...]) -> None:
+        self.group = group
+        self.key = f"{'+'.join(group)}/joint_acc"
+        self.right = 0
+        self.total = 0
+
+    def update(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        has: dict[str, torch.Tensor],
+    ) -> None:
+        labeled = torch.stack([has[n] for n in self.group]).all(dim=0)
+        right = torch.stack([outputs[n].argmax(dim=1) == targets[n] for n in self.group])
+        self.right += int((right.all(dim=0) & labeled).sum())
+        self.total += int(labeled.sum())
+
+    def compute(self) -> float:
+        return self.right / self.total if self.total else math.nan
+
+
+def joint_groups(tasks: dict[str, Task], requested: list[str] | None) -> list[tuple[str, ...]]:
+    """The task groups to score jointly: one per ``joint=a,b`` argument; ``joint=none`` for none;
+    without the argument, each of ``JOINT_DEFAULTS`` whose tasks the checkpoint has."""
+    names = [n for n, t in tasks.items() if isinstance(t, ClassificationTask)]
+    if requested is None:
+        return [g for g in JOINT_DEFAULTS if set(g) <= set(names)]
+    if requested == ["none"]:
+        return []
+    groups = []
+    for item in requested:
+        group = tuple(n for n in item.split(",") if n)
+        if len(set(group)) < 2 or not set(group) <= set(names):
+            raise ValueError(
+                f"joint={item}: name two or more of the checkpoint's classification tasks, "
+                f"comma-separated ({', '.join(names) or 'it has none'}), or joint=none"
+            )
+        groups.append(group)
+    return groups
+
+
+@torch.inference_mode()
+def challenge_metrics(
+    module: torch.nn.Module,
+    dm: FundusDataModule,
+    split: str,
+    resolution: str,
+    joint: list[tuple[str, ...]],
+    device: torch.device,
+) -> dict[str, float]:
+    """``<split>/<task>/<metric>`` for every segmentation task at the original resolution (when
+    ``resolution="original"``) and ``<split>/<a>+<b>/joint_acc`` per joint group, from one pass
+    over the split in this process: under DDP rank 0 runs it alone, so each sample counts once."""
+    tasks = module.tasks
+    scores = {
+        n: MaskScores(list(t.spec.classes))
+        for n, t in tasks.items()
+        if resolution == "original" and isinstance(t, SegmentationTask)
+    }
+    joints = [JointAccuracy(g) for g in joint]
+    if not scores and not joints:
+        return {}
+    dataset = dm.dataset(split)
+    samples = {s.sample_id: s for s in dataset.samples}
+    loader = DataLoader(dataset, batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers)
+    module.to(device).eval()
+    for batch in loader:
+        outputs = {k: v.float().cpu() for k, v in module(batch["image"].to(device)).items()}
+        for accuracy in joints:
+            accuracy.update(outputs, batch["targets"], batch["has"])
+        for name, task_scores in scores.items():
+            probs = tasks[name].activate(outputs[name]).numpy()
+            for prob, sample_id, has in zip(probs, batch["sample_id"], batch["has"][name]):
+                if has:
+                    sample = samples[sample_id]
+                    box = dm.preprocessor(sample, dataset.mask_names).box
+                    score_original(task_scores, prob, sample, box)
+    metrics = {
+        f"{split}/{name}/{key}": value
+        for name, task_scores in scores.items()
+        if task_scores.images
+        for key, value in task_scores.compute().items()
+    }
+    metrics.update({f"{split}/{a.key}": a.compute() for a in joints if a.total})
+    return metrics
