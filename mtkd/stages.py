@@ -172,7 +172,9 @@ def cache_teacher(cfg: DictConfig) -> Path:
     """Predict every training sample (labeled and unlabeled) with the teacher(s) and write the
     cache. Under DDP each rank writes shards; rank 0 merges after a barrier."""
     ensemble = TeacherEnsemble(
-        list(cfg.cache.teacher), OmegaConf.to_container(cfg.tasks, resolve=True)
+        list(cfg.cache.teacher),
+        OmegaConf.to_container(cfg.tasks, resolve=True),
+        input_norm=(tuple(cfg.data.mean), tuple(cfg.data.std)),
     )
     tasks = ensemble.tasks
     storage = CacheStorage(cfg.cache.dense_size, cfg.cache.dense_dtype, cfg.cache.logits_dtype)
