@@ -328,6 +328,8 @@ def validate(cfg: DictConfig) -> None:
         "optim.lr": (lambda v: v > 0, "> 0"),
         "optim.weight_decay": at_least(0),
         "optim.warmup_epochs": at_least(0),
+        "optim.encoder_lr_mult": (lambda v: v > 0, "> 0 (freeze with optim.freeze_encoder_epochs)"),
+        "optim.freeze_encoder_epochs": at_least(0),
         "cache.dense_size": at_least(1),
         "cache.views": at_least(0),
         "trainer.max_epochs": at_least(1),

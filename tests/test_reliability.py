@@ -116,6 +116,8 @@ def test_task_without_labels_is_refused_or_named_kd_only(synth_root, tmp_path):
         ("data.batch_size=-4", r"data.batch_size=-4 .* >= 1"),
         ("kd.tasks.dr_grade={alpha: 1.5}", r"kd.tasks.dr_grade.alpha=1.5 .* \[0, 1\]"),
         ("data.val_fraction=0.9", r"val_fraction \+ data.test_fraction = 1.05 .* < 1"),
+        ("optim.encoder_lr_mult=0", r"optim.encoder_lr_mult=0.0 .* > 0"),
+        ("optim.freeze_encoder_epochs=-1", r"optim.freeze_encoder_epochs=-1 .* >= 0"),
     ],
 )
 def test_numbers_out_of_range_are_refused_with_key_and_range(override, message):
