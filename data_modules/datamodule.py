@@ -80,6 +80,8 @@ def load_samples(
         samples = load_splits(samples, data_cfg.split_file)
     elif data_cfg.split_file:
         save_splits(samples, data_cfg.split_file)
+    # After the split file, which covers every sample of the sources, bad images included.
+    samples = drop_bad_images(samples, data_cfg)
     if run_dir is not None:
         save_splits(samples, Path(run_dir) / "splits.json")
     if data_cfg.label_fraction < 1.0:
@@ -125,6 +127,31 @@ def check_labels(samples: list[Sample], tasks: dict[str, Task], teacher_covers: 
             f"task at one of these names, rename with data.sources.<source>.label_map, or drop "
             f"it with ~tasks.{name}"
         )
+
+
+def drop_bad_images(samples: list[Sample], data_cfg: Any) -> list[Sample]:
+    """Decode every image once before any work (``Preprocessor.bad_images``, cached with the
+    preprocessing): with ``data.on_bad_image=error`` every bad file is listed at once with its
+    sample; with ``skip`` each is warned about, with the count, and its sample left out."""
+    pp = data_cfg.preprocess
+    bad = Preprocessor(data_cfg.image_size, cache_dir=pp.cache_dir).bad_images(samples)
+    if not bad:
+        return samples
+    lines = "\n".join(
+        f"  {s.sample_id}{f' ({s.origin})' if s.origin else ''}: {bad[s.sample_id]}"
+        for s in samples
+        if s.sample_id in bad
+    )
+    if data_cfg.on_bad_image == "skip":
+        rank_zero_warn(
+            f"data.on_bad_image=skip: leaving out {len(bad)} of {len(samples)} samples whose "
+            f"image cannot be used:\n{lines}"
+        )
+        return [s for s in samples if s.sample_id not in bad]
+    raise ValueError(
+        f"{len(bad)} bad image(s); replace them, remove their samples from the source, or leave "
+        f"them out with data.on_bad_image=skip:\n{lines}"
+    )
 
 
 def _normalised_points(sample: Sample) -> dict[str, tuple[float, float]]:

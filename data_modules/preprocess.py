@@ -23,6 +23,10 @@ from data_modules.samples import Sample
 CACHE_VERSION = 1
 #: pixels darker than this (0-255, max over channels) are outside the field of view
 FOV_THRESHOLD = 20
+#: version of ``Preprocessor.bad_images``'s check: a new one redoes every image
+IMAGE_CHECK = 1
+#: file in the cache folder listing the keys of the images that passed the check
+CHECKED_IMAGES = "checked_images.json"
 
 
 @dataclass
@@ -103,6 +107,30 @@ def uncrop(maps: np.ndarray, box: tuple[int, int, int, int], width: int, height:
             for m in maps
         ]
     )
+
+
+def _file_key(files: list[list[str]], settings: dict[str, Any]) -> str:
+    """Digest of files' paths, sizes and modification times plus ``settings``, the key of
+    everything cached here: an edited file or a changed setting is a miss. Each of ``files`` is
+    [path, *parts inside it] (an .npz image's array and index)."""
+    stats = []
+    for parts in files:
+        st = os.stat(parts[0])
+        stats.append([*parts, st.st_size, st.st_mtime_ns])
+    key = json.dumps({"files": stats, **settings}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def _image_problem(ref: str, draft_size: int) -> str | None:
+    """Why the image ``ref`` cannot be used, or None. The pixels are decoded: only a decode
+    finds a truncated file, whose header reads fine."""
+    if os.path.getsize(ref.split(NPZ_SEPARATOR, 1)[0]) == 0:
+        return f"image file {ref} is empty (0 bytes)"
+    try:
+        load_image(ref, draft_size=draft_size)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        return str(exc.args[0] if exc.args else exc)
+    return None
 
 
 def enhance(image: np.ndarray, clahe: bool, local_mean: bool) -> np.ndarray:
@@ -196,13 +224,37 @@ class Preprocessor:
 
     def _entry_path(self, sample: Sample, names: list[str]) -> Path:
         files = [sample.image.split(NPZ_SEPARATOR)] + [[sample.masks[n]] for n in names]
-        stats = []
-        for parts in files:
-            st = os.stat(parts[0])
-            stats.append([*parts, st.st_size, st.st_mtime_ns])
-        key = json.dumps({"files": stats, "masks": names, **self.settings()}, sort_keys=True)
-        digest = hashlib.sha1(key.encode()).hexdigest()
+        digest = _file_key(files, {"masks": names, **self.settings()})
         return self.cache_dir / digest[:2] / f"{digest}.npz"
+
+    def bad_images(self, samples: list[Sample]) -> dict[str, str]:
+        """sample_id -> why its image cannot be used (missing, empty, not decodable), for every
+        sample at once: a bad file is named before any work instead of failing mid-epoch. JPEGs
+        decode at reduced scale, which is cheap; with a cache folder, the keys of the images that
+        passed are kept in it (keyed like the entries), so an unchanged file is decoded once."""
+        record = self.cache_dir / CHECKED_IMAGES if self.cache_dir else None
+        try:
+            passed = set(json.loads(record.read_text())) if record else set()
+        except (OSError, ValueError):
+            passed = set()  # none yet, or unreadable: check every image again
+        bad: dict[str, str] = {}
+        new = set()
+        for sample in samples:
+            try:
+                key = _file_key([sample.image.split(NPZ_SEPARATOR)], {"check": IMAGE_CHECK})
+            except OSError as exc:
+                bad[sample.sample_id] = f"image file {sample.image}: {exc.strerror or exc}"
+                continue
+            if key in passed:
+                continue
+            problem = _image_problem(sample.image, self.size * 2)
+            if problem is None:
+                new.add(key)
+            else:
+                bad[sample.sample_id] = problem
+        if record is not None and new:
+            atomic_write_bytes(record, json.dumps(sorted(passed | new)).encode())
+        return bad
 
     @staticmethod
     def _read_entry(path: Path, names: list[str]):

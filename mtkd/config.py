@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 GROUPS = ("profile", "data", "model", "tasks", "trainer", "logger", "kd")
@@ -63,6 +63,8 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    #: an image that cannot be decoded: "error" lists every bad one before work, "skip" drops them
+    on_bad_image: str = "error"
 
 
 @dataclass
@@ -99,10 +101,22 @@ class LoggerConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """One entry of ``kd.teachers``: a checkpoint and the tasks it teaches (null: all of its
+    tasks the run has; a list: those; a map: teacher task -> the run's task of another name)."""
+
+    path: str = MISSING
+    tasks: Any = None
+
+
+@dataclass
 class KDConfig:
     mode: str = "cached"
     cache_dir: str = "runs/teacher_cache"
+    #: one teacher with all its tasks (shorthand for kd.teachers=[{path: ...}])
     teacher: str | None = None
+    #: specialist teachers, each with its own task set, image size and normalisation
+    teachers: list[TeacherConfig] = field(default_factory=list)
     alpha: float = 0.5
     temperature: float | None = None
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -303,6 +317,7 @@ def validate(cfg: DictConfig) -> None:
         "logger.kind": (cfg.logger.kind, ("wandb", "wandb_offline", "csv", "none")),
         "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
         "optim.scheduler": (cfg.optim.scheduler, ("cosine", "none")),
+        "data.on_bad_image": (cfg.data.on_bad_image, ("error", "skip")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -312,6 +327,22 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"kd.tasks names unknown tasks {unknown_kd}; tasks are {sorted(cfg.tasks)}"
         )
+    for i, entry in enumerate(cfg.kd.teachers):
+        if OmegaConf.is_missing(entry, "path"):
+            raise ConfigError(f"kd.teachers[{i}] has no path; give {{path: <teacher.ckpt>}}")
+        taught = entry.tasks
+        if taught is not None and not isinstance(taught, ListConfig | DictConfig):
+            raise ConfigError(
+                f"kd.teachers[{i}].tasks={taught!r}: give a list of task names, a map "
+                "teacher_task: run_task, or null for all of the teacher's tasks"
+            )
+        named = sorted(set(taught.values() if isinstance(taught, DictConfig) else taught or []))
+        unknown = [n for n in named if n not in cfg.tasks]
+        if unknown:
+            raise ConfigError(
+                f"kd.teachers[{i}] ({entry.path}) teaches {unknown}, which are not tasks of this "
+                f"run; tasks are {sorted(cfg.tasks)}"
+            )
     # Numbers the schema types but cannot bound: key -> (test, valid range for the message).
     at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")  # noqa: E731
     fraction = (lambda v: 0 <= v < 1, "in [0, 1)")

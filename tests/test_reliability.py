@@ -104,6 +104,65 @@ def test_task_without_labels_is_refused_or_named_kd_only(synth_root, tmp_path):
         load_samples(cfg.data, tasks=tasks, teacher_covers=True)
 
 
+# -- bad images: all named before any work, or skipped --------------------------------------------
+
+
+def _bad_image_cfg(synth_root, tmp_path):
+    """The synthetic manifest with samples 2-5 pointing at a truncated JPEG, a zero-byte PNG,
+    a text file named .jpg and a missing path."""
+    import dataclasses
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+
+    def damage(samples):
+        jpeg = Path(samples[2].image).read_bytes()
+        (bad / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+        (bad / "empty.png").write_bytes(b"")
+        (bad / "text.jpg").write_text("sample_id,label\n")
+        names = ["truncated.jpg", "empty.png", "text.jpg", "missing.jpg"]
+        out = list(samples)
+        for i, name in enumerate(names, start=2):
+            out[i] = dataclasses.replace(out[i], image=str(bad / name))
+        return out
+
+    cfg = _manifest_cfg(synth_root, tmp_path, damage)
+    return cfg, [s.sample_id for s in read_manifest(synth_root / "manifest.csv")[2:6]]
+
+
+def test_bad_images_are_all_named_before_work_or_skipped(synth_root, tmp_path, monkeypatch):
+    import data_modules.preprocess as preprocess
+
+    cfg, bad_ids = _bad_image_cfg(synth_root, tmp_path)
+    tasks = build_tasks(dict(cfg.tasks))
+    with pytest.raises(ValueError) as err:
+        load_samples(cfg.data, tasks=tasks)
+    message = str(err.value)
+    assert message.startswith("4 bad image(s)") and "data.on_bad_image=skip" in message
+    for sample_id, reason in zip(
+        bad_ids, ["is truncated", "is empty (0 bytes)", "cannot identify", "No such file"]
+    ):
+        assert any(sample_id in line and reason in line for line in message.splitlines())
+
+    # Checked once: the 44 good images are remembered; only the bad ones are decoded again.
+    decoded = []
+    load = preprocess.load_image
+    monkeypatch.setattr(
+        preprocess, "load_image", lambda ref, **kw: decoded.append(ref) or load(ref, **kw)
+    )
+    cfg.data.on_bad_image = "skip"
+    with pytest.warns(UserWarning, match=r"leaving out 4 of 48 samples") as warned:
+        kept = load_samples(cfg.data, tasks=tasks)
+    (skipped,) = [str(w.message) for w in warned if "leaving out" in str(w.message)]
+    assert all(i in skipped for i in bad_ids)
+    assert len(kept) == 44 and not set(bad_ids) & {s.sample_id for s in kept}
+    assert sorted(Path(r).name for r in decoded) == ["text.jpg", "truncated.jpg"]
+
+    cfg.trainer.max_epochs = 1
+    with pytest.warns(UserWarning, match="leaving out 4"):
+        assert fit(cfg).is_file()  # trains on the good images
+
+
 # -- 7. numeric ranges ---------------------------------------------------------------------------
 
 
