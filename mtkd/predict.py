@@ -248,7 +248,11 @@ def write_overlay(
 
 @torch.inference_mode()
 def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Predict every image; print a table per image, write predictions.json and overlay PNGs."""
+    """Predict every image; print a table per image, write predictions.json and overlay PNGs.
+
+    An image that cannot be read does not cost the others their results: it is listed, with the
+    reason, under ``unreadable`` in predictions.json and in the printout. Only when no image can
+    be read is it an error (so the command exits non-zero)."""
     files = find_images(images)
     net, tasks, cfg = load_net(ckpt)
     out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "predictions"
@@ -256,9 +260,13 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
     # No disk cache: the photographs may be anywhere, and each is read once.
     preprocessor = Preprocessor(cfg.data.image_size, pp.fov_crop, pp.clahe, pp.local_mean, None)
     normalise = build_transform([], list(cfg.data.mean), list(cfg.data.std))
-    results = []
+    results, unreadable = [], []
     for path in files:
-        prep, origin = prepare(preprocessor, path)
+        try:
+            prep, origin = prepare(preprocessor, path)
+        except ValueError as exc:
+            unreadable.append({"image": str(path), "reason": str(exc)})
+            continue
         batch = normalise(image=prep.image)["image"][None]
         values = {k: v[0] for k, v in activate(tasks, net(batch)).items()}
         fov = torch.from_numpy(prep.image.max(axis=2) > FOV_THRESHOLD)
@@ -282,13 +290,20 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
                 "tasks": summaries,
             }
         )
+    reasons = [entry["reason"] for entry in unreadable]
+    if not results:
+        raise ValueError(f"no image could be read: {'; '.join(reasons)}")
     payload = {
         "checkpoint": str(ckpt),
         "image_size": int(cfg.data.image_size),
         "predictions": results,
+        "unreadable": unreadable,
     }
     atomic_write_bytes(out_dir / "predictions.json", json.dumps(payload, indent=1).encode())
     print(f"\npredictions for {len(results)} image(s) written to {out_dir / 'predictions.json'}")
+    if unreadable:
+        print(f"{len(unreadable)} image(s) could not be read and have no predictions:")
+        print("\n".join(f"  {reason}" for reason in reasons))
     return payload
 
 

@@ -113,6 +113,11 @@ def fit(cfg: DictConfig) -> Path:
     next epoch as if never interrupted."""
     run_dir = Path(cfg.run.dir)
     with directory_lock(run_dir, f"mtkd {cfg.stage} run"):
+        if cfg.run.resume:
+            # Lightning would fail later on, with a dump of the state_dict keys.
+            saved = read_checkpoint(cfg.run.resume)["hyper_parameters"]["config"]["tasks"]
+            specs = OmegaConf.to_container(cfg.tasks, resolve=True)
+            check_same_tasks(saved, specs, f"run.resume={cfg.run.resume}")
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
         module = STAGE_MODULES[cfg.stage](to_container(cfg))
         teacher = None

@@ -331,6 +331,47 @@ def test_orphan_partial_folders_are_removed_by_the_next_cache_teacher(
     assert (cache_dir / "fingerprint.json").exists()
 
 
+# -- predict keeps the good images; resume names the tasks that differ --------------------------
+
+
+def test_predict_writes_the_good_images_and_lists_the_bad_ones(
+    synth_root, tmp_path, teacher_and_cache, capsys
+):
+    from mtkd.cli import main
+    from mtkd.predict import predict
+
+    teacher, _ = teacher_and_cache
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = [Path(s.image) for s in read_manifest(synth_root / "manifest.csv")[:2]]
+    for image in good:
+        shutil.copy(image, photos)
+    jpeg = good[0].read_bytes()
+    (photos / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (photos / "text.jpg").write_text("not an image")
+    payload = predict(teacher, photos, tmp_path / "out")
+    assert len(payload["predictions"]) == 2
+    assert [Path(e["image"]).name for e in payload["unreadable"]] == ["text.jpg", "truncated.jpg"]
+    assert "truncated" in payload["unreadable"][1]["reason"]
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == payload
+    assert "2 image(s) could not be read" in capsys.readouterr().out
+    for image in good:
+        (photos / image.name).unlink()  # only the bad ones left: nothing to write, exit 2
+    assert main(["predict", f"ckpt={teacher}", f"images={photos}", f"out={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no image could be read" in err and "text.jpg" in err and "truncated.jpg" in err
+
+
+def test_resume_with_another_task_set_names_the_tasks_that_differ(
+    synth_root, tmp_path, teacher_and_cache
+):
+    teacher, _ = teacher_and_cache
+    over = [*tiny_overrides(synth_root, tmp_path, **{"run.resume": teacher}), "~tasks.cdr"]
+    with pytest.raises(ValueError, match=r"run.resume=.* \(differing: \['cdr'\]\)"):
+        fit(load_config("teacher", over))
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
 # -- the message pattern: one line with the fix, MTKD_DEBUG=1 for the traceback -------------------
 
 
