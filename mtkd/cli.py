@@ -13,7 +13,8 @@ USAGE = """usage: mtkd <command> [key=value ...]
 commands:
   synth          write the synthetic fundus dataset      (out=DIR n=600 image_size=256 seed=0)
   train-teacher  train the multi-task teacher            (experiments/teacher.yaml + overrides)
-  cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...])
+  cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...], or
+                 a kd.teachers list; teachers may be specialists with their own task sets)
   distill        train the student with KD               (experiments/distill.yaml + overrides)
   evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE]
                  [resolution=working|original] [joint=TASK,TASK ... | joint=none])
@@ -75,13 +76,16 @@ def cmd_distill(args: list[str]) -> None:
 
 
 def cmd_cache_teacher(args: list[str]) -> None:
-    from mtkd.config import load_config
+    from mtkd.config import TeacherConfig, load_config
     from mtkd.stages import cache_teacher
 
     teachers, rest = _take(args, "teacher", many=True)
     if teachers:
         rest.append(f"cache.teacher=[{','.join(teachers)}]")
-    cache_teacher(load_config("distill", rest))
+    cfg = load_config("distill", rest)
+    if teachers and cfg.kd.teachers:  # teacher= adds whole teachers to the configured list
+        cfg.kd.teachers.extend([TeacherConfig(path=t) for t in teachers])
+    cache_teacher(cfg)
 
 
 def cmd_evaluate(args: list[str]) -> None:

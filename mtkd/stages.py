@@ -25,20 +25,19 @@ from mtkd.kd.cache import (
     CacheShardWriter,
     TeacherCache,
     check_fingerprint,
-    expected_teachers,
-    file_sha256,
     fingerprint,
     merge_shards,
+    recorded_teachers,
     remove_orphans,
     run_token,
 )
-from mtkd.kd.ensemble import TeacherEnsemble
+from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
 from mtkd.locks import directory_lock
 from mtkd.logging import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import RngState, SafeCheckpointIO, check_same_tasks, read_checkpoint
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
-from mtkd.tasks import CacheStorage
+from mtkd.tasks import CacheStorage, build_tasks
 
 STAGE_MODULES = {"teacher": TeacherModule, "distill": StudentModule}
 
@@ -157,12 +156,19 @@ def fit(cfg: DictConfig) -> Path:
 
 
 def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:
-    """Open the teacher cache and refuse it unless it describes this run's teacher and data."""
+    """Open the teacher cache and refuse it unless it describes this run's teachers and data:
+    the teachers the run names (kd.teachers, or kd.teacher), else the files the cache recorded,
+    hashed again. Prints which teachers teach which task."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
     storage = cache.fingerprint["storage"]
-    teachers = expected_teachers(cache.fingerprint, cfg.kd.teacher, cfg.kd.cache_dir)
+    named = configured_teachers(cfg.kd.teachers, [cfg.kd.teacher] if cfg.kd.teacher else [])
+    if named:
+        ensemble = TeacherEnsemble(named, to_container(cfg)["tasks"], cfg.data)
+        taught, notes = ensemble.provenance(list(tasks)), ensemble.notes
+    else:
+        taught, notes = recorded_teachers(cache.fingerprint, cfg.kd.cache_dir), []
     expected = fingerprint(
-        teachers,
+        {n: taught.get(n, []) for n in tasks},
         tasks,
         cfg.data,
         [s.sample_id for s in load_samples(cfg.data) if s.split == "train"],
@@ -170,18 +176,22 @@ def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:
         int(storage["views"]),
     )
     check_fingerprint(cache.fingerprint, expected, cfg.kd.cache_dir)
+    announce(expected["task_teachers"], notes)
     return cache
 
 
 def cache_teacher(cfg: DictConfig) -> Path:
-    """Predict every training sample (labeled and unlabeled) with the teacher(s) and write the
-    cache. Under DDP each rank writes shards; rank 0 merges after a barrier."""
+    """Predict every training sample (labeled and unlabeled) with the teachers (kd.teachers, else
+    cache.teacher) and write the cache: per task, the teachers that have it; a task none has is
+    left out (the student trains it on labels only). Under DDP each rank writes shards; rank 0
+    merges after a barrier."""
+    run_tasks = to_container(cfg)["tasks"]
     ensemble = TeacherEnsemble(
-        list(cfg.cache.teacher),
-        OmegaConf.to_container(cfg.tasks, resolve=True),
-        input_norm=(tuple(cfg.data.mean), tuple(cfg.data.std)),
+        configured_teachers(cfg.kd.teachers, cfg.cache.teacher), run_tasks, cfg.data
     )
     tasks = ensemble.tasks
+    taught = ensemble.provenance(list(run_tasks))
+    announce(taught, ensemble.notes)
     storage = CacheStorage(cfg.cache.dense_size, cfg.cache.dense_dtype, cfg.cache.logits_dtype)
     views = int(cfg.cache.views)
     dm = FundusDataModule(cfg.data, tasks, predict_views=views)
@@ -197,8 +207,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             train_ids = [s.sample_id for s in dm.split("train")]
-            teachers = {str(Path(p).resolve()): file_sha256(p) for p in cfg.cache.teacher}
-            fp = fingerprint(teachers, tasks, cfg.data, train_ids, storage, views)
+            fp = fingerprint(taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views)
             merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
             summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
             print(

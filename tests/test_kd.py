@@ -149,10 +149,20 @@ def test_half_written_cache_is_never_read(synth_root, tmp_path, teacher_ckpts):
     ]
 
 
-def test_checkpoint_from_another_task_set_is_refused(synth_root, tmp_path, teacher_ckpts):
+def test_teacher_task_the_run_lacks_is_ignored_and_a_differing_one_refused(
+    synth_root, tmp_path, teacher_ckpts, capsys
+):
     cfg = distill_cfg(synth_root, tmp_path, f"cache.teacher=[{teacher_ckpts[0]}]", "~tasks.cdr")
-    with pytest.raises(ValueError, match="trained for tasks .*differing: \\['cdr'\\]"):
-        cache_teacher(cfg)
+    cache_teacher(cfg)
+    assert "task 'cdr' is not a task of this run; ignored" in capsys.readouterr().out
+    assert not (Path(cfg.kd.cache_dir) / "cdr.npy").exists()
+    other = distill_cfg(
+        synth_root, tmp_path, f"cache.teacher=[{teacher_ckpts[0]}]", "tasks.dme_risk.num_classes=4"
+    )
+    with pytest.raises(
+        ValueError, match="defines task 'dme_risk' as .*num_classes': 3.*num_classes': 4"
+    ):
+        cache_teacher(other)
 
 
 def _student_batch(cfg, teacher):

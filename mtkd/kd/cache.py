@@ -3,8 +3,8 @@
 Layout of a cache directory (only ever seen complete: it is assembled under a temporary name
 and renamed into place; ``fingerprint.json`` is written last)::
 
-    fingerprint.json   what produced it (teacher files and hashes, tasks, preprocessing, split,
-                       storage)
+    fingerprint.json   what produced it (per task the teacher files and hashes, tasks,
+                       preprocessing, split, storage)
     checksums.json     sha256 and size of every other file, verified whenever the cache is opened
     index.json         sample ids; position = row in every array
     <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
@@ -34,8 +34,8 @@ from omegaconf import OmegaConf
 from data_modules.io import atomic_save_npy, atomic_write_bytes
 from mtkd.tasks import CacheStorage, Task
 
-#: 2: teacher files recorded and compared always; checksums.json
-FORMAT_VERSION = 2
+#: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task
+FORMAT_VERSION = 3
 FINGERPRINT = "fingerprint.json"
 CHECKSUMS = "checksums.json"
 INDEX = "index.json"
@@ -59,7 +59,7 @@ def _digest(value: Any) -> str:
 
 
 def fingerprint(
-    teachers: dict[str, str],
+    task_teachers: dict[str, list[dict[str, str]]],
     tasks: dict[str, Task],
     data_cfg: Any,
     train_ids: list[str],
@@ -67,18 +67,22 @@ def fingerprint(
     views: int,
 ) -> dict[str, Any]:
     """Everything a cached output depends on, compared part by part by ``check_fingerprint``.
-    ``teachers`` maps each teacher checkpoint's resolved path to its sha256: the paths let a later
-    ``distill`` re-hash the files and notice a retrained teacher even when kd.teacher is unset."""
+    ``task_teachers`` names, for each of the run's ``tasks``, the teacher files that produce it
+    ([{path, sha256, task}], empty when no teacher covers it): a changed teacher invalidates the
+    tasks it taught, and the paths let a later ``distill`` re-hash the files and notice a
+    retrained teacher even when the run names none."""
     pp = data_cfg.preprocess
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
         # Replayed views depend on the augmentation and the library that samples it.
         storage["augment"] = _digest(OmegaConf.to_container(data_cfg.augment, resolve=True))
         storage["albumentations"] = albumentations.__version__
+    files = {f["path"]: f["sha256"] for taught in task_teachers.values() for f in taught}
     return {
         "format_version": FORMAT_VERSION,
-        "teachers": sorted(teachers.values()),
-        "teacher_files": dict(sorted(teachers.items())),
+        "teachers": sorted(set(files.values())),
+        "teacher_files": dict(sorted(files.items())),
+        "task_teachers": dict(sorted(task_teachers.items())),
         "tasks": {name: task.identity() for name, task in sorted(tasks.items())},
         "preprocessing": {
             "image_size": int(data_cfg.image_size),
@@ -93,20 +97,40 @@ def fingerprint(
     }
 
 
+def _taught_by(files: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """What identifies a task's teachers: file contents and the teacher's task, not the path."""
+    return sorted((f["sha256"], f["task"]) for f in files)
+
+
 def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir: str) -> None:
-    """Raise StaleCacheError naming each differing part and the command that rebuilds."""
-    parts = ["format_version", "teachers", "tasks", "preprocessing", "split"]
+    """Raise StaleCacheError naming each differing part (for teachers, the tasks whose teachers
+    changed) and the command that rebuilds."""
+    parts = ["format_version", "tasks", "preprocessing", "split"]
     differing = [p for p in parts if found.get(p) != expected.get(p)]
-    if not differing:
+    have, want = found.get("task_teachers", {}), expected["task_teachers"]
+    retaught = sorted(
+        n
+        for n in set(have) | set(want)
+        if _taught_by(have.get(n, [])) != _taught_by(want.get(n, []))
+    )
+    if not differing and not retaught:
         return
     lines = [f"teacher cache {cache_dir} does not match this run:"]
     for part in differing:
         lines.append(
             f"  - {part} differs: cache has {found.get(part)!r}, this run has {expected.get(part)!r}"
         )
+    if retaught:
+        shown = lambda taught, n: [f"{f['path']} ({f['sha256'][:12]})" for f in taught.get(n, [])]  # noqa: E731
+        lines.append(f"  - teachers differs for tasks {retaught}:")
+        lines += [
+            f"      {n}: cache has {shown(have, n) or 'no teacher'}, this run has "
+            f"{shown(want, n) or 'no teacher'}"
+            for n in retaught
+        ]
     lines.append(
-        f"Rebuild it with the same data/task overrides as this run: {rebuild_command(cache_dir)} "
-        "(or make cache-teacher)"
+        f"Rebuild it with the same data/task/kd.teachers settings as this run: "
+        f"{rebuild_command(cache_dir)} (or make cache-teacher)"
     )
     raise StaleCacheError("\n".join(lines))
 
@@ -116,20 +140,21 @@ def rebuild_command(cache_dir: str | Path, teachers: list[str] | None = None) ->
     return f"mtkd cache-teacher {named} kd.cache_dir={cache_dir}"
 
 
-def expected_teachers(found: dict[str, Any], teacher: str | None, cache_dir: str) -> dict[str, str]:
-    """The teacher files a cache must have been built from: ``teacher`` when the run names one,
-    else the files the cache recorded, hashed again now (a retrained teacher makes it stale)."""
-    if teacher:
-        return {str(Path(teacher).resolve()): file_sha256(teacher)}
-    recorded = found.get("teacher_files", {})
-    gone = [p for p in recorded if not Path(p).is_file()]
+def recorded_teachers(found: dict[str, Any], cache_dir: str) -> dict[str, list[dict[str, str]]]:
+    """The teachers a cache records per task, with each file hashed again now (a retrained
+    teacher makes the tasks it taught stale); for a run that names no teacher."""
+    gone = [p for p in found.get("teacher_files", {}) if not Path(p).is_file()]
     if gone:
         raise StaleCacheError(
             f"teacher cache {cache_dir} was built from {gone}, which no longer exist(s), so it "
-            "cannot be checked against its teacher. Name the teacher with kd.teacher=<ckpt>, or "
-            f"rebuild: {rebuild_command(cache_dir)}"
+            "cannot be checked against its teacher. Name the teacher with kd.teacher=<ckpt> (or "
+            f"kd.teachers), or rebuild: {rebuild_command(cache_dir)}"
         )
-    return {p: file_sha256(p) for p in recorded}
+    now = {sha: (p, file_sha256(p)) for p, sha in found.get("teacher_files", {}).items()}
+    return {
+        task: [{**f, "path": now[f["sha256"]][0], "sha256": now[f["sha256"]][1]} for f in files]
+        for task, files in found.get("task_teachers", {}).items()
+    }
 
 
 class TeacherCache:
@@ -150,7 +175,9 @@ class TeacherCache:
                 f"`mtkd cache-teacher teacher=<teacher.ckpt> kd.cache_dir={self.dir}`."
             )
         self.fingerprint = json.loads(meta.read_text())
-        self.tasks = tasks
+        taught = self.fingerprint.get("task_teachers", {})
+        #: the tasks some teacher covers (the others have no array and train on labels only)
+        self.tasks = {n: t for n, t in tasks.items() if taught.get(n)}
         self.views = int(self.fingerprint["storage"]["views"])
         self._verify()
         ids = json.loads((self.dir / INDEX).read_text())

@@ -1,16 +1,64 @@
-"""One or several frozen teacher checkpoints behind one interface: the cache writer's predict
-module and the online-KD teacher."""
+"""Frozen teacher checkpoints behind one forward: the cache writer's predict module and the
+online-KD teacher.
+
+Teachers may be specialists: each has its own task set, encoder, image size and normalisation.
+Each task of the run is taught by the teachers that have it (averaged by
+``Task.combine_teachers``); each teacher sees the images at its own size and normalisation, and its
+outputs come back at the run's geometry, so the cache and the loader never know it was several.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 from torch import nn
 
+from mtkd.kd.cache import file_sha256
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net
+from mtkd.tasks import Task, build_tasks
+
+#: preprocessing steps that cannot be converted from the image tensor (only said, not undone)
+PREPROCESS_STEPS = ("fov_crop", "clahe", "local_mean")
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """A teacher checkpoint and the tasks it teaches: None (all of its tasks), a list (those),
+    or a map teacher task -> the run's task (a rename)."""
+
+    path: str
+    tasks: list[str] | dict[str, str] | None = None
+
+    def mapping(self, have: Sequence[str]) -> dict[str, str]:
+        """Teacher task -> run task; a named task the checkpoint lacks is an error."""
+        if self.tasks is None:
+            return {n: n for n in have}
+        wanted = dict(self.tasks) if isinstance(self.tasks, dict) else {n: n for n in self.tasks}
+        missing = sorted(set(wanted) - set(have))
+        if missing:
+            raise ValueError(
+                f"teacher {self.path} has no task {missing} (it has {sorted(have)}); fix the "
+                "tasks of its kd.teachers entry"
+            )
+        return wanted
+
+
+def configured_teachers(listed: Any, whole: Sequence[str]) -> list[TeacherEntry]:
+    """The run's teachers: the ``kd.teachers`` list when it has entries, else each checkpoint of
+    ``whole`` (repeated ``teacher=``, ``kd.teacher``) with all its tasks."""
+    if listed:
+        plain = OmegaConf.to_container(listed) if OmegaConf.is_config(listed) else listed
+        return [TeacherEntry(str(e["path"]), e.get("tasks")) for e in plain]
+    return [TeacherEntry(str(p)) for p in whole]
 
 
 class Renormalise(nn.Module):
@@ -30,27 +78,89 @@ class Renormalise(nn.Module):
         return image if self.identity else image * self.scale + self.shift
 
 
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a B x C x H x W batch (antialiased when shrinking, like the
+    preprocessing's own resize); a no-op at the same size."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def assign(
+    entries: Sequence[TeacherEntry],
+    teacher_tasks: Sequence[dict[str, Task]],
+    run_tasks: dict[str, Task] | None,
+) -> tuple[dict[str, list[tuple[int, str]]], list[str]]:
+    """Which teachers teach which run task: ({run task: [(teacher index, teacher task)]}, notes).
+
+    ``run_tasks`` None takes every teacher task. Two teachers (or a teacher and the run) that
+    define one task differently are refused with both definitions."""
+    sources: dict[str, list[tuple[int, str]]] = {}
+    notes = []
+    for i, (entry, tasks) in enumerate(zip(entries, teacher_tasks)):
+        for theirs, ours in entry.mapping(list(tasks)).items():
+            if run_tasks is not None and ours not in run_tasks:
+                notes.append(
+                    f"teacher {entry.path}: task {theirs!r} is not a task of this run; ignored"
+                )
+                continue
+            sources.setdefault(ours, []).append((i, theirs))
+    for ours, taught in sources.items():
+        first, first_task = taught[0]
+        want = teacher_tasks[first][first_task].identity()
+        for i, theirs in taught[1:]:
+            other = teacher_tasks[i][theirs].identity()
+            if other != want:
+                raise ValueError(
+                    f"task {ours!r} is defined differently by teacher {entries[first].path} "
+                    f"({want}) and teacher {entries[i].path} ({other}); use teachers that agree, "
+                    "or take the task from one of them (the tasks of its kd.teachers entry)"
+                )
+        if run_tasks is not None and run_tasks[ours].identity() != want:
+            raise ValueError(
+                f"teacher {entries[first].path} defines task {ours!r} as {want} but this run "
+                f"configures {run_tasks[ours].identity()}; configure the task as the teacher was "
+                "trained, or leave it out of that teacher's kd.teachers entry"
+            )
+    return sources, notes
+
+
 class TeacherEnsemble(L.LightningModule):
     def __init__(
         self,
-        checkpoints: list[str],
-        expected_tasks: dict[str, Any] | None = None,
-        input_norm: Normalisation | None = None,
+        teachers: Sequence[str | TeacherEntry],
+        run_tasks: dict[str, Any] | None = None,
+        data: Any | None = None,
     ) -> None:
-        """``input_norm``: the (mean, std) the images arrive with; each teacher gets them in its
-        own checkpoint's normalisation."""
+        """``run_tasks``: the run's task specs (None: every teacher task); ``data``: the run's
+        data config, whose normalisation the images arrive in (None: each teacher's own)."""
         super().__init__()
-        if not checkpoints:
+        if not teachers:
             raise ValueError("no teacher checkpoint given; pass teacher=<path/to/teacher.ckpt>")
-        loaded = [load_net(p, expected_tasks) for p in checkpoints]
+        self.entries = [
+            t if isinstance(t, TeacherEntry) else TeacherEntry(str(t)) for t in teachers
+        ]
+        loaded = [load_net(e.path) for e in self.entries]
+        wanted = build_tasks(run_tasks) if run_tasks is not None else None
+        self.sources, self.notes = assign(self.entries, [t for _, t, _ in loaded], wanted)
+        self.teacher_tasks = [tasks for _, tasks, _ in loaded]
+        #: the run's tasks some teacher teaches (what is cached); the others train on labels only
+        self.tasks = {
+            ours: wanted[ours] if wanted else self.teacher_tasks[i][theirs]
+            for ours, [(i, theirs), *_] in self.sources.items()
+        }
+        if not self.tasks:
+            raise ValueError(
+                f"the teachers {[e.path for e in self.entries]} teach none of this run's tasks "
+                f"{sorted(wanted or {})}; pass teachers trained for them"
+            )
         self.nets = nn.ModuleList([net for net, _, _ in loaded])
-        self.tasks = loaded[0][1]
-        self.inputs = nn.ModuleList(
-            [
-                Renormalise(input_norm or own, own)
-                for own in ((tuple(c.data.mean), tuple(c.data.std)) for _, _, c in loaded)
-            ]
-        )
+        self.sizes = [int(c.data.image_size) for _, _, c in loaded]
+        own = [(tuple(c.data.mean), tuple(c.data.std)) for _, _, c in loaded]
+        given = [(tuple(data.mean), tuple(data.std)) if data is not None else o for o in own]
+        self.inputs = nn.ModuleList([Renormalise(g, o) for g, o in zip(given, own)])
+        if data is not None:
+            self.notes += preprocessing_notes(self.entries, [c for _, _, c in loaded], data)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -61,11 +171,70 @@ class TeacherEnsemble(L.LightningModule):
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = [net(renorm(image)) for net, renorm in zip(self.nets, self.inputs)]
-        return {
-            name: task.combine_teachers([task.teacher_output(r[name]) for r in raw])
-            for name, task in self.tasks.items()
-        }
+        """Teacher outputs for the run's covered tasks, dense maps at the input's size."""
+        size = tuple(image.shape[-2:])
+        raw = [
+            net(resize(renorm(image), (s, s)))
+            for net, renorm, s in zip(self.nets, self.inputs, self.sizes)
+        ]
+        outputs = {}
+        for ours, taught in self.sources.items():
+            task = self.tasks[ours]
+            each = [
+                self.teacher_tasks[i][theirs].teacher_output(raw[i][theirs]) for i, theirs in taught
+            ]
+            if task.teacher_spatial == "mask":  # points are normalised: nothing to resize
+                each = [resize(o, size) for o in each]
+            outputs[ours] = task.combine_teachers(each)
+        return outputs
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return {"sample_id": batch["sample_id"], "outputs": self(batch["image"])}
+
+    def provenance(self, run_tasks: Sequence[str]) -> dict[str, list[dict[str, str]]]:
+        """For each of ``run_tasks``: the teacher files that produce it, [{path, sha256, task
+        (the teacher's name for it)}], empty for a task no teacher covers."""
+        files = {e.path: str(Path(e.path).resolve()) for e in self.entries}
+        hashes = {p: file_sha256(p) for p in files}
+        return {
+            name: [
+                {
+                    "path": files[self.entries[i].path],
+                    "sha256": hashes[self.entries[i].path],
+                    "task": t,
+                }
+                for i, t in self.sources.get(name, [])
+            ]
+            for name in run_tasks
+        }
+
+
+def preprocessing_notes(
+    entries: Sequence[TeacherEntry], configs: Sequence[Any], data: Any
+) -> list[str]:
+    """Preprocessing a teacher was trained with that the run does differently: image size and
+    normalisation are converted from the tensor, these steps cannot be."""
+    notes = []
+    for entry, cfg in zip(entries, configs):
+        for step in PREPROCESS_STEPS:
+            theirs, ours = bool(cfg.data.preprocess[step]), bool(data.preprocess[step])
+            if theirs != ours:
+                notes.append(
+                    f"teacher {entry.path} was trained with data.preprocess.{step}={theirs}, this "
+                    f"run has {ours}: it sees the run's images (only size and normalisation are "
+                    "converted)"
+                )
+    return notes
+
+
+@rank_zero_only
+def announce(taught: dict[str, list[dict[str, str]]], notes: Sequence[str] = ()) -> None:
+    """Print which teachers teach which task, and the tasks that train on labels only."""
+    print("teachers per task:")
+    for name, files in taught.items():
+        who = ", ".join(
+            f"{f['path']}" + (f" ({f['task']})" if f["task"] != name else "") for f in files
+        )
+        print(f"  {name:<14} <- {who or 'no teacher: trained on labels only (kd alpha 0)'}")
+    for note in notes:
+        print(f"  note: {note}")

@@ -1,7 +1,7 @@
 """StudentModule: L = sum_t w_t [(1 - a_t) L_sup_t + a_t L_kd_t].
 
 Supervised terms average over labeled samples; KD terms over every sample with a teacher
-output, so unlabeled images contribute KD only. Teacher outputs come from the cache
+output, so unlabeled images contribute KD only; a task no teacher covers trains on labels only. Teacher outputs come from the cache
 (``batch["teacher"]``) or, with ``kd.mode=online``, from the frozen teacher on the same view.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mtkd.kd.ensemble import TeacherEnsemble
+from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
 from mtkd.modules.common import MultiTaskModule, fp32
 
 
@@ -34,15 +34,15 @@ class StudentModule(MultiTaskModule):
 
     def setup(self, stage: str) -> None:
         if self.kd_mode == "online" and not self._teacher:
-            if not self.cfg.kd.teacher:
-                raise ValueError("kd.mode=online needs kd.teacher=<path/to/teacher.ckpt>")
-            self._teacher.append(
-                TeacherEnsemble(
-                    [self.cfg.kd.teacher],
-                    dict(self.hparams.config["tasks"]),
-                    input_norm=(tuple(self.cfg.data.mean), tuple(self.cfg.data.std)),
+            kd = self.cfg.kd
+            teachers = configured_teachers(kd.teachers, [kd.teacher] if kd.teacher else [])
+            if not teachers:
+                raise ValueError(
+                    "kd.mode=online needs kd.teacher=<path/to/teacher.ckpt> or a kd.teachers list"
                 )
-            )
+            ensemble = TeacherEnsemble(teachers, dict(self.hparams.config["tasks"]), self.cfg.data)
+            announce(ensemble.provenance(list(self.tasks)), ensemble.notes)
+            self._teacher.append(ensemble)
 
     def on_fit_start(self) -> None:
         if self._teacher:
@@ -58,6 +58,7 @@ class StudentModule(MultiTaskModule):
         return batch["teacher"]
 
     def kd_losses(self, outputs: dict, teacher: dict) -> dict[str, torch.Tensor]:
+        """KD terms of the tasks a teacher covers (``teacher`` has no entry for the others)."""
         return {
             n: fp32(
                 lambda s, t, task=task, n=n: task.kd_loss(s, t, self.temperature[n]),
@@ -65,6 +66,7 @@ class StudentModule(MultiTaskModule):
                 teacher[n],
             ).mean()
             for n, task in self.tasks.items()
+            if n in teacher
         }
 
     def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -77,7 +79,11 @@ class StudentModule(MultiTaskModule):
         else:
             kd = self.kd_losses(outputs, self.teacher_outputs(batch))
             terms.update({f"{n}/kd": v for n, v in kd.items()})
-            per_task = {n: (1 - self.alpha[n]) * sup[n] + self.alpha[n] * kd[n] for n in self.tasks}
+            # A task no teacher covers trains on labels only (alpha 0; announced at start-up).
+            per_task = {
+                n: (1 - self.alpha[n]) * sup[n] + self.alpha[n] * kd[n] if n in kd else sup[n]
+                for n in self.tasks
+            }
         terms.update({f"{n}/loss": v for n, v in per_task.items()})
         return self.weighting(per_task), terms
 
