@@ -122,7 +122,7 @@ def test_sweep_local_runs_two_trials_and_writes_a_ranked_table(
         tmp_path / "lr.yaml",
         name="lr",
         metric={"name": "val/loss", "goal": "minimize"},
-        parameters={"optim.lr": {"values": [0.0, 0.01]}},
+        parameters={"optim.lr": {"values": [1e-6, 0.01]}},
     )
     extra = tiny(kd="none", **{"trainer.limit_train_batches": 2, "logger.log_images": False})
     assert cli_main(["sweep-local", f"sweep={path}", "count=2", *extra]) == 0
@@ -138,7 +138,7 @@ def test_sweep_local_runs_two_trials_and_writes_a_ranked_table(
     assert [t["state"] for t in trials] == ["finished", "finished"]
     assert [t["metric"] for t in trials] == sorted(losses.values())
     assert [t["metric"] for t in trials] == [losses[t["name"]] for t in trials]
-    assert {t["params"]["optim.lr"] for t in trials} == {0.0, 0.01}
+    assert {t["params"]["optim.lr"] for t in trials} == {1e-6, 0.01}
     for t in trials:  # each trial logged offline to W&B in the sweep's group
         assert list((sweep_dir / t["name"] / "wandb").glob("offline-run-*"))
 
