@@ -7,7 +7,7 @@ MTKD := $(BIN)/mtkd
 ARGS ?=
 TEACHER ?= runs/teacher/checkpoints/best.ckpt
 STUDENT ?= runs/student/checkpoints/best.ckpt
-SWEEP ?= experiments/sweeps/kd_temperature_alpha.yaml
+SWEEP ?= mtkd/configs/sweeps/kd_temperature_alpha.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help

@@ -1,9 +1,12 @@
-"""Structured configuration: dataclass schema, YAML groups from experiments/, key=value overrides.
+"""Structured configuration: dataclass schema, YAML groups on a search path, key=value overrides.
 
-A run's config is ``experiments/<stage>.yaml`` whose ``defaults`` pick one YAML per group
-(``data/``, ``model/``, ``tasks/``, ``trainer/``, ``logger/``, ``kd/``, ``profile/``), merged onto the
-schema below, then command-line overrides: ``group=option`` swaps a group, ``a.b=value`` sets a
-value, ``~a.b`` removes a map entry (e.g. ``~tasks.cdr`` drops a task). Unknown keys and wrong types fail before any work, listing what is valid.
+A run's config is ``<stage>.yaml`` whose ``defaults`` pick one YAML per group (``data/``,
+``model/``, ``tasks/``, ``trainer/``, ``logger/``, ``kd/``, ``profile/``), merged onto the schema
+below, then command-line overrides: ``group=option`` swaps a group (``option`` a name or a YAML file
+path), ``a.b=value`` sets a value, ``~a.b`` removes a map entry (e.g. ``~tasks.cdr`` drops a task).
+Files are looked up on the search path: ``config_dir=DIR`` folders, ``MTKD_CONFIG_PATH``, then the
+built-in configs shipped in the package (``mtkd/configs/``). Unknown keys and wrong types fail
+before any work, listing what is valid.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,16 +161,62 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
-def experiments_dir() -> Path:
-    """The YAML tree: ``MTKD_EXPERIMENTS`` or the repository's ``experiments/``."""
-    env = os.environ.get("MTKD_EXPERIMENTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "experiments"
+#: the built-in stage files and groups, shipped as package data
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+#: user config folders searched before the built-in ones, os.pathsep-separated
+CONFIG_PATH_ENV = "MTKD_CONFIG_PATH"
+#: the former name of MTKD_CONFIG_PATH, read when MTKD_CONFIG_PATH is unset
+LEGACY_CONFIG_ENV = "MTKD_EXPERIMENTS"
+
+
+def search_path(overrides: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
+    """Split the ``config_dir=DIR`` items off ``overrides`` -> (search path, other overrides).
+
+    The path is first match wins: the ``config_dir=`` folders in order, then ``MTKD_CONFIG_PATH``,
+    then the built-in configs, so a user folder adds group options and can shadow built-in ones.
+    """
+    dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("config_dir=")]
+    rest = [o for o in overrides if not o.startswith("config_dir=")]
+    env = os.environ.get(CONFIG_PATH_ENV, os.environ.get(LEGACY_CONFIG_ENV, ""))
+    path = []
+    for entry in [*dirs, *(e for e in env.split(os.pathsep) if e)]:
+        folder = Path(entry).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(
+                f"config folder {entry} does not exist; fix config_dir= or {CONFIG_PATH_ENV}"
+            )
+        path.append(folder.resolve())
+    return [*path, BUILTIN_CONFIGS], rest
+
+
+def find_config(group: str, option: str, path: Sequence[Path]) -> Path:
+    """The YAML file of ``group=option``: ``option`` itself when it is a file path (ends in
+    ``.yaml``/``.yml`` or holds a ``/``), else ``<folder>/<group>/<option>.yaml`` in the first
+    folder of ``path`` that has it (``group=""``: a stage file at the top of each folder)."""
+    label = f"{group}={option}" if group else f"stage config {option!r}"
+    if option.endswith((".yaml", ".yml")) or "/" in option or os.sep in option:
+        file = Path(option).expanduser()
+        if not file.is_file():
+            raise ConfigError(
+                f"{label}: no such file; give an existing YAML file or an option name"
+            )
+        return file
+    for folder in path:
+        if (folder / group / f"{option}.yaml").is_file():
+            return folder / group / f"{option}.yaml"
+    options = sorted({p.stem for folder in path for p in (folder / group).glob("*.yaml")})
+    where = ", ".join(str(folder / group) for folder in path)
+    raise ConfigError(
+        f"{label}: no such config in {where}; choose one of {options} or give a YAML file path"
+    )
+
+
+def read_group(group: str, option: str, path: Sequence[Path]) -> DictConfig:
+    """Load the YAML of ``group=option`` found on ``path`` (see find_config)."""
+    return _read_yaml(find_config(group, option, path))
 
 
 def _read_yaml(path: Path) -> DictConfig:
-    if not path.exists():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"no config {path.name} in {path.parent}; choose one of {options}")
     try:
         return OmegaConf.load(path)
     except yaml.MarkedYAMLError as exc:
@@ -221,24 +271,21 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
 
 
 def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``experiments/<stage>.yaml`` + groups + overrides into a validated config."""
-    root = experiments_dir()
-    base = _read_yaml(root / f"{stage}.yaml")
-    group_choice, values, removals = _split_overrides(list(overrides or []))
+    """Compose ``<stage>.yaml`` + groups + overrides, found on the search path (``config_dir=``
+    items of ``overrides``, ``MTKD_CONFIG_PATH``, the built-in configs), into a validated config."""
+    path, rest = search_path(list(overrides or []))
+    base = read_group("", stage, path)
+    group_choice, values, removals = _split_overrides(rest)
     choices = dict(base.pop("defaults", {}) or {})
     if "profile" in group_choice or "profile" in choices:
-        profile = _read_yaml(
-            root / "profile" / f"{group_choice.get('profile', choices.get('profile'))}.yaml"
-        )
+        profile = read_group("profile", group_choice.get("profile", choices.get("profile")), path)
         choices.update(profile.pop("defaults", {}) or {})
     else:
         profile = OmegaConf.create({})
     choices.update(group_choice)
     schema = OmegaConf.structured(Config)
     layers = [
-        OmegaConf.create({g: _read_yaml(root / g / f"{c}.yaml")})
-        for g, c in choices.items()
-        if g != "profile"
+        OmegaConf.create({g: read_group(g, c, path)}) for g, c in choices.items() if g != "profile"
     ]
     try:
         cfg = OmegaConf.merge(schema, *layers, base, profile, OmegaConf.from_dotlist(values))
@@ -272,9 +319,11 @@ RUNTIME_GROUPS = ("trainer", "logger")
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Apply overrides to an existing config (e.g. one saved in a checkpoint): ``a.b=value``, and
-    ``trainer=<option>`` / ``logger=<option>``, which replace that group by its YAML."""
+    ``trainer=<option>`` / ``logger=<option>``, which replace that group by its YAML (found on the
+    search path, ``config_dir=`` items included)."""
     schema = OmegaConf.structured(Config)
-    groups, values, removals = _split_overrides(list(overrides))
+    path, rest = search_path(list(overrides))
+    groups, values, removals = _split_overrides(rest)
     if removals:
         raise ConfigError(f"~{removals[0]}: removals are not supported on a saved config")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
@@ -284,7 +333,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                 f"{group}={choice}: only {' and '.join(RUNTIME_GROUPS)} can be swapped on a saved "
                 f"config; set single values with {group}.<key>=value"
             )
-        cfg[group] = _read_yaml(experiments_dir() / group / f"{choice}.yaml")
+        cfg[group] = read_group(group, choice, path)
     try:
         merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(values))
     except OmegaConfBaseException as exc:

@@ -1,5 +1,5 @@
 """``mtkd sweep-local sweep=FILE [count=N] [key=value ...]``: run a W&B sweep YAML
-(``experiments/sweeps/*.yaml``) with no W&B server.
+(``mtkd/configs/sweeps/*.yaml``) with no W&B server.
 
 W&B's own sweep engine (the ``sweeps`` package the W&B server runs) proposes each trial from the
 trials so far (grid, random or bayes). Each trial is a clean ``mtkd <stage>`` subprocess, so
@@ -53,7 +53,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     """Parse a sweep YAML and refuse what neither W&B nor sweep-local can run."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"sweep file {file} does not exist; see experiments/sweeps/")
+        raise FileNotFoundError(f"sweep file {file} does not exist; see mtkd/configs/sweeps/")
     sweep = yaml.safe_load(file.read_text())
     problems = list(sweeps.schema_violations_from_proposed_config(engine_config(sweep)))
     for key in ("program", "method", "metric", "parameters", "command"):
@@ -217,7 +217,7 @@ def main(args: list[str]) -> None:
     path, rest = _take(args, "sweep")
     count, rest = _take(rest, "count")
     if not path:
-        raise ValueError("sweep-local needs sweep=experiments/sweeps/<name>.yaml")
+        raise ValueError("sweep-local needs sweep=mtkd/configs/sweeps/<name>.yaml")
     sweep = load_sweep(path)
     trials = run_sweep(sweep, int(count) if count else None, rest)
     print("\n" + results_markdown(sweep, trials))

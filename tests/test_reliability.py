@@ -377,10 +377,10 @@ def test_resume_with_another_task_set_names_the_tasks_that_differ(
 
 def test_cli_names_yaml_syntax_errors_with_file_line_and_column(tmp_path, monkeypatch, capsys):
     from mtkd.cli import main
-    from mtkd.config import experiments_dir
+    from mtkd.config import BUILTIN_CONFIGS
 
     tree = tmp_path / "experiments"
-    shutil.copytree(experiments_dir(), tree)
+    shutil.copytree(BUILTIN_CONFIGS, tree)
     (tree / "teacher.yaml").write_text((tree / "teacher.yaml").read_text() + "broken: [1, 2\n")
     monkeypatch.setenv("MTKD_EXPERIMENTS", str(tree))
     assert main(["train-teacher"]) == 2

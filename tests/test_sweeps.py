@@ -13,12 +13,12 @@ import yaml
 from omegaconf import OmegaConf
 
 from mtkd.cli import main as cli_main
-from mtkd.config import GROUPS, experiments_dir, load_config
+from mtkd.config import BUILTIN_CONFIGS, GROUPS, load_config
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.sweeps import Trial, load_sweep, propose, ranked, run_sweep, stage_args
 from mtkd.tasks import build_tasks
 
-SWEEPS = sorted((experiments_dir() / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((BUILTIN_CONFIGS / "sweeps").glob("*.yaml"))
 COMMAND = ["${env}", "${program}", "distill", "${args_no_hyphens}"]
 
 
@@ -65,7 +65,7 @@ def test_sweep_yaml_is_valid_for_wandb_and_for_the_config(path: Path) -> None:
 
 @pytest.mark.integration
 def test_every_student_encoder_in_the_sweep_builds() -> None:
-    sweep = load_sweep(experiments_dir() / "sweeps" / "student_encoder.yaml")
+    sweep = load_sweep(BUILTIN_CONFIGS / "sweeps" / "student_encoder.yaml")
     cfg = load_config("distill")
     tasks = build_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
     for encoder in sweep["parameters"]["model.encoder"]["values"]:
