@@ -11,21 +11,24 @@ from pathlib import Path
 USAGE = """usage: mtkd <command> [key=value ...]
 
 commands:
+  init           write a starter project folder          (DIR [force=true]: data and task
+                 configs of your own, a README of the commands)
   synth          write the synthetic fundus dataset      (out=DIR n=600 image_size=256 seed=0)
-  train-teacher  train the multi-task teacher            (experiments/teacher.yaml + overrides)
+  train-teacher  train the multi-task teacher            (teacher.yaml + overrides)
   cache-teacher  cache teacher outputs for distillation  (teacher=CKPT [teacher=CKPT2 ...], or
                  a kd.teachers list; teachers may be specialists with their own task sets)
-  distill        train the student with KD               (experiments/distill.yaml + overrides)
+  distill        train the student with KD               (distill.yaml + overrides)
   evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE]
                  [resolution=working|original] [joint=TASK,TASK ... | joint=none])
   demo           teacher, cache, student, no-KD baseline, evaluation, report  ([runs=DIR] + overrides)
   report         markdown + figures from evaluated runs  (teacher=DIR student=DIR baseline=DIR out=DIR)
   export         student-only weights, ONNX and metadata  (ckpt=PATH [out=DIR])
   predict        predictions for images                  (ckpt=PATH images=FILE|DIR [out=DIR])
-  sweep-local    run a W&B sweep YAML offline             (sweep=experiments/sweeps/X.yaml)
+  sweep-local    run a W&B sweep YAML offline             (sweep=mtkd/configs/sweeps/X.yaml)
 
-overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=) or a.b=value,
-e.g. `mtkd train-teacher trainer.max_epochs=5 data.image_size=96`.
+overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=; option is a
+name or a YAML file path) or a.b=value, e.g. `mtkd train-teacher trainer.max_epochs=5`.
+config_dir=DIR (repeatable) searches DIR's groups before the built-in ones (also MTKD_CONFIG_PATH).
 """
 
 
@@ -108,6 +111,7 @@ COMMANDS: dict[str, str] = {
     "cache-teacher": "mtkd.cli:cmd_cache_teacher",
     "distill": "mtkd.cli:cmd_distill",
     "evaluate": "mtkd.cli:cmd_evaluate",
+    "init": "mtkd.starter:main",
     "demo": "mtkd.demo:main",
     "report": "mtkd.report:main",
     "export": "mtkd.export:main",
