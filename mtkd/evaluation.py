@@ -12,6 +12,7 @@ it: IDRiD's DR + DME grading score.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -237,3 +238,149 @@ def challenge_metrics(
     }
     metrics.update({f"{split}/{a.key}": a.compute() for a in joints if a.total})
     return metrics
+
+
+# -- bootstrap intervals over test images ----------------------------------------------------------
+
+#: resamples behind each interval (``mtkd evaluate bootstrap=N``; 0 turns the intervals off)
+BOOTSTRAP_RESAMPLES = 1000
+#: fixed, so a rerun and the report draw the same resamples
+BOOTSTRAP_SEED = 0
+#: two-sided coverage of the percentile intervals
+LEVEL = 0.95
+
+
+@dataclass
+class TaskOutputs:
+    """One task's raw outputs and targets on the samples labeled for it, in sample-id order (so
+    two models' outputs on one split pair row by row)."""
+
+    ids: list[str]
+    pred: torch.Tensor
+    target: torch.Tensor
+    extras: dict[str, torch.Tensor]
+
+
+@torch.inference_mode()
+def collect_outputs(
+    net: torch.nn.Module, dm: FundusDataModule, split: str, device: torch.device
+) -> dict[str, TaskOutputs]:
+    """Every task's outputs on ``split`` (``net(image)`` -> raw outputs per task), kept per
+    sample for resampling. One pass in this process: under DDP rank 0 runs it over the whole
+    split, so each sample counts once."""
+    net.to(device).eval()
+    dataset = dm.dataset(split)
+    loader = DataLoader(dataset, batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers)
+    parts: dict[str, list[tuple]] = {name: [] for name in dm.tasks}
+    for batch in loader:
+        outputs = net(batch["image"].to(device))
+        for name, rows in parts.items():
+            has = batch["has"][name]
+            ids = [i for i, keep in zip(batch["sample_id"], has) if keep]
+            pred, target = outputs[name].float().cpu()[has], batch["targets"][name][has]
+            rows.append((ids, pred, target, batch["pixel_scale"][has]))
+    collected = {}
+    for name, rows in parts.items():
+        ids = [i for r in rows for i in r[0]]
+        if not ids:
+            continue
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        pred, target, scale = (torch.cat([r[k] for r in rows])[order] for k in (1, 2, 3))
+        collected[name] = TaskOutputs([ids[i] for i in order], pred, target, {"pixel_scale": scale})
+    return collected
+
+
+def resample_draws(n: int, resamples: int, seed: int = BOOTSTRAP_SEED) -> torch.Tensor:
+    """``resamples`` x ``n`` indices drawn with replacement; the same (n, seed) gives the same
+    draws, which is what pairs two models on one split."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (resamples, n), generator=generator)
+
+
+def percentile_interval(values: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` percentile interval (linear interpolation between order
+    statistics); resamples on which a metric is undefined (NaN) are left out."""
+    tail = (1 - level) / 2
+    lo, hi = torch.nanquantile(values.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def joint_outputs(outputs: dict[str, TaskOutputs], group: tuple[str, ...]) -> TaskOutputs | None:
+    """Per image labeled for every task of ``group``: 1 when every task's argmax is right (the
+    samples ``JointAccuracy`` counts), as a one-column TaskOutputs."""
+    if not all(n in outputs for n in group):
+        return None
+    ids = sorted(set.intersection(*(set(outputs[n].ids) for n in group)))
+    if not ids:
+        return None
+    right = torch.ones(len(ids), dtype=torch.bool)
+    for name in group:
+        out = outputs[name]
+        position = {sample_id: row for row, sample_id in enumerate(out.ids)}
+        rows = torch.tensor([position[i] for i in ids])
+        right &= out.pred[rows].argmax(dim=1) == out.target[rows]
+    return TaskOutputs(ids, right.double(), right.double(), {})
+
+
+def resampled_values(
+    tasks: dict[str, Task],
+    outputs: dict[str, TaskOutputs],
+    joint: list[tuple[str, ...]],
+    resamples: int,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, torch.Tensor]:
+    """``<task>/<metric>`` (and ``<a>+<b>/joint_acc``) -> its value on each of ``resamples``
+    resamples of the labeled images (seeded by ``seed`` and the image count)."""
+    values = {}
+    for name, out in outputs.items():
+        draws = resample_draws(len(out.ids), resamples, seed)
+        found = tasks[name].resampled_metrics(out.pred, out.target, out.extras, draws)
+        values.update({f"{name}/{k}": v for k, v in found.items()})
+    for group in joint:
+        out = joint_outputs(outputs, group)
+        if out is not None:
+            draws = resample_draws(len(out.ids), resamples, seed)
+            values[f"{'+'.join(group)}/joint_acc"] = out.pred[draws].mean(dim=1)
+    return values
+
+
+def intervals(values: dict[str, torch.Tensor], level: float = LEVEL) -> dict[str, list[float]]:
+    """``[lo, hi]`` per metric from its resampled values."""
+    return {key: list(percentile_interval(v, level)) for key, v in values.items()}
+
+
+def paired_differences(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], level: float = LEVEL
+) -> dict[str, dict[str, float | bool]]:
+    """A − B per metric both have, resample by resample (the same draws of the same images):
+    the interval of the difference and whether it excludes 0 (``significant``)."""
+    out = {}
+    for key in sorted(set(a) & set(b)):
+        lo, hi = percentile_interval(a[key] - b[key], level)
+        out[key] = {"lo": lo, "hi": hi, "significant": not lo <= 0 <= hi}
+    return out
+
+
+def check_paired(a: dict[str, TaskOutputs], b: dict[str, TaskOutputs], what: str) -> None:
+    """Two models pair only on the same labeled images per task."""
+    for name in set(a) & set(b):
+        if a[name].ids != b[name].ids:
+            raise ValueError(
+                f"{what}: task {name!r} is labeled on different test images for the two models "
+                "(different data configs); evaluate both on the same data to compare them"
+            )
+
+
+def bootstrap_intervals(
+    module: torch.nn.Module,
+    dm: FundusDataModule,
+    split: str,
+    joint: list[tuple[str, ...]],
+    device: torch.device,
+    resamples: int,
+) -> dict[str, list[float]]:
+    """``<split>/<task>/<metric>`` -> ``[lo, hi]``: the 95 % percentile bootstrap interval over
+    the split's labeled images, ``resamples`` seeded resamples."""
+    outputs = collect_outputs(module, dm, split, device)
+    values = resampled_values(module.tasks, outputs, joint, resamples)
+    return {f"{split}/{key}": ci for key, ci in intervals(values).items()}

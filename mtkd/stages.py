@@ -227,14 +227,25 @@ def evaluate(
     out: str | None = None,
     resolution: str = "working",
     joint: list[str] | None = None,
+    bootstrap: int | None = None,
 ) -> dict[str, float]:
     """Test a teacher or student checkpoint on a split; print a table and write metrics JSON.
 
     ``resolution="original"`` scores segmentation on the original photographs' pixels inside the
     field of view (into ``metrics_<split>_original.json``); ``joint`` names classification task
-    groups for joint accuracy (default: IDRiD's DR + DME when present). See ``mtkd.evaluation``."""
+    groups for joint accuracy (default: IDRiD's DR + DME when present). ``bootstrap`` resamples
+    of the split's images (default ``BOOTSTRAP_RESAMPLES``, 0: none) give each metric a 95 %
+    interval, computed in the rank-0 process over the whole split. See ``mtkd.evaluation``."""
     from mtkd.config import apply_overrides
-    from mtkd.evaluation import RESOLUTIONS, challenge_metrics, joint_groups
+    from mtkd.evaluation import (
+        BOOTSTRAP_RESAMPLES,
+        BOOTSTRAP_SEED,
+        LEVEL,
+        RESOLUTIONS,
+        bootstrap_intervals,
+        challenge_metrics,
+        joint_groups,
+    )
 
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
@@ -242,6 +253,9 @@ def evaluate(
         raise ValueError(
             f"resolution={resolution!r}: evaluate takes resolution=working or resolution=original"
         )
+    resamples = BOOTSTRAP_RESAMPLES if bootstrap is None else bootstrap
+    if resamples < 0:
+        raise ValueError(f"bootstrap={resamples}: give a number of resamples >= 0 (0: none)")
     saved = read_checkpoint(ckpt)["hyper_parameters"]["config"]
     cfg = apply_overrides(OmegaConf.create(saved), overrides)
     check_same_tasks(
@@ -262,32 +276,59 @@ def evaluate(
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
         device = trainer.strategy.root_device
-        metrics.update(challenge_metrics(module, dm, split, resolution, groups, device))
+        challenge = challenge_metrics(module, dm, split, resolution, groups, device)
+        metrics.update(challenge)
+        ci, bootstrap_info = None, None
+        if resamples:
+            ci = bootstrap_intervals(module, dm, split, groups, device, resamples)
+            # Tasks scored at the original resolution: their working-resolution intervals differ.
+            rescored = {k.split("/")[1] for k in challenge if not k.endswith("/joint_acc")}
+            ci = {k: v for k, v in ci.items() if k.split("/")[1] not in rescored}
+            bootstrap_info = {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": LEVEL}
         working = resolution == "working"
         where = split if working else f"{split}, original resolution"
-        print_metrics(metrics, f"{cfg.stage} on {where} ({ckpt})")
+        print_metrics(metrics, f"{cfg.stage} on {where} ({ckpt})", ci)
+        if ci:
+            print(
+                f"  [lo, hi]: {LEVEL:.0%} percentile bootstrap interval over the {split} images "
+                f"labeled for each task ({resamples} resamples, seed {BOOTSTRAP_SEED})"
+            )
         name = f"metrics_{split}.json" if working else f"metrics_{split}_original.json"
         target = Path(out) if out else Path(ckpt).parent.parent / name
-        write_metrics(target, str(ckpt), split, metrics)
+        write_metrics(target, str(ckpt), split, metrics, ci, bootstrap_info)
         print(f"metrics written to {target}")
     return metrics
 
 
-def write_metrics(path: Path, ckpt: str, split: str, metrics: dict[str, float]) -> None:
-    """Metrics JSON beside a run: {"checkpoint", "split", "metrics": {"<split>/<task>/<metric>": v}}."""
-    payload = {"checkpoint": ckpt, "split": split, "metrics": metrics}
+def write_metrics(
+    path: Path,
+    ckpt: str,
+    split: str,
+    metrics: dict[str, float],
+    ci: dict[str, list[float]] | None = None,
+    bootstrap: dict[str, Any] | None = None,
+) -> None:
+    """Metrics JSON beside a run: {"checkpoint", "split", "metrics": {"<split>/<task>/<metric>": v}},
+    and with intervals "ci": {key: [lo, hi]} and "bootstrap": how they were drawn."""
+    payload: dict[str, Any] = {"checkpoint": ckpt, "split": split, "metrics": metrics}
+    if ci is not None:
+        payload.update(ci=ci, bootstrap=bootstrap)
     atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
 
 @rank_zero_only
-def print_metrics(metrics: dict[str, Any], title: str) -> None:
-    """Per-task table: one row per task, one column per metric."""
-    rows: dict[str, dict[str, float]] = {}
+def print_metrics(
+    metrics: dict[str, Any], title: str, ci: dict[str, list[float]] | None = None
+) -> None:
+    """Per-task table: one row per task, one column per metric (with ``[lo, hi]`` from ``ci``)."""
+    rows: dict[str, dict[str, str]] = {}
     for key, value in metrics.items():
         parts = key.split("/")
         if len(parts) == 3:
-            rows.setdefault(parts[1], {})[parts[2]] = float(value)
+            lo_hi = (ci or {}).get(key)
+            interval = f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
+            rows.setdefault(parts[1], {})[parts[2]] = f"{float(value):.4f}{interval}"
     print(f"\n{title}")
     for task, values in rows.items():
-        cells = "  ".join(f"{k}={v:.4f}" for k, v in sorted(values.items()))
+        cells = "  ".join(f"{k}={v}" for k, v in sorted(values.items()))
         print(f"  {task:<14} {cells}")

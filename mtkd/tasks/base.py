@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -225,6 +226,33 @@ class Task(abc.ABC):
         if self.required_masks():
             return [] if masks & set(self.required_masks()) else None
         return []
+
+    def resampled_metrics(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+        draws: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Every metric of ``metrics()`` on each bootstrap resample of the labeled samples:
+        ``pred`` / ``target`` / ``extras`` (e.g. ``pixel_scale``) hold one row per sample,
+        ``draws`` is R x N sample indices; returns R values per metric. This default reruns the
+        task's own metrics on every resample, so the intervals measure exactly what validation
+        reports (about 1 ms per resample for a classification task on 100 images); kinds whose
+        outputs are large (segmentation) override it with per-sample sufficient statistics."""
+        metrics = self.metrics()
+        values: dict[str, list[torch.Tensor]] = {}
+        with warnings.catch_warnings():
+            # A resample can miss a class; torchmetrics warns as it would on such a split.
+            warnings.simplefilter("ignore")
+            for rows in draws:
+                metrics.reset()
+                self.update_metrics(
+                    metrics, pred[rows], target[rows], {k: v[rows] for k, v in extras.items()}
+                )
+                for key, value in metrics.compute().items():
+                    values.setdefault(key, []).append(value.detach().double().cpu())
+        return {key: torch.stack(v) for key, v in values.items()}
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

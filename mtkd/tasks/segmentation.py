@@ -167,3 +167,24 @@ class SegmentationTask(Task):
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         metrics.update(torch.sigmoid(pred.float()), target.long())
+
+    def resampled_metrics(self, pred, target, extras, draws) -> dict[str, torch.Tensor]:
+        """Dice and IoU pooled over each resample's pixels, as ``metrics()`` computes them
+        (probability > 0.5; a class without any predicted or true pixel scores 0; ``dice`` and
+        ``iou`` are the class means), from per-image true/false positive and false negative
+        counts: a resample's counts are sums of its images' counts, one matrix product, where
+        rerunning the metrics over every pixel took ~0.1 s per resample at 96 px."""
+        hard, truth = (torch.sigmoid(pred.float()) > 0.5).flatten(2), (target > 0.5).flatten(2)
+        per_image = [(a & b).sum(-1).double() for a, b in ((hard, truth), (hard, ~truth))]
+        per_image.append((~hard & truth).sum(-1).double())  # N x C each: tp, fp, fn
+        ones = torch.ones(draws.shape, dtype=torch.float64)
+        counts = torch.zeros(len(draws), len(pred), dtype=torch.float64)
+        counts.scatter_add_(1, draws, ones)  # how often each image is drawn, R x N
+        tp, fp, fn = (counts @ c for c in per_image)
+        scores = {"dice": (2 * tp, 2 * tp + fp + fn), "iou": (tp, tp + fp + fn)}
+        out = {}
+        for key, (num, den) in scores.items():
+            value = torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+            out[key] = value.mean(dim=1)
+            out.update({f"{key}_{c}": value[:, i] for i, c in enumerate(self.spec.classes)})
+        return out
