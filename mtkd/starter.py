@@ -29,14 +29,14 @@ vessels: {kind: segmentation, classes: [vessels]}
 README = """\
 # An mtkd project
 
-`config_dir={root}` puts this folder first on mtkd's config search path, so its groups add to
-the built-in ones (`MTKD_CONFIG_PATH={root}` does the same for every command):
+`{config_dir}` puts this folder first on mtkd's config search path, so its groups add to the
+built-in ones (`MTKD_CONFIG_PATH={quoted}` does the same for every command):
 
     data/my_data.yaml    your images: the manifest folder {dataset}
     tasks/my_tasks.yaml  the tasks to learn, each reading manifest columns
 
 Put manifest.csv and the images in {dataset}, or try synthetic ones first:
-`mtkd synth out={dataset} n=120`. Then, from any folder (runs go to ./runs):
+`mtkd synth {synth} n=120`. Then, from any folder (runs go to ./runs):
 
     mtkd train-teacher {args}
     mtkd cache-teacher {args}
@@ -50,19 +50,27 @@ def write_starter(root: Path, force: bool = False) -> list[Path]:
     """Write the starter files under ``root``; refuse a non-empty folder unless ``force``
     (which rewrites only the starter files). -> the files written."""
     if root.exists() and not root.is_dir():
-        raise ValueError(f"init: {root} is a file; give a new or empty folder")
+        raise ValueError(f"{root} is a file; give a new or empty folder")
     if root.is_dir() and any(root.iterdir()) and not force:
         raise ValueError(
-            f"init: {root} is not empty; give a new folder, or force=true to rewrite its "
+            f"{root} is not empty; give a new folder, or force=true to rewrite its "
             "starter files (data/my_data.yaml, tasks/my_tasks.yaml, README.md)"
         )
     root = root.resolve()
     dataset = root / "dataset"
-    args = shlex.join([f"config_dir={root}", "data=my_data", "tasks=my_tasks"])
+    config_dir = shlex.quote(f"config_dir={root}")
+    args = f"{config_dir} data=my_data tasks=my_tasks"
+    synth = shlex.quote(f"out={dataset}")
     files = {
         root / "data" / "my_data.yaml": DATA.format(root=json.dumps(str(dataset))),
         root / "tasks" / "my_tasks.yaml": TASKS,
-        root / "README.md": README.format(root=root, dataset=dataset, args=args),
+        root / "README.md": README.format(
+            config_dir=config_dir,
+            quoted=shlex.quote(str(root)),
+            dataset=dataset,
+            synth=synth,
+            args=args,
+        ),
     }
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +86,7 @@ def main(args: list[str]) -> None:
     if len(rest) != 1 or "=" in rest[0]:
         raise ValueError("init needs one folder: mtkd init DIR [force=true]")
     if force not in (None, "true", "false"):
-        raise ValueError(f"init: force={force} must be true or false")
+        raise ValueError(f"force={force} must be true or false")
     files = write_starter(Path(rest[0]), force == "true")
     print(f"starter project written: {', '.join(str(f) for f in files)}")
     print(f"next: {files[-1]}")
