@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mtkd.config import load_config
-from mtkd.report import Report, build_report
+from mtkd.report import INTERVALS_NOTE, Report, build_report
 from mtkd.stages import cache_teacher, evaluate, fit
 
 #: overrides the demo sets itself, per stage
@@ -96,6 +96,7 @@ def main(args: list[str]) -> None:
     total = time.perf_counter() - start
     print(f"\n{'=' * 72}\n== demo: test metrics (* = each task's main metric)\n{'=' * 72}")
     print(report.table)
+    print(f"\n{INTERVALS_NOTE}\n\n{report.intervals}")
     print(f"\n{report.efficiency}\n\nwall time per stage:")
     for title, seconds in timings.items():
         print(f"  {title:<52} {seconds:7.1f} s")

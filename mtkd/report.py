@@ -21,6 +21,15 @@ import torch
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
+from mtkd.evaluation import (
+    BOOTSTRAP_RESAMPLES,
+    LEVEL,
+    check_paired,
+    collect_outputs,
+    intervals,
+    paired_differences,
+    resampled_values,
+)
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.checkpoint import load_net
 from mtkd.predict import activate, draw_overlay, layer_colors, legend_handles, spatial_layers
@@ -35,6 +44,13 @@ DEFAULT_RUNS = {
     "baseline": "runs/student_nokd",
 }
 METRICS_FILE = "metrics_test.json"
+#: the differences the report tests, A − B on the same test images
+PAIRS = (("student", "baseline"), ("student", "teacher"))
+INTERVALS_NOTE = (
+    f"Main metric per task, [lo, hi]: {LEVEL:.0%} percentile bootstrap interval over the test "
+    f"images ({BOOTSTRAP_RESAMPLES} seeded resamples). Differences are paired: both models on "
+    "the same resamples of the same images; 'not significant' where the interval spans 0."
+)
 
 
 @dataclass
@@ -54,6 +70,8 @@ class Report:
     #: teacher vs student size and speed as a Markdown table
     efficiency: str
     data: dict[str, Any]
+    #: each task's main metric with 95 % intervals and paired differences (Markdown table)
+    intervals: str
 
 
 def load_result(role: str, run_dir: str | Path) -> RunResult:
@@ -95,6 +113,54 @@ def metric_rows(tasks: dict[str, Task], results: list[RunResult]) -> list[list[s
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def bootstrap_comparison(
+    tasks: dict[str, Task], results: list[RunResult], loaded: dict[str, tuple]
+) -> tuple[str, dict[str, Any]]:
+    """Each model's main metric per task with its 95 % bootstrap interval over the test images,
+    and the paired interval of each difference in ``PAIRS``: both models scored on the same
+    resamples of the same images, so what the images share cancels. A difference whose interval
+    spans 0 is marked "not significant". Returns the Markdown table and the numbers."""
+    values, per_model = {}, {}
+    for r in results:
+        net, model_tasks, cfg = loaded[r.role]
+        dm = FundusDataModule(cfg.data, model_tasks)
+        per_model[r.role] = collect_outputs(net, dm, "test", torch.device("cpu"))
+        values[r.role] = resampled_values(model_tasks, per_model[r.role], [], BOOTSTRAP_RESAMPLES)
+    roles = [r.role for r in results]
+    metrics = {r.role: r.metrics for r in results}
+    pairs = [(a, b) for a, b in PAIRS if a in roles and b in roles]
+    paired = {}
+    for a, b in pairs:
+        check_paired(per_model[a], per_model[b], f"report, {ROLES[a]} vs {ROLES[b]}")
+        paired[f"{a} - {b}"] = paired_differences(values[a], values[b])
+    bounds = {role: intervals(v) for role, v in values.items()}
+    header = ["task", "metric", *(ROLES[r] for r in roles)]
+    header += [f"{ROLES[a]} − {ROLES[b]}" for a, b in pairs]
+    rows = []
+    for name, task in tasks.items():
+        metric, mode = task.monitor
+        key = f"{name}/{metric}"
+        if not all(key in bounds[r] for r in roles):
+            continue
+        row = [name, f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"]
+        for r in results:
+            lo, hi = bounds[r.role][key]
+            row.append(f"{r.metrics[key]:.3f} [{lo:.3f}, {hi:.3f}]")
+        for a, b in pairs:
+            diff = paired[f"{a} - {b}"][key]
+            value = metrics[a][key] - metrics[b][key]
+            verdict = "" if diff["significant"] else " not significant"
+            row.append(f"{value:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]{verdict}")
+        rows.append(row)
+    data = {
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "level": LEVEL,
+        "intervals": bounds,
+        "paired": paired,
+    }
+    return markdown_table(header, rows), data
 
 
 def ratios(teacher: Profile, student: Profile) -> dict[str, float]:
@@ -240,6 +306,7 @@ def build_report(
     profiles = {role: profile_net(nets[role], size, repeats) for role in ("teacher", "student")}
     rows = metric_rows(tasks, results)
     table = markdown_table(["task", "metric", *(ROLES[r.role] for r in results)], rows)
+    comparison, bootstrap = bootstrap_comparison(tasks, results, loaded)
     figures = {
         "metrics.png": metrics_figure(tasks, results),
         "predictions.png": predictions_figure(tasks, nets, cfg.data, n_images),
@@ -258,12 +325,13 @@ def build_report(
         },
         "profile": {role: p.as_dict() for role, p in profiles.items()},
         "ratios": ratios(profiles["teacher"], profiles["student"]),
+        "bootstrap": bootstrap,
     }
     efficiency = efficiency_table(profiles["teacher"], profiles["student"])
-    markdown = render_markdown(results, loaded, profiles["teacher"], table, efficiency)
+    markdown = render_markdown(results, loaded, profiles["teacher"], table, efficiency, comparison)
     atomic_write_bytes(out / "report.md", markdown.encode())
     atomic_write_bytes(out / "report.json", json.dumps(data, indent=1).encode())
-    return Report(out / "report.md", table, efficiency, data)
+    return Report(out / "report.md", table, efficiency, data, comparison)
 
 
 def render_markdown(
@@ -272,6 +340,7 @@ def render_markdown(
     teacher: Profile,
     table: str,
     efficiency: str,
+    comparison: str,
 ) -> str:
     cfg = loaded["student"][2]
     sources = ", ".join(f"{n} ({s.kind})" for n, s in cfg.data.sources.items())
@@ -304,6 +373,12 @@ Test split of {sources}, {teacher.image_size} x {teacher.image_size} px.
 
 ![main metric per task](metrics.png)
 
+## Intervals and paired differences
+
+{INTERVALS_NOTE}
+
+{comparison}
+
 ## Size and CPU speed
 
 Median of timed forward passes after warm-up, {teacher.threads} torch thread(s),
@@ -333,4 +408,5 @@ def main(args: list[str]) -> None:
             f"report: unknown arguments {rest}; valid: teacher=, student=, baseline=, out="
         )
     report = build_report(runs, out or "runs/report")
-    print(f"\n{report.table}\n\n{report.efficiency}\n\nreport written to {report.path}")
+    print(f"\n{report.table}\n\n{INTERVALS_NOTE}\n\n{report.intervals}")
+    print(f"\n{report.efficiency}\n\nreport written to {report.path}")

@@ -18,6 +18,8 @@ from mtkd.evaluation import (
     resample_draws,
     resampled_values,
 )
+from mtkd.modules.checkpoint import load_net
+from mtkd.report import build_report
 from mtkd.stages import evaluate
 from mtkd.tasks import build_tasks
 from tests.test_report import TinyRuns, single_thread, trained_runs  # noqa: F401  (autouse)
@@ -183,3 +185,30 @@ def test_evaluate_writes_and_prints_an_interval_per_metric(
     assert json.loads((tmp_path / "again.json").read_text())["ci"] == ci
     evaluate(str(runs.student), "test", [], out=str(tmp_path / "none.json"), bootstrap=0)
     assert "ci" not in json.loads((tmp_path / "none.json").read_text())
+
+
+@pytest.mark.integration
+def test_report_pairs_models_on_the_same_resamples(runs: TinyRuns, tmp_path: Path) -> None:
+    """The student's run doubles as the baseline: KD − no KD is the same model twice, so every
+    paired interval is exactly [0, 0] and "not significant"; KD − teacher is shown too."""
+    report = build_report(
+        {"teacher": runs.teacher_dir, "student": runs.student_dir, "baseline": runs.student_dir},
+        tmp_path / "report",
+        n_images=1,
+        repeats=1,
+    )
+    lines = report.intervals.splitlines()
+    assert lines[0] == (
+        "| task | metric | teacher | student KD | student no KD | student KD − student no KD "
+        "| student KD − teacher |"
+    )
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert {r[0].removeprefix("| ") for r in rows} == set(load_net(runs.student)[1])
+    for row in rows:
+        assert row[5] == "+0.000 [+0.000, +0.000] not significant", row
+    paired = report.data["bootstrap"]["paired"]["student - baseline"]
+    assert all(d == {"lo": 0.0, "hi": 0.0, "significant": False} for d in paired.values())
+    kappa = next(r for r in rows if r[0] == "| dr_grade")
+    teacher = json.loads((runs.teacher_dir / "metrics_test.json").read_text())["metrics"]
+    assert kappa[2].startswith(f"{teacher['test/dr_grade/kappa']:.3f} [")
+    assert report.intervals in (tmp_path / "report" / "report.md").read_text()
