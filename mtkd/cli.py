@@ -19,9 +19,12 @@ commands:
                  a kd.teachers list; teachers may be specialists with their own task sets)
   distill        train the student with KD               (distill.yaml + overrides)
   evaluate       test a checkpoint                       (ckpt=PATH split=test|val [out=FILE]
-                 [resolution=working|original] [joint=TASK,TASK ... | joint=none])
+                 [resolution=working|original] [joint=TASK,TASK ... | joint=none]
+                 [bootstrap=N resamples for the 95 % intervals, 0: none])
   demo           teacher, cache, student, no-KD baseline, evaluation, report  ([runs=DIR] + overrides)
   report         markdown + figures from evaluated runs  (teacher=DIR student=DIR baseline=DIR out=DIR)
+  study          label-efficiency study: KD vs no KD per label fraction and seed
+                 ([study=label_efficiency] [study.KEY=VALUE ...] + stage overrides)
   export         student-only weights, ONNX and metadata  (ckpt=PATH [out=DIR])
   predict        predictions for images                  (ckpt=PATH images=FILE|DIR [out=DIR])
   sweep-local    run a W&B sweep YAML offline             (sweep=mtkd/configs/sweeps/X.yaml)
@@ -99,9 +102,13 @@ def cmd_evaluate(args: list[str]) -> None:
     out, rest = _take(rest, "out")
     resolution, rest = _take(rest, "resolution")
     joint, rest = _take(rest, "joint", many=True)
+    bootstrap, rest = _take(rest, "bootstrap")
     if not ckpt:
         raise ValueError("evaluate needs ckpt=<path/to/checkpoint.ckpt>")
-    evaluate(ckpt, split or "test", rest, out, resolution or "working", joint or None)
+    if bootstrap is not None and not bootstrap.isdigit():
+        raise ValueError(f"bootstrap={bootstrap}: give a whole number of resamples (0: none)")
+    resamples = None if bootstrap is None else int(bootstrap)
+    evaluate(ckpt, split or "test", rest, out, resolution or "working", joint or None, resamples)
 
 
 #: command -> "module:function"; each function takes the remaining ``key=value`` arguments.
@@ -114,6 +121,7 @@ COMMANDS: dict[str, str] = {
     "init": "mtkd.starter:main",
     "demo": "mtkd.demo:main",
     "report": "mtkd.report:main",
+    "study": "mtkd.study:main",
     "export": "mtkd.export:main",
     "predict": "mtkd.predict:main",
     "sweep-local": "mtkd.sweeps:main",

@@ -1,0 +1,398 @@
+"""``mtkd study [study=label_efficiency] [study.KEY=VALUE ...] [overrides]``: the label-efficiency
+study. For each label fraction, seed and arm (``kd``: the teacher cache teaches every training
+image, the unlabeled remainder by KD only; ``nokd``: labels only), train the same student under
+the same budget and score it on the test split; then the mean and 95 % t-interval across seeds
+of each task's headline metric (``Task.monitor``), the KD gain, a plot and results JSON.
+
+The honest protocol (``study.teacher=fraction``, the default) trains one teacher per fraction on
+that fraction's labels only, so it never saw the labels the student lacks; ``study.teacher=all``
+trains one teacher on every label (the optimistic variant). Seeds vary the student's
+initialisation and batch order; the labeled patients and the test split are fixed by
+``data.split_seed`` (fractions are nested: the 10 % patients are among the 25 %). Checkpoints
+are chosen on the fully labeled validation split, the same way in both arms.
+
+A finished cell (its ``metrics_test.json`` exists) is not rerun, nor a finished teacher or cache,
+so an interrupted study continues where it stopped; the settings that define the protocol are
+saved in ``protocol.json`` and a rerun with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from scipy import stats
+
+from data_modules.io import atomic_write_bytes
+from mtkd.config import load_config, read_group, search_path
+from mtkd.stages import cache_teacher, evaluate, fit
+from mtkd.tasks import build_tasks
+
+ARMS = {"kd": "KD", "nokd": "no KD"}
+TEACHERS = ("fraction", "all")
+#: overrides the study sets itself for each stage (choose them with study.* keys instead)
+RESERVED = (
+    "stage",
+    "run.dir",
+    "run.seed",
+    "kd",
+    "kd.mode",
+    "kd.cache_dir",
+    "kd.teacher",
+    "kd.teachers",
+    "cache.teacher",
+    "data.label_fraction",
+    "trainer.max_epochs",
+    "logger.group",
+    "logger.name",
+)
+LEVEL = 0.95
+
+
+@dataclass
+class StudyConfig:
+    """One study: the grid, the budget and where it writes."""
+
+    name: str = "label_efficiency"
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: ["kd", "nokd"])
+    #: "fraction": one teacher per fraction on its labels only; "all": one on every label
+    teacher: str = "fraction"
+    teacher_seed: int = 0
+    teacher_epochs: int = 12
+    #: the same for both arms: the comparison is at equal budget
+    student_epochs: int = 10
+    out: str = "runs/study/label_efficiency"
+    #: stage overrides for every stage (before the command line's)
+    overrides: list[str] = field(default_factory=list)
+
+
+def load_study(args: list[str]) -> tuple[StudyConfig, list[str]]:
+    """``study=NAME`` (a file of the ``study`` config group, or a YAML path), ``study.KEY=VALUE``
+    items, and the remaining stage overrides."""
+    name = "label_efficiency"
+    values, stage = [], []
+    for arg in args:
+        if arg.startswith("study="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("study."):
+            values.append(arg.removeprefix("study."))
+        else:
+            stage.append(arg)
+    path, _ = search_path(stage)
+    schema = OmegaConf.structured(StudyConfig)
+    try:
+        merged = OmegaConf.merge(schema, read_group("study", name, path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(values))
+    except OmegaConfBaseException as exc:
+        valid = ", ".join(f"study.{k}" for k in schema)
+        raise ValueError(f"study config: {exc.msg}; valid keys: {valid}") from None
+    study = StudyConfig(**OmegaConf.to_container(merged))
+    check_study(study, [*study.overrides, *stage])
+    return study, [*study.overrides, *stage]
+
+
+def check_study(study: StudyConfig, overrides: list[str]) -> None:
+    problems = []
+    if not study.fractions or not all(0 < f <= 1 for f in study.fractions):
+        problems.append(f"study.fractions={study.fractions} must be label fractions in (0, 1]")
+    if not study.seeds:
+        problems.append("study.seeds is empty")
+    if not study.arms or not set(study.arms) <= set(ARMS):
+        problems.append(f"study.arms={study.arms} must be among {list(ARMS)}")
+    if study.teacher not in TEACHERS:
+        problems.append(f"study.teacher={study.teacher!r} must be one of {list(TEACHERS)}")
+    if min(study.teacher_epochs, study.student_epochs) < 1:
+        problems.append("study.teacher_epochs and study.student_epochs must be >= 1")
+    taken = sorted({o.split("=", 1)[0] for o in overrides} & set(RESERVED))
+    if taken:
+        problems.append(
+            f"the study sets {taken} itself for each stage; use study.fractions, study.seeds, "
+            "study.teacher_epochs, study.student_epochs and study.out instead"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def protocol(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
+    """What every cell of one study shares; fractions and seeds may grow between runs."""
+    return {
+        "teacher": study.teacher,
+        "teacher_seed": study.teacher_seed,
+        "teacher_epochs": study.teacher_epochs,
+        "student_epochs": study.student_epochs,
+        "overrides": overrides,
+    }
+
+
+def check_protocol(out: Path, current: dict[str, Any]) -> None:
+    """Refuse to mix cells trained under different settings in one output folder."""
+    file = out / "protocol.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise ValueError(
+                f"{out} holds a study run with other settings ({', '.join(changed)} differ, "
+                f"see {file}); give it another folder with study.out=DIR or delete {out}"
+            )
+    atomic_write_bytes(file, json.dumps(current, indent=1).encode())
+
+
+def teacher_for(study: StudyConfig, overrides: list[str], fraction: float) -> tuple[Path, Path]:
+    """The fraction's teacher checkpoint and cache, trained and written unless already there."""
+    tag = "all" if study.teacher == "all" else f"f{fraction:g}"
+    run_dir, cache = Path(study.out) / f"teacher_{tag}", Path(study.out) / f"cache_{tag}"
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if not (run_dir / "metrics_val.json").is_file():
+        print(f"[study] teacher {tag}: training", flush=True)
+        best = fit(
+            load_config(
+                "teacher",
+                [
+                    *overrides,
+                    f"run.dir={run_dir}",
+                    f"run.seed={study.teacher_seed}",
+                    f"data.label_fraction={1.0 if study.teacher == 'all' else fraction}",
+                    f"trainer.max_epochs={study.teacher_epochs}",
+                    f"logger.group={study.name}",
+                    f"logger.name=teacher_{tag}",
+                ],
+            )
+        )
+    if not (cache / "fingerprint.json").is_file():
+        print(f"[study] teacher {tag}: caching its outputs", flush=True)
+        cache_teacher(
+            load_config("distill", [*overrides, f"cache.teacher=[{best}]", f"kd.cache_dir={cache}"])
+        )
+    return best, cache
+
+
+def run_cell(
+    study: StudyConfig,
+    overrides: list[str],
+    fraction: float,
+    seed: int,
+    arm: str,
+    teacher: tuple[Path, Path] | None,
+) -> dict[str, float]:
+    """Train one student and score it on the test split; a finished cell is read back."""
+    name = f"f{fraction:g}_s{seed}_{arm}"
+    run_dir = Path(study.out) / f"f{fraction:g}" / f"seed{seed}" / arm
+    metrics_file = run_dir / "metrics_test.json"
+    if metrics_file.is_file():
+        print(f"[study] {name}: finished earlier, kept", flush=True)
+    else:
+        print(f"[study] {name}: training", flush=True)
+        if arm == "kd":
+            ckpt, cache = teacher
+            kd = ["kd=cached", f"kd.cache_dir={cache}", f"kd.teacher={ckpt}"]
+        else:
+            kd = ["kd=none"]
+        best = fit(
+            load_config(
+                "distill",
+                [
+                    *overrides,
+                    *kd,
+                    f"run.dir={run_dir}",
+                    f"run.seed={seed}",
+                    f"data.label_fraction={fraction}",
+                    f"trainer.max_epochs={study.student_epochs}",
+                    f"logger.group={study.name}",
+                    f"logger.name={name}",
+                ],
+            )
+        )
+        evaluate(str(best), "test", [], out=str(metrics_file), bootstrap=0)
+    return json.loads(metrics_file.read_text())["metrics"]
+
+
+def t_interval(values: list[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean and the t-interval of the mean across seeds (NaN bounds with one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def summarise(
+    study: StudyConfig, tasks: dict[str, Any], cells: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per task: mean and t-interval across seeds per fraction and arm, and the KD gain (paired
+    by seed, signed so that positive favours KD)."""
+    summary = {}
+    for name, task in tasks.items():
+        metric, mode = task.monitor
+        key = f"test/{name}/{metric}"
+        sign = 1.0 if mode == "max" else -1.0
+        rows, gains = [], []
+        for fraction in study.fractions:
+            by_arm = {}
+            for arm in study.arms:
+                found = {
+                    c["seed"]: c["metrics"][key]
+                    for c in cells
+                    if c["fraction"] == fraction and c["arm"] == arm and key in c["metrics"]
+                }
+                by_arm[arm] = found
+                if found:
+                    mean, lo, hi = t_interval(list(found.values()))
+                    rows.append(
+                        {"fraction": fraction, "arm": arm, "n": len(found), "mean": mean}
+                        | {"lo": lo, "hi": hi}
+                    )
+            if {"kd", "nokd"} <= set(by_arm):
+                seeds = sorted(set(by_arm["kd"]) & set(by_arm["nokd"]))
+                diffs = [sign * (by_arm["kd"][s] - by_arm["nokd"][s]) for s in seeds]
+                if diffs:
+                    mean, lo, hi = t_interval(diffs)
+                    gains.append(
+                        {"fraction": fraction, "n": len(diffs), "mean": mean, "lo": lo, "hi": hi}
+                    )
+        summary[name] = {"metric": metric, "mode": mode, "rows": rows, "gain": gains}
+    return summary
+
+
+def _cell(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:.3f}" if math.isnan(lo) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def results_table(study: StudyConfig, summary: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """Header and rows: one row per fraction and arm, then the KD gain per fraction."""
+    header = ["fraction", "arm", *(f"{n}: {s['metric']}" for n, s in summary.items())]
+    rows = []
+    for fraction in study.fractions:
+        for arm in study.arms:
+            cells = []
+            for s in summary.values():
+                row = next(
+                    (r for r in s["rows"] if r["fraction"] == fraction and r["arm"] == arm), None
+                )
+                cells.append(_cell(row["mean"], row["lo"], row["hi"]) if row else "–")
+            rows.append([f"{fraction:g}", ARMS[arm], *cells])
+        gains = [
+            next((g for g in s["gain"] if g["fraction"] == fraction), None)
+            for s in summary.values()
+        ]
+        if any(gains):
+            cells = ["–" if g is None else _cell(g["mean"], g["lo"], g["hi"]) for g in gains]
+            rows.append([f"{fraction:g}", "KD gain", *cells])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in lines)
+
+
+def describe(study: StudyConfig, summary: dict[str, Any]) -> str:
+    """The lines that say how to read the table."""
+    teacher = (
+        "one teacher per fraction, trained on that fraction's labels only"
+        if study.teacher == "fraction"
+        else "one teacher trained on every label (study.teacher=all: optimistic)"
+    )
+    modes = ", ".join(
+        f"{n} {s['metric']} ({'higher' if s['mode'] == 'max' else 'lower'} is better)"
+        for n, s in summary.items()
+    )
+    return (
+        f"Study {study.name}: test split, mean [{LEVEL:.0%} t-interval] across "
+        f"{len(study.seeds)} seed(s) {list(study.seeds)}; teacher: {teacher}; students "
+        f"{study.student_epochs} epochs in both arms. KD gain: KD − no KD paired by seed, signed "
+        f"so that positive favours KD. Metrics: {modes}. Chance: kappa 0."
+    )
+
+
+def plot(study: StudyConfig, summary: dict[str, Any]) -> bytes:
+    """Headline metric vs label fraction per task, one line per arm, shaded t-intervals."""
+    from matplotlib.figure import Figure
+
+    cols = min(len(summary), 4)
+    nrows = -(-len(summary) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, (name, s) in zip(axes, summary.items()):
+        for arm, color in zip(study.arms, ("#4c72b0", "#8c8c8c")):
+            rows = sorted((r for r in s["rows"] if r["arm"] == arm), key=lambda r: r["fraction"])
+            x = [r["fraction"] for r in rows]
+            ax.plot(x, [r["mean"] for r in rows], "o-", color=color, label=ARMS[arm])
+            ax.fill_between(
+                x, [r["lo"] for r in rows], [r["hi"] for r in rows], color=color, alpha=0.2
+            )
+        better = "higher" if s["mode"] == "max" else "lower"
+        ax.set_title(f"{name}: {s['metric']} ({better} is better)", fontsize=9)
+        ax.set_xlabel("label fraction", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in axes[len(summary) :]:
+        ax.set_axis_off()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def log_study(
+    overrides: list[str], study: StudyConfig, header: list, rows: list, png: Path
+) -> None:
+    """The table and plot as one W&B run (job type study) in the study's group, when the
+    configured logger is W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from mtkd.logging import make_logger
+
+    cfg = load_config(
+        "distill", [*overrides, f"logger.group={study.name}", "logger.name=study_summary"]
+    )
+    logger = make_logger(cfg, Path(study.out), job_type="study")
+    if isinstance(logger, WandbLogger):
+        logger.log_table("study/results", columns=header, data=rows)
+        logger.log_image("study/plot", images=[str(png)])
+        logger.experiment.finish()
+
+
+def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
+    """Every cell (finished ones are kept), then table, plot and JSON under ``study.out``."""
+    out = Path(study.out)
+    check_protocol(out, protocol(study, overrides))
+    tasks = build_tasks(OmegaConf.to_container(load_config("distill", overrides).tasks))
+    cells = []
+    for fraction in study.fractions:
+        teacher = teacher_for(study, overrides, fraction) if "kd" in study.arms else None
+        for seed in study.seeds:
+            for arm in study.arms:
+                metrics = run_cell(study, overrides, fraction, seed, arm, teacher)
+                cells.append({"fraction": fraction, "seed": seed, "arm": arm, "metrics": metrics})
+    summary = summarise(study, tasks, cells)
+    header, rows = results_table(study, summary)
+    note = describe(study, summary)
+    table = markdown(header, rows)
+    atomic_write_bytes(out / "study.png", plot(study, summary))
+    atomic_write_bytes(out / "results.md", f"{note}\n\n{table}\n\n![study](study.png)\n".encode())
+    results = {
+        "study": study.name,
+        "config": asdict(study),
+        "note": note,
+        "summary": summary,
+        "cells": cells,
+    }
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
+    log_study(overrides, study, header, rows, out / "study.png")
+    print(f"\n{note}\n\n{table}\n\nwritten to {out}: results.md, results.json, study.png")
+    return results
+
+
+def main(args: list[str]) -> None:
+    study, overrides = load_study(args)
+    run_study(study, overrides)

@@ -1,0 +1,114 @@
+"""mtkd study at toy size (1 fraction x 2 seeds x 2 arms, 64 px, 1 epoch): table, plot and JSON
+written; the KD arm trains from the fraction's teacher cache and the no-KD arm does not; a
+rerun trains nothing; settings that define the protocol cannot change under a finished study."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import mtkd.stages
+import mtkd.study
+from mtkd.study import load_study, run_study, t_interval
+from tests.test_report import PNG_MAGIC, single_thread  # noqa: F401  (autouse)
+
+
+@pytest.mark.unit
+def test_t_interval_by_hand_and_with_one_seed() -> None:
+    """Values 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302653 -> 2 ± 4.302653 / sqrt(3)."""
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((2.0, 2 - half, 2 + half))
+    assert t_interval([0.5, 0.5]) == (0.5, 0.5, 0.5)
+    mean, lo, hi = t_interval([0.7])
+    assert mean == 0.7 and math.isnan(lo) and math.isnan(hi)
+
+
+@pytest.mark.unit
+def test_study_refuses_what_it_sets_itself_and_bad_values() -> None:
+    with pytest.raises(ValueError, match=r"the study sets \['data.label_fraction', 'run.dir'\]"):
+        load_study(["run.dir=x", "data.label_fraction=0.5"])
+    with pytest.raises(ValueError, match=r"study.fractions=\[0.0\].*study.teacher='some'"):
+        load_study(["study.fractions=[0.0]", "study.teacher=some"])
+    with pytest.raises(ValueError, match="valid keys: study.name"):
+        load_study(["study.epochs=3"])
+
+
+@pytest.mark.integration
+def test_study_writes_table_plot_json_and_resumes_without_training(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "study"
+    stage = [o for o in tiny() if not o.startswith(("run.dir=", "kd.cache_dir=", "trainer.max"))]
+    args = [
+        "study.fractions=[0.5]",
+        "study.seeds=[0,1]",
+        "study.teacher_epochs=1",
+        "study.student_epochs=1",
+        f"study.out={out}",
+        *stage,
+    ]
+    opened = []
+    real_open = mtkd.stages.open_checked_cache
+
+    def spy(cfg, tasks):
+        opened.append((Path(cfg.run.dir), Path(cfg.kd.cache_dir)))
+        return real_open(cfg, tasks)
+
+    monkeypatch.setattr(mtkd.stages, "open_checked_cache", spy)
+    study, overrides = load_study(args)
+    results = run_study(study, overrides)
+    printed = capsys.readouterr().out
+
+    for name in ("results.md", "results.json", "study.png", "protocol.json"):
+        assert (out / name).is_file(), name
+    assert (out / "study.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+    assert "one teacher per fraction, trained on that fraction's labels only" in printed
+    header = "| fraction | arm | dr_grade: kappa | dme_risk: kappa | glaucoma: kappa | cdr: mae |"
+    assert header in printed
+    for arm in ("KD", "no KD", "KD gain"):
+        assert f"| 0.5 | {arm} |" in printed
+
+    # The KD arm opened the fraction's cache, the no-KD arm no cache at all.
+    cache = out / "cache_f0.5"
+    assert sorted(opened) == [(out / "f0.5" / f"seed{s}" / "kd", cache) for s in (0, 1)]
+    for seed in (0, 1):
+        kd_cfg = (out / "f0.5" / f"seed{seed}" / "kd" / "checkpoints" / "config.yaml").read_text()
+        nokd_cfg = (
+            out / "f0.5" / f"seed{seed}" / "nokd" / "checkpoints" / "config.yaml"
+        ).read_text()
+        assert "mode: cached" in kd_cfg and f"cache_dir: {cache}" in kd_cfg
+        assert "mode: none" in nokd_cfg
+        assert f"seed: {seed}" in kd_cfg and "label_fraction: 0.5" in nokd_cfg
+    teacher_cfg = (out / "teacher_f0.5" / "checkpoints" / "config.yaml").read_text()
+    assert "label_fraction: 0.5" in teacher_cfg  # the honest protocol
+
+    # The JSON: every cell, and the summary's numbers are the cells' own.
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps(results))
+    assert len(data["cells"]) == 4
+    kd = [c["metrics"]["test/cdr/mae"] for c in data["cells"] if c["arm"] == "kd"]
+    nokd = [c["metrics"]["test/cdr/mae"] for c in data["cells"] if c["arm"] == "nokd"]
+    row = next(r for r in data["summary"]["cdr"]["rows"] if r["arm"] == "kd")
+    assert row["n"] == 2 and row["mean"] == pytest.approx(sum(kd) / 2)
+    gain = data["summary"]["cdr"]["gain"][0]
+    assert gain["mean"] == pytest.approx(
+        sum(n - k for k, n in zip(kd, nokd)) / 2
+    )  # lower is better
+
+    # Rerun: every cell, teacher and cache is finished, so nothing trains.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished study trained again")
+
+    for name in ("fit", "cache_teacher", "evaluate"):
+        monkeypatch.setattr(mtkd.study, name, no_training)
+    again = run_study(*load_study(args))
+    assert again["summary"] == results["summary"]
+    assert "f0.5_s1_nokd: finished earlier, kept" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="student_epochs differ.*study.out=DIR"):
+        run_study(*load_study([*args, "study.student_epochs=2"]))
