@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-all test-ddp lint format synth train-teacher cache-teacher distill \
-	distill-nokd evaluate demo report export predict sweep sweep-local bench realdata clean
+	distill-nokd evaluate demo report study export predict sweep sweep-local bench realdata clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ demo: $(STAMP) ## everything on synthetic data: teacher, cache, student, baselin
 
 report: $(STAMP) ## markdown + figures comparing teacher, student and baseline
 	$(MTKD) report $(ARGS)
+
+study: $(STAMP) ## label-efficiency study: KD vs no KD per label fraction and seed (~30 min)
+	$(MTKD) study $(ARGS)
 
 export: $(STAMP) ## student-only weights, ONNX and metadata (CKPT=path)
 	$(MTKD) export ckpt=$(or $(CKPT),$(STUDENT)) $(ARGS)
