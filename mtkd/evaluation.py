@@ -28,7 +28,7 @@ from data_modules.datamodule import FundusDataModule
 from data_modules.io import load_image, load_mask
 from data_modules.preprocess import fov_region, original_size, uncrop
 from data_modules.samples import Sample
-from mtkd.tasks import ClassificationTask, SegmentationTask, Task
+from mtkd.tasks import Task
 
 RESOLUTIONS = ("working", "original")
 #: the mask name under which the DRIVE and CHASE_DB1 adapters give each image's field of view
@@ -153,8 +153,9 @@ class JointAccuracy:
     """Fraction of the images labeled for every task of ``group`` on which every task's
     predicted class (argmax) is right."""
 
-    def __init__(self, group: tuple[str, ...]) -> None:
+    def __init__(self, group: tuple[str, ...], tasks: dict[str, Task]) -> None:
         self.group = group
+        self.tasks = tasks
         self.key = f"{'+'.join(group)}/joint_acc"
         self.right = 0
         self.total = 0
@@ -166,7 +167,9 @@ class JointAccuracy:
         has: dict[str, torch.Tensor],
     ) -> None:
         labeled = torch.stack([has[n] for n in self.group]).all(dim=0)
-        right = torch.stack([outputs[n].argmax(dim=1) == targets[n] for n in self.group])
+        right = torch.stack(
+            [self.tasks[n].predicted_class(outputs[n]) == targets[n] for n in self.group]
+        )
         self.right += int((right.all(dim=0) & labeled).sum())
         self.total += int(labeled.sum())
 
@@ -177,7 +180,7 @@ class JointAccuracy:
 def joint_groups(tasks: dict[str, Task], requested: list[str] | None) -> list[tuple[str, ...]]:
     """The task groups to score jointly: one per ``joint=a,b`` argument; ``joint=none`` for none;
     without the argument, each of ``JOINT_DEFAULTS`` whose tasks the checkpoint has."""
-    names = [n for n, t in tasks.items() if isinstance(t, ClassificationTask)]
+    names = [n for n, t in tasks.items() if t.single_class]
     if requested is None:
         return [g for g in JOINT_DEFAULTS if set(g) <= set(names)]
     if requested == ["none"]:
@@ -208,11 +211,11 @@ def challenge_metrics(
     over the split in this process: under DDP rank 0 runs it alone, so each sample counts once."""
     tasks = module.tasks
     scores = {
-        n: MaskScores(list(t.spec.classes))
+        n: MaskScores(t.required_masks())
         for n, t in tasks.items()
-        if resolution == "original" and isinstance(t, SegmentationTask)
+        if resolution == "original" and t.dense and t.required_masks()
     }
-    joints = [JointAccuracy(g) for g in joint]
+    joints = [JointAccuracy(g, tasks) for g in joint]
     if not scores and not joints:
         return {}
     dataset = dm.dataset(split)
@@ -305,9 +308,11 @@ def percentile_interval(values: torch.Tensor, level: float = LEVEL) -> tuple[flo
     return float(lo), float(hi)
 
 
-def joint_outputs(outputs: dict[str, TaskOutputs], group: tuple[str, ...]) -> TaskOutputs | None:
-    """Per image labeled for every task of ``group``: 1 when every task's argmax is right (the
-    samples ``JointAccuracy`` counts), as a one-column TaskOutputs."""
+def joint_outputs(
+    tasks: dict[str, Task], outputs: dict[str, TaskOutputs], group: tuple[str, ...]
+) -> TaskOutputs | None:
+    """Per image labeled for every task of ``group``: 1 when every task's predicted class is
+    right (the samples ``JointAccuracy`` counts), as a one-column TaskOutputs."""
     if not all(n in outputs for n in group):
         return None
     ids = sorted(set.intersection(*(set(outputs[n].ids) for n in group)))
@@ -318,7 +323,7 @@ def joint_outputs(outputs: dict[str, TaskOutputs], group: tuple[str, ...]) -> Ta
         out = outputs[name]
         position = {sample_id: row for row, sample_id in enumerate(out.ids)}
         rows = torch.tensor([position[i] for i in ids])
-        right &= out.pred[rows].argmax(dim=1) == out.target[rows]
+        right &= tasks[name].predicted_class(out.pred[rows]) == out.target[rows]
     return TaskOutputs(ids, right.double(), right.double(), {})
 
 
@@ -337,7 +342,7 @@ def resampled_values(
         found = tasks[name].resampled_metrics(out.pred, out.target, out.extras, draws)
         values.update({f"{name}/{k}": v for k, v in found.items()})
     for group in joint:
-        out = joint_outputs(outputs, group)
+        out = joint_outputs(tasks, outputs, group)
         if out is not None:
             draws = resample_draws(len(out.ids), resamples, seed)
             values[f"{'+'.join(group)}/joint_acc"] = out.pred[draws].mean(dim=1)

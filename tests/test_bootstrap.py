@@ -127,9 +127,15 @@ def test_the_identity_resample_reproduces_each_kinds_own_metrics() -> None:
 def test_joint_outputs_mark_images_where_every_task_is_right() -> None:
     a = TaskOutputs(["x", "y", "z"], torch.eye(3), torch.tensor([0, 1, 0]), {})
     b = TaskOutputs(["y", "z"], torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([1, 1]), {})
-    joint = joint_outputs({"a": a, "b": b}, ("a", "b"))
+    tasks = build_tasks(
+        {
+            "a": {"kind": "classification", "num_classes": 3},
+            "b": {"kind": "classification", "num_classes": 2},
+        }
+    )
+    joint = joint_outputs(tasks, {"a": a, "b": b}, ("a", "b"))
     assert joint.ids == ["y", "z"] and joint.pred.tolist() == [1.0, 0.0]
-    assert joint_outputs({"a": a}, ("a", "b")) is None
+    assert joint_outputs(tasks, {"a": a}, ("a", "b")) is None
 
 
 @pytest.mark.unit

@@ -151,7 +151,13 @@ def test_a_sample_without_any_class_mask_is_not_scored(tmp_path):
 
 @pytest.mark.unit
 def test_joint_accuracy_counts_images_right_on_every_task():
-    accuracy = JointAccuracy(("dr", "dme"))
+    tasks = build_tasks(
+        {
+            "dr": {"kind": "classification", "num_classes": 3},
+            "dme": {"kind": "classification", "num_classes": 2},
+        }
+    )
+    accuracy = JointAccuracy(("dr", "dme"), tasks)
     # Samples 0-3 carry both labels; sample 4 has no DME label and is left out.
     # dr right on 0, 1, 2, 4; dme right on 0, 2, 3 -> both right on 0 and 2 of 0-3.
     dr = torch.eye(3)[[0, 1, 2, 0, 1]]

@@ -105,6 +105,9 @@ class Task(abc.ABC):
     monitor: ClassVar[tuple[str, str]] = ("loss", "min")
     #: How the raw output becomes probabilities: "softmax", "sigmoid" or "none" (export metadata).
     activation: ClassVar[str] = "none"
+    #: Whether each output names one class (``predicted_class``), so that several such tasks can
+    #: be scored jointly (IDRiD's DR + DME grading: both right on the same image).
+    single_class: ClassVar[bool] = False
 
     def __init__(self, name: str, raw_spec: dict[str, Any]) -> None:
         self.name = name
@@ -157,6 +160,10 @@ class Task(abc.ABC):
     def activate(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw head output -> what a person reads: probabilities, values or points."""
         return ACTIVATIONS[self.activation](raw.float())
+
+    def predicted_class(self, raw: torch.Tensor) -> torch.Tensor:
+        """The class index per sample, for ``single_class`` tasks."""
+        return raw.argmax(dim=1)
 
     def exported(self, raw: torch.Tensor) -> torch.Tensor:
         """What the exported (ONNX) network outputs for this task: the raw head output, which

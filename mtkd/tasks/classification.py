@@ -29,6 +29,7 @@ class ClassificationSpec(TaskSpec):
 class ClassificationTask(Task):
     spec_class = ClassificationSpec
     activation = "softmax"
+    single_class = True
     default_temperature = 4.0
     monitor = ("kappa", "max")
 
