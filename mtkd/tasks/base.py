@@ -248,6 +248,9 @@ class Task(abc.ABC):
         reports (about 1 ms per resample for a classification task on 100 images); kinds whose
         outputs are large (segmentation) override it with per-sample sufficient statistics."""
         metrics = self.metrics()
+        for metric in metrics.values():
+            # One process resamples the whole split (under DDP, rank 0 alone): never sync ranks.
+            metric.distributed_available_fn = lambda: False
         values: dict[str, list[torch.Tensor]] = {}
         with warnings.catch_warnings():
             # A resample can miss a class; torchmetrics warns as it would on such a split.
