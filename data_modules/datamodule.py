@@ -20,8 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.io import NPZ_SEPARATOR, load_image
-from data_modules.preprocess import Preprocessor
+from data_modules.preprocess import Preprocessor, original_size
 from data_modules.samples import Sample, read_source
 from data_modules.splits import _rank, assign_splits, load_splits, save_splits
 from data_modules.transforms import build_transform, view_seed
@@ -156,14 +155,10 @@ def drop_bad_images(samples: list[Sample], data_cfg: Any) -> list[Sample]:
 
 def _normalised_points(sample: Sample) -> dict[str, tuple[float, float]]:
     """Pixel points -> fractions of the image size (read from the file header)."""
-    if NPZ_SEPARATOR in sample.image:
-        height, width = load_image(sample.image).shape[:2]
-    else:
-        try:
-            with Image.open(sample.image) as img:
-                width, height = img.size
-        except (OSError, ValueError):
-            return {}  # a missing or broken image is reported when images are read
+    try:
+        width, height = original_size(sample.image)
+    except (OSError, ValueError):
+        return {}  # a missing or broken image is reported when images are read
     return {n: (x / width, y / height) for n, (x, y) in sample.points.items()}
 
 
