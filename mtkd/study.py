@@ -31,6 +31,7 @@ from scipy import stats
 
 from data_modules.io import atomic_write_bytes
 from mtkd.config import load_config, read_group, search_path
+from mtkd.report import markdown_table
 from mtkd.stages import cache_teacher, evaluate, fit
 from mtkd.tasks import build_tasks
 
@@ -268,7 +269,7 @@ def _cell(mean: float, lo: float, hi: float) -> str:
     return f"{mean:.3f}" if math.isnan(lo) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def results_table(study: StudyConfig, summary: dict[str, Any]) -> tuple[list[str], list[list]]:
+def results_table(study: StudyConfig, summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per fraction and arm, then the KD gain per fraction."""
     header = ["fraction", "arm", *(f"{n}: {s['metric']}" for n, s in summary.items())]
     rows = []
@@ -289,11 +290,6 @@ def results_table(study: StudyConfig, summary: dict[str, Any]) -> tuple[list[str
             cells = ["–" if g is None else _cell(g["mean"], g["lo"], g["hi"]) for g in gains]
             rows.append([f"{fraction:g}", "KD gain", *cells])
     return header, rows
-
-
-def markdown(header: list[str], rows: list[list]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in lines)
 
 
 def describe(study: StudyConfig, summary: dict[str, Any]) -> str:
@@ -377,7 +373,7 @@ def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
     summary = summarise(study, tasks, cells)
     header, rows = results_table(study, summary)
     note = describe(study, summary)
-    table = markdown(header, rows)
+    table = markdown_table(header, rows)
     atomic_write_bytes(out / "study.png", plot(study, summary))
     atomic_write_bytes(out / "results.md", f"{note}\n\n{table}\n\n![study](study.png)\n".encode())
     results = {
