@@ -34,7 +34,13 @@ from mtkd.kd.cache import (
 from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
 from mtkd.locks import directory_lock
 from mtkd.logging import logger_callbacks, make_logger
-from mtkd.modules.checkpoint import RngState, SafeCheckpointIO, check_same_tasks, read_checkpoint
+from mtkd.modules.checkpoint import (
+    RngState,
+    SafeCheckpointIO,
+    check_same_tasks,
+    read_checkpoint,
+    without_pretrained,
+)
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
 from mtkd.tasks import CacheStorage, build_tasks
@@ -263,7 +269,7 @@ def evaluate(
     )
     cls = STAGE_MODULES[cfg.stage]
     module = cls.load_from_checkpoint(
-        ckpt, map_location="cpu", weights_only=True, config=to_container(cfg)
+        ckpt, map_location="cpu", weights_only=True, config=to_container(without_pretrained(cfg))
     )
     if isinstance(module, StudentModule):
         module.kd_mode = "none"  # evaluation never needs the teacher

@@ -169,3 +169,26 @@ def test_frozen_encoder_epochs_leave_weights_and_batchnorm_statistics_untouched(
     rest = [k for k in before if not k.startswith("encoder.") and before[k].is_floating_point()]
     assert all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in rest)
+
+
+@pytest.mark.integration
+def test_a_checkpoint_is_rebuilt_without_fetching_its_pretrained_weights_again(tiny, monkeypatch):
+    """The checkpoint's own weights replace the encoder's: evaluating or exporting it must not
+    need the weights package (or, for ``imagenet``, the internet) again."""
+    from mtkd.models import multitask
+    from mtkd.modules.checkpoint import load_net
+    from mtkd.stages import evaluate, fit
+
+    overrides = tiny(
+        **{"model.encoder": "tu-tf_efficientnet_lite0", "model.encoder_weights": "packaged"}
+    )
+    best = fit(load_config("teacher", overrides))
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("pretrained weights fetched again for a checkpoint")
+
+    monkeypatch.setattr(multitask, "load_encoder_weights", unavailable)
+    net, _, cfg = load_net(best)
+    assert cfg.model.encoder_weights == "packaged"  # the saved config still says where from
+    metrics = evaluate(str(best), "test", [], bootstrap=0)
+    assert "test/dr_grade/kappa" in metrics

@@ -83,11 +83,18 @@ def load_net(
     if expected_tasks is not None:
         check_same_tasks(specs, expected_tasks, f"checkpoint {path}")
     tasks = build_tasks(specs)
-    net = MultiTaskNet(tasks, cfg.model)
+    net = MultiTaskNet(tasks, without_pretrained(cfg).model)
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval(), tasks, cfg
+
+
+def without_pretrained(cfg: Any) -> Any:
+    """A checkpoint's config for rebuilding its network: the checkpoint's own weights replace the
+    encoder's, so the pretrained ones are not fetched again (``imagenet`` would need the
+    internet, ``packaged`` the weights package, to evaluate or export a checkpoint)."""
+    return OmegaConf.merge(cfg, {"model": {"encoder_weights": None}})
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
