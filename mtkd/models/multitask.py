@@ -5,6 +5,7 @@ tasks read the decoder's full-resolution features; global tasks read one pooled 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -34,7 +35,7 @@ class MultiTaskNet(nn.Module):
         encoder, weights = model_cfg.encoder, model_cfg.encoder_weights
         online = is_online_name(weights)
         try:
-            with hub_offline_unless_reachable():
+            with hub_offline_unless_reachable() if online else contextlib.nullcontext():
                 unet = smp.Unet(
                     encoder_name=encoder,
                     encoder_weights=smp_weights_argument(encoder, weights) if online else None,
