@@ -113,6 +113,15 @@ def test_online_name_offline_fails_fast_naming_the_offline_alternatives(monkeypa
         MultiTaskNet(TASKS, model_cfg("tu-tf_efficientnet_lite0", "imagenet"))
 
 
+def test_online_name_for_an_smp_encoder_fails_fast_at_config_time(monkeypatch):
+    """The normalisation of smp's named weights is read from the hub: offline, the config must
+    fail at once with the offline alternatives, not retry for half a minute."""
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(ValueError, match="need the internet.*'packaged'"):
+        load_config("teacher", ["model.encoder_weights=imagenet"])
+
+
 def test_normalisation_follows_the_weights_unless_the_data_config_sets_it():
     packaged = load_config(
         "teacher", ["model.encoder=tu-tf_efficientnet_lite0", "model.encoder_weights=packaged"]

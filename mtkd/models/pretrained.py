@@ -210,11 +210,20 @@ def pretrained_normalisation(encoder: str, weights: str | None) -> Normalisation
         if encoder.startswith("tu-"):
             import timm
 
-            cfg = timm.create_model(timm_architecture(encoder), pretrained=False).pretrained_cfg
-            return tuple(cfg["mean"]), tuple(cfg["std"])
+            cfg = timm.models.get_pretrained_cfg(timm_architecture(encoder))  # no model built
+            if cfg is None:
+                raise ValueError(
+                    f"model.encoder={encoder!r}: timm knows no such model; give any timm model "
+                    "as 'tu-<name>'"
+                )
+            return tuple(cfg.mean), tuple(cfg.std)
         import segmentation_models_pytorch as smp
 
-        settings = smp.encoders.get_preprocessing_params(encoder, pretrained=weights)
+        try:  # smp reads the weights' settings from the hub: offline, fail fast and clearly
+            with hub_offline_unless_reachable():
+                settings = smp.encoders.get_preprocessing_params(encoder, pretrained=weights)
+        except (OSError, KeyError, ValueError) as exc:
+            raise online_failure(encoder, weights, exc) from None
         return tuple(settings["mean"]), tuple(settings["std"])
     return IMAGENET_MEAN, IMAGENET_STD
 
