@@ -123,7 +123,7 @@ class KDConfig:
     teachers: list[TeacherConfig] = field(default_factory=list)
     alpha: float = 0.5
     temperature: float | None = None
-    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -357,7 +357,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if not cfg.tasks:
         raise ConfigError("no tasks configured; pick a task set, e.g. tasks=synthetic")
-    build_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
+    build_tasks(to_container(cfg.tasks), to_container(cfg.kd.tasks))
     choices = {
         "kd.mode": (cfg.kd.mode, ("cached", "online", "none")),
         "run.weighting": (cfg.run.weighting, ("fixed", "uncertainty", "dwa")),

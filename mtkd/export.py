@@ -22,7 +22,6 @@ from data_modules.io import atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
-from mtkd.predict import channel_names
 from mtkd.tasks import Task
 
 ONNX_OPSET = 17
@@ -99,7 +98,7 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
             name: {
                 "kind": task.kind,
                 "spec": task.describe(),
-                "names": channel_names(task),
+                "names": task.channel_names(),
                 "activation": task.activation,
                 "shape": ["batch", *shapes[name]],
             }

@@ -1,5 +1,6 @@
-"""W&B pictures each validation epoch: a fixed panel of validation images with predicted vs
-true segmentation overlays and landmark points, and a confusion matrix per classification task.
+"""W&B pictures each validation epoch: a fixed panel of validation images with each task's
+predicted vs true overlay (``Task.overlay``: masks, points) and caption (``Task.caption``), and a
+confusion matrix per ``single_class`` task.
 
 Cheap by design: the panel costs one extra forward on a few images; the confusion matrices reuse
 the validation forward passes through a hook. Under DDP they cover rank 0's share of the
@@ -18,25 +19,24 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
-from mtkd.tasks.classification import ClassificationTask
-from mtkd.tasks.localization import LocalizationTask
-from mtkd.tasks.segmentation import SegmentationTask
+from mtkd.tasks import Overlay, Task
 
 #: half the side of the box drawn around a landmark, as a fraction of the image side
 POINT_BOX = 0.03
 
 
-def label_map(planes: torch.Tensor) -> np.ndarray:
-    """C x H x W probabilities or {0,1} masks -> one H x W class map for a W&B overlay:
+def label_map(planes: np.ndarray | torch.Tensor) -> np.ndarray:
+    """C x H x W probabilities or boolean masks -> one H x W class map for a W&B overlay:
     0 = none, c + 1 = class c; later classes are drawn over earlier ones (cup over disc)."""
+    planes = np.asarray(planes, dtype=np.float32)
     out = np.zeros(planes.shape[-2:], dtype=np.uint8)
-    for c, plane in enumerate(planes.detach().float().cpu().numpy() > 0.5):
+    for c, plane in enumerate(planes > 0.5):
         out[plane] = c + 1
     return out
 
 
-def point_boxes(points: torch.Tensor, names: list[str], label: str) -> list[dict[str, Any]]:
-    """K x 2 normalised (x, y) points -> W&B boxes (relative coordinates) centred on them."""
+def point_boxes(points: dict[str, tuple[float, float]], label: str) -> list[dict[str, Any]]:
+    """Named normalised (x, y) points -> W&B boxes (relative coordinates) centred on them."""
     return [
         {
             "position": {
@@ -45,10 +45,29 @@ def point_boxes(points: torch.Tensor, names: list[str], label: str) -> list[dict
                 "height": 2 * POINT_BOX,
             },
             "class_id": k,
-            "box_caption": f"{names[k]} {label}",
+            "box_caption": f"{name} {label}",
         }
-        for k, (x, y) in enumerate(points.detach().float().cpu().tolist())
+        for k, (name, (x, y)) in enumerate(points.items())
     ]
+
+
+def overlay_layers(
+    name: str, drawn: dict[str, Overlay]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """One task's overlays (``{"predicted": ..., "true": ...}``) -> W&B masks and boxes."""
+    masks, boxes = {}, {}
+    for role, layer in drawn.items():
+        if layer.masks:
+            masks[f"{name} {role}"] = {
+                "mask_data": label_map(np.stack(list(layer.masks.values()))),
+                "class_labels": {c + 1: n for c, n in enumerate(layer.masks)},
+            }
+        if layer.points:
+            boxes[f"{name} {role}"] = {
+                "box_data": point_boxes(layer.points, role),
+                "class_labels": dict(enumerate(layer.points)),
+            }
+    return masks, boxes
 
 
 class ValidationPanels(Callback):
@@ -69,9 +88,7 @@ class ValidationPanels(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        self._labels = {
-            n: ([], []) for n, t in pl_module.tasks.items() if isinstance(t, ClassificationTask)
-        }
+        self._labels = {n: ([], []) for n, t in pl_module.tasks.items() if t.single_class}
         self._hook = pl_module.register_forward_hook(self._capture)
 
     def _capture(self, module: torch.nn.Module, args: Any, output: dict) -> None:
@@ -90,7 +107,8 @@ class ValidationPanels(Callback):
             return
         for name, (preds, trues) in self._labels.items():
             has = batch["has"][name]
-            preds.append(self._last[name][has].argmax(dim=1).cpu())
+            task = pl_module.tasks[name]
+            preds.append(task.predicted_class(self._last[name][has]).cpu())
             trues.append(batch["targets"][name][has].cpu())
         self._last = None
 
@@ -106,7 +124,7 @@ class ValidationPanels(Callback):
                 logs[f"val/{name}/confusion_matrix"] = wandb.plot.confusion_matrix(
                     y_true=torch.cat(trues).tolist(),
                     preds=torch.cat(preds).tolist(),
-                    class_names=task.spec.class_names or [str(c) for c in range(task.out_channels)],
+                    class_names=task.channel_names(),
                     title=f"{name} (epoch {trainer.current_epoch})",
                 )
         self.logger.log_metrics(logs, step=trainer.global_step)
@@ -126,37 +144,23 @@ class ValidationPanels(Callback):
         return [self.image(i, item, values, tasks) for i, item in enumerate(self._items)]
 
     def image(
-        self, i: int, item: dict[str, Any], values: dict[str, torch.Tensor], tasks: dict
+        self, i: int, item: dict[str, Any], values: dict[str, torch.Tensor], tasks: dict[str, Task]
     ) -> wandb.Image:
-        """Sample ``i`` from activated outputs (``Task.activate``): segmentation masks and landmark
-        boxes (predicted, and true when labeled) over the image; classes in the caption."""
+        """Sample ``i`` from activated outputs (``Task.activate``): each task's overlay
+        (predicted, and true when labeled) over the image, its caption under it."""
         masks, boxes, caption = {}, {}, [item["sample_id"]]
         for name, task in tasks.items():
-            has = bool(item["has"][name])
-            pred, true = values[name][i], item["targets"][name]
-            if isinstance(task, SegmentationTask):
-                labels = {c + 1: n for c, n in enumerate(task.spec.classes)}
-                masks[f"{name} predicted"] = {
-                    "mask_data": label_map(pred),
-                    "class_labels": labels,
-                }
-                if has:
-                    masks[f"{name} true"] = {"mask_data": label_map(true), "class_labels": labels}
-            elif isinstance(task, LocalizationTask):
-                labels = dict(enumerate(task.spec.points))
-                names = list(task.spec.points)
-                boxes[f"{name} predicted"] = {
-                    "box_data": point_boxes(pred, names, "predicted"),
-                    "class_labels": labels,
-                }
-                if has:
-                    boxes[f"{name} true"] = {
-                        "box_data": point_boxes(true, names, "true"),
-                        "class_labels": labels,
-                    }
-            elif isinstance(task, ClassificationTask):
-                truth = int(true) if has else "?"
-                caption.append(f"{name} {int(pred.argmax())} (true {truth})")
+            pred = values[name][i]
+            true = item["targets"][name] if bool(item["has"][name]) else None
+            drawn = {"predicted": task.overlay(pred)}
+            if true is not None:
+                drawn["true"] = task.overlay(true)
+            task_masks, task_boxes = overlay_layers(name, drawn)
+            masks.update(task_masks)
+            boxes.update(task_boxes)
+            text = task.caption(pred, true)
+            if text:
+                caption.append(f"{name} {text}")
         pixels = (item["image"].float() * self.std + self.mean).clamp(0, 1)
         return wandb.Image(
             (pixels.permute(1, 2, 0).numpy() * 255).astype(np.uint8),

@@ -3,7 +3,8 @@
 Each image goes through the training preprocessing (field-of-view crop, resize, normalisation) so
 the network sees what it was trained on. Outputs are turned into readable values: class and
 probabilities, regression values, landmark points in the original photograph's pixels (mapped back
-through the crop box), and mask areas. Also home of the overlay drawing shared with ``mtkd report``.
+through the crop box), and mask areas: each task kind's ``Task.summarise``. Also home of the
+overlay drawing (``Task.overlay``) shared with ``mtkd report``.
 """
 
 from __future__ import annotations
@@ -20,33 +21,11 @@ from data_modules.preprocess import FOV_THRESHOLD, Prepared, Preprocessor
 from data_modules.samples import Sample
 from data_modules.transforms import build_transform
 from mtkd.modules.checkpoint import load_net
-from mtkd.tasks import (
-    ClassificationTask,
-    LocalizationTask,
-    MultilabelTask,
-    RegressionTask,
-    SegmentationTask,
-    Task,
-)
+from mtkd.tasks import Frame, Task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-#: a pixel belongs to a class when its sigmoid probability reaches this
-MASK_THRESHOLD = 0.5
 #: a point at the original image's origin; its crop coordinates give the crop box offset
 _ORIGIN = "__origin__"
-
-
-def channel_names(task: Task) -> list[str]:
-    """Names of a task's outputs: classes, labels or points (indices when the spec has none)."""
-    if isinstance(task, ClassificationTask):
-        return list(task.spec.class_names or [str(i) for i in range(task.out_channels)])
-    if isinstance(task, (MultilabelTask, SegmentationTask)):
-        return list(task.spec.classes)
-    if isinstance(task, LocalizationTask):
-        return list(task.spec.points)
-    if isinstance(task, RegressionTask):
-        return task.label_names
-    return [str(i) for i in range(task.out_channels)]
 
 
 def activate(tasks: dict[str, Task], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,18 +37,15 @@ def spatial_layers(
     tasks: dict[str, Task], values: dict[str, torch.Tensor], has: dict[str, bool] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
     """One sample's masks (class -> bool H x W) and points (name -> normalised (u, v)) from
-    activated outputs or from targets; tasks with ``has[name]`` False are left out."""
+    activated outputs or from targets (``Task.overlay``); tasks with ``has[name]`` False are
+    left out."""
     masks: dict[str, np.ndarray] = {}
     points: dict[str, tuple[float, float]] = {}
     for name, task in tasks.items():
-        if has is not None and not has[name]:
-            continue
-        if isinstance(task, SegmentationTask):
-            for cls, plane in zip(channel_names(task), values[name].cpu().numpy()):
-                masks[cls] = plane >= MASK_THRESHOLD
-        elif isinstance(task, LocalizationTask):
-            for point, (u, v) in zip(channel_names(task), values[name].tolist()):
-                points[point] = (u, v)
+        if has is None or has[name]:
+            drawn = task.overlay(values[name])
+            masks.update(drawn.masks)
+            points.update(drawn.points)
     return masks, points
 
 
@@ -81,10 +57,10 @@ def layer_colors(
     from matplotlib import colormaps
 
     palette = colormaps["tab10"].colors
-    masks = [n for t in tasks.values() if isinstance(t, SegmentationTask) for n in channel_names(t)]
-    points = [
-        n for t in tasks.values() if isinstance(t, LocalizationTask) for n in channel_names(t)
-    ]
+    # An empty target names every layer a task draws, before any prediction.
+    layers = [t.overlay(t.empty_target(1)) for t in tasks.values()]
+    masks = [n for drawn in layers for n in drawn.masks]
+    points = [n for drawn in layers for n in drawn.points]
     names = [("mask", n) for n in dict.fromkeys(masks)] + [
         ("point", n) for n in dict.fromkeys(points)
     ]
@@ -160,61 +136,6 @@ def prepare(preprocessor: Preprocessor, path: Path) -> tuple[Prepared, tuple[flo
     return prep, (-u0 * w, -v0 * h)
 
 
-def summarize(
-    task: Task,
-    value: torch.Tensor,
-    origin: tuple[float, float],
-    scale: tuple[float, float],
-    fov: torch.Tensor,
-) -> dict[str, Any]:
-    """One task's activated output for one image as JSON-ready, human-readable values."""
-    names = channel_names(task)
-    if isinstance(task, ClassificationTask):
-        probs = value.tolist()
-        best = int(np.argmax(probs))
-        return {"class": names[best], "index": best, "probabilities": dict(zip(names, probs))}
-    if isinstance(task, MultilabelTask):
-        return {"probabilities": dict(zip(names, value.tolist()))}
-    if isinstance(task, RegressionTask):
-        return {"values": dict(zip(names, value.tolist()))}
-    if isinstance(task, LocalizationTask):
-        (x0, y0), (w, h) = origin, scale
-        return {
-            "points": {
-                n: {"x": x0 + u * w, "y": y0 + v * h} for n, (u, v) in zip(names, value.tolist())
-            }
-        }
-    if isinstance(task, SegmentationTask):
-        # Only pixels inside the field of view count: outside it the photograph is black.
-        area = ((value >= MASK_THRESHOLD) & fov).flatten(1).sum(dim=1).tolist()
-        fov_pixels = max(int(fov.sum()), 1)
-        return {
-            "area_px": dict(zip(names, area)),
-            "fov_fraction": {n: a / fov_pixels for n, a in zip(names, area)},
-        }
-    return {"output": value.tolist()}
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """One table cell line for ``summarize``'s output."""
-    if "class" in summary:
-        return f"{summary['class']} (p={summary['probabilities'][summary['class']]:.2f})"
-    if "probabilities" in summary:
-        return "  ".join(f"{k}={v:.2f}" for k, v in summary["probabilities"].items())
-    if "values" in summary:
-        return "  ".join(f"{k}={v:.3f}" for k, v in summary["values"].items())
-    if "points" in summary:
-        return "  ".join(
-            f"{k}=({p['x']:.0f}, {p['y']:.0f}) px" for k, p in summary["points"].items()
-        )
-    if "area_px" in summary:
-        return "  ".join(
-            f"{k}={a} px ({summary['fov_fraction'][k]:.1%} of FOV)"
-            for k, a in summary["area_px"].items()
-        )
-    return str(summary.get("output"))
-
-
 def write_overlay(
     path: Path,
     title: str,
@@ -270,11 +191,9 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         batch = normalise(image=prep.image)["image"][None]
         values = {k: v[0] for k, v in activate(tasks, net(batch)).items()}
         fov = torch.from_numpy(prep.image.max(axis=2) > FOV_THRESHOLD)
-        summaries = {
-            name: summarize(task, values[name], origin, prep.pixel_scale, fov)
-            for name, task in tasks.items()
-        }
-        lines = [f"{name:<14} {format_summary(s)}" for name, s in summaries.items()]
+        frame = Frame(origin, prep.pixel_scale, fov)
+        summaries = {name: task.summarise(values[name], frame) for name, task in tasks.items()}
+        lines = [f"{name:<14} {tasks[name].summary_line(s)}" for name, s in summaries.items()]
         overlay = out_dir / f"{path.name}_overlay.png"
         write_overlay(overlay, path.name, prep.image, tasks, values, lines)
         x0, y0 = origin

@@ -17,16 +17,7 @@ from mtkd.export import export, main
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.tasks import build_tasks
-from tests.test_report import (
-    TinyRuns,
-    single_thread,  # noqa: F401  (autouse)
-    trained_runs,
-)
-
-
-@pytest.fixture(scope="module")
-def runs(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    return trained_runs(synth_root, tmp_path_factory.getbasetemp() / "tiny_runs")
+from tests.conftest import TinyRuns
 
 
 @pytest.fixture(scope="module")

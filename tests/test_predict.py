@@ -14,13 +14,7 @@ from data_modules.preprocess import Preprocessor
 from mtkd import cli
 from mtkd.modules.checkpoint import load_net
 from mtkd.predict import predict, prepare
-from tests.conftest import DATA_DIR
-from tests.test_report import (
-    PNG_MAGIC,
-    TinyRuns,
-    single_thread,  # noqa: F401  (autouse)
-    trained_runs,
-)
+from tests.conftest import DATA_DIR, PNG_MAGIC, TinyRuns
 
 IDRID_IMAGE = (
     DATA_DIR
@@ -30,11 +24,6 @@ IDRID_IMAGE = (
     / "a. Training Set"
     / "IDRiD_001.jpg"
 )
-
-
-@pytest.fixture(scope="module")
-def runs(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    return trained_runs(synth_root, tmp_path_factory.getbasetemp() / "tiny_runs")
 
 
 def check_predictions(payload: dict, width: int, height: int) -> None:

@@ -32,7 +32,7 @@ class MultiTaskModule(L.LightningModule):
         self.save_hyperparameters({"config": config}, logger=False)
         self.cfg = OmegaConf.create(config)
         import_plugins(list(config.get("plugins", [])))
-        self.tasks = build_tasks(config["tasks"])
+        self.tasks = build_tasks(config["tasks"], config.get("kd", {}).get("tasks", {}))
         self.net = MultiTaskNet(self.tasks, self.cfg.model)
         if self.cfg.model.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

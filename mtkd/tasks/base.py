@@ -1,8 +1,10 @@
 """The task registry and the contract every task kind fulfils.
 
 A task kind is one class registered by name. It owns everything kind-specific: its head, how it
-reads its target from an annotated sample, its supervised and KD losses, its metrics, and how its
-teacher output is stored in the cache. Nothing outside ``mtkd/tasks`` names a task kind.
+reads its target from an annotated sample, its supervised loss and default KD loss (the registry
+of ``mtkd.tasks.kd_losses``), its metrics, how its teacher output is stored in the cache, and how
+its output is read by a person (channel names, predict's summary, overlays, W&B captions) or by a
+deployed model (``activation``). Nothing outside ``mtkd/tasks`` names a task kind.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import abc
 import dataclasses
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
+
+from mtkd.tasks.kd_losses import TaskKD, kd_loss_function, parse_task_kd
 
 _TASK_KINDS: dict[str, type[Task]] = {}
 
@@ -56,10 +60,35 @@ class Annotation:
     size: int
 
 
+@dataclass
+class Overlay:
+    """What a task draws over one image: boolean masks (name -> H x W) and normalised points
+    (name -> (x, y) in [0, 1]^2, pixel-centre convention)."""
+
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where the network's input lies in the original photograph, for reading a prediction in
+    its pixels: the crop box origin (x0, y0) and side (width, height) in original pixels, and the
+    field-of-view mask (H x W bool) of the network input."""
+
+    origin: tuple[float, float]
+    scale: tuple[float, float]
+    fov: torch.Tensor
+
+
 def register_task(kind: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator: make ``kind`` usable in ``tasks:`` YAML entries."""
 
     def decorate(cls: type[Task]) -> type[Task]:
+        if cls.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"task kind {kind!r}: activation={cls.activation!r} is not one of "
+                f"{sorted(ACTIVATIONS)}"
+            )
         known = _TASK_KINDS.get(kind)
         if known is not None and (known.__module__, known.__qualname__) != (
             cls.__module__,
@@ -106,13 +135,20 @@ class Task(abc.ABC):
     #: How the raw output becomes probabilities: "softmax", "sigmoid" or "none" (export metadata).
     activation: ClassVar[str] = "none"
     #: Whether each output names one class (``predicted_class``), so that several such tasks can
-    #: be scored jointly (IDRiD's DR + DME grading: both right on the same image).
+    #: be scored jointly (IDRiD's DR + DME grading: both right on the same image) and get a
+    #: confusion matrix in W&B.
     single_class: ClassVar[bool] = False
+    #: The registered KD loss (``mtkd.tasks.kd_losses``) used unless ``kd.tasks.<task>.loss``
+    #: names another; None: the kind has no KD loss (``kd_loss`` then says how to add one).
+    default_kd_loss: ClassVar[str | None] = None
 
     def __init__(self, name: str, raw_spec: dict[str, Any]) -> None:
         self.name = name
         self.spec = parse_spec(self.spec_class, name, raw_spec)
         self.validate()
+        #: this task's KD options (``kd.tasks.<task>``), set by ``configure_kd``
+        self.kd = TaskKD()
+        self.kd_loss_name: str | None = self.default_kd_loss
 
     def validate(self) -> None:  # noqa: B027  (optional hook)
         """Raise ValueError for an inconsistent spec."""
@@ -140,9 +176,11 @@ class Task(abc.ABC):
         """Placeholder of the target's shape for samples without a label (masked out)."""
 
     def required_masks(self) -> list[str]:
+        """Mask names the loader must read for this task (``label_problems`` checks them)."""
         return []
 
     def required_points(self) -> list[str]:
+        """Point names this task reads (``label_problems`` checks they lie in the image)."""
         return []
 
     # -- losses (per-sample vectors, fp32) ------------------------------------------------------
@@ -150,11 +188,23 @@ class Task(abc.ABC):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Supervised loss per sample, shape [B]."""
 
-    @abc.abstractmethod
+    def configure_kd(self, options: TaskKD) -> None:
+        """Take this task's ``kd.tasks.<task>`` entry; an unknown loss fails here, at start-up,
+        with the kind's registered losses listed."""
+        self.kd = options
+        if options.loss is not None:
+            kd_loss_function(self.name, self.kind, options.loss)
+            self.kd_loss_name = options.loss
+        elif self.kd_loss_name is not None:
+            kd_loss_function(self.name, self.kind, self.kd_loss_name)
+
     def kd_loss(
         self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        """Distillation loss per sample against the teacher's (cached) output, shape [B]."""
+        """Distillation loss per sample against the teacher's (cached) output, shape [B]: the
+        registered loss ``kd_loss_name``."""
+        loss = kd_loss_function(self.name, self.kind, self.kd_loss_name)
+        return loss(self, pred, teacher, temperature)
 
     # -- readable outputs ----------------------------------------------------------------------
     def activate(self, raw: torch.Tensor) -> torch.Tensor:
@@ -169,6 +219,37 @@ class Task(abc.ABC):
         """What the exported (ONNX) network outputs for this task: the raw head output, which
         ``activation`` turns into probabilities."""
         return raw
+
+    def channel_names(self) -> list[str]:
+        """Names of the outputs (classes, labels or points), for predict, export and panels;
+        indices by default."""
+        return [str(i) for i in range(self.out_channels)]
+
+    def summarise(self, value: torch.Tensor, frame: Frame) -> dict[str, Any]:
+        """One image's activated output as JSON-ready, readable values (``mtkd predict``); by
+        default each channel's value."""
+        return {"values": dict(zip(self.channel_names(), value.tolist()))}
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        """``summarise``'s output as one line of predict's table."""
+        return "  ".join(f"{k}={v:.3f}" for k, v in summary["values"].items())
+
+    def overlay(self, value: torch.Tensor) -> Overlay:
+        """One sample's activated output, or its target, drawn over the image (predict's and
+        the report's overlays, the W&B panel); nothing by default. Called on ``empty_target``
+        too, to name the layers before any prediction (legend colours)."""
+        return Overlay()
+
+    def caption(self, value: torch.Tensor, target: torch.Tensor | None) -> str:
+        """What the W&B panel writes for this task under an image (activated output, target or
+        None when unlabeled); empty for a task ``overlay`` draws."""
+        drawn = self.overlay(value)
+        if drawn.masks or drawn.points:
+            return ""
+        names = self.channel_names()
+        shown = " ".join(f"{n}={v:.2f}" for n, v in zip(names, value.flatten().tolist()))
+        truth = "?" if target is None else " ".join(f"{v:g}" for v in target.flatten().tolist())
+        return f"{shown} (true {truth})"
 
     # -- teacher outputs and the cache -----------------------------------------------------------
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
@@ -272,8 +353,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def build_tasks(specs: dict[str, dict[str, Any]]) -> dict[str, Task]:
-    """Instantiate the configured task set, with errors that list the registered kinds."""
+def build_tasks(
+    specs: dict[str, dict[str, Any]], kd: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Task]:
+    """Instantiate the configured task set, with errors that list the registered kinds. ``kd``:
+    the ``kd.tasks`` entries (per-task KD options, e.g. the KD loss), checked here."""
     import mtkd.tasks  # noqa: F401  (registers the built-in kinds)
 
     tasks = {}
@@ -285,6 +369,9 @@ def build_tasks(specs: dict[str, dict[str, Any]]) -> dict[str, Task]:
                 f"task {name!r}: unknown kind {kind!r}; registered kinds: {', '.join(task_kinds())}"
             )
         tasks[name] = _TASK_KINDS[kind](name, raw)
+    if kd is not None:
+        for name, task in tasks.items():
+            task.configure_kd(parse_task_kd(name, kd.get(name)))
     return tasks
 
 
@@ -300,6 +387,8 @@ def elementwise_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tenso
     return (diff**2 if kind == "mse" else diff.abs()).mean(dim=1)
 
 
-def global_head(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Module:
-    """Pooled image features (batch, in_channels) -> linear outputs (every global task kind)."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_channels, out_channels))
+def global_head(in_channels: int, out_channels: int) -> nn.Module:
+    """Pooled image features (batch, in_channels) -> linear outputs (every global task kind; the
+    dropout before it is the network's ``model.head_dropout``). The Identity keeps the linear
+    layer at index 1, so checkpoints keep their parameter names (``heads.<task>.1.weight``)."""
+    return nn.Sequential(nn.Identity(), nn.Linear(in_channels, out_channels))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassCohenKappa
 
-from mtkd.tasks.base import Annotation, Task, TaskSpec, global_head, register_task
+from mtkd.tasks.base import Annotation, Frame, Task, TaskSpec, global_head, register_task
+from mtkd.tasks.kd_losses import register_kd_loss
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ClassificationTask(Task):
     activation = "softmax"
     single_class = True
     default_temperature = 4.0
+    default_kd_loss = "kl"
     monitor = ("kappa", "max")
 
     def validate(self) -> None:
@@ -84,17 +87,26 @@ class ClassificationTask(Task):
             loss = loss + self.spec.ordinal_weight * (expected - target.to(pred.dtype)) ** 2 / scale
         return loss
 
-    def kd_loss(
-        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        log_p_student = F.log_softmax(pred / temperature, dim=1)
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
-        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
-        return kl * temperature**2
-
     def combine_teachers(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """Average the teachers' probabilities; return their log (valid logits)."""
-        return torch.stack([o.softmax(dim=1) for o in outputs]).mean(dim=0).log()
+        """Average the teachers' probabilities; return their log (valid logits), computed as
+        log-mean-exp of log-softmax: log(mean(softmax)) turned a probability that underflows
+        to 0 into -inf in the cache, and the KD loss's 0 * -inf into NaN."""
+        log_probs = torch.stack([o.log_softmax(dim=1) for o in outputs])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(outputs))
+
+    def channel_names(self) -> list[str]:
+        return list(self.spec.class_names or [str(i) for i in range(self.out_channels)])
+
+    def summarise(self, value: torch.Tensor, frame: Frame) -> dict[str, Any]:
+        names, probs = self.channel_names(), value.tolist()
+        best = int(value.argmax())
+        return {"class": names[best], "index": best, "probabilities": dict(zip(names, probs))}
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return f"{summary['class']} (p={summary['probabilities'][summary['class']]:.2f})"
+
+    def caption(self, value: torch.Tensor, target: torch.Tensor | None) -> str:
+        return f"{int(value.argmax())} (true {'?' if target is None else int(target)})"
 
     def metrics(self) -> MetricCollection:
         c = self.spec.num_classes
@@ -109,3 +121,15 @@ class ClassificationTask(Task):
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         metrics.update(pred.float().softmax(dim=1), target)
+
+
+@register_kd_loss("classification", "kl")
+def kl_divergence(
+    task: ClassificationTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Hinton et al.'s KD: T^2 * KL(p_t || p_s) = T^2 * sum_c p_t,c (log p_t,c - log p_s,c), with
+    p = softmax(z / T) of the student's and the teacher's logits (cached: log-probabilities)."""
+    log_p_student = F.log_softmax(pred / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    return kl * temperature**2

@@ -9,7 +9,7 @@ heatmap's soft-argmax. Regression from pooled features drifts to the mean positi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,12 +19,15 @@ from torchmetrics import Metric, MetricCollection
 from mtkd.tasks.base import (
     Annotation,
     CacheStorage,
+    Frame,
+    Overlay,
     Task,
     TaskSpec,
     elementwise_loss,
     global_head,
     register_task,
 )
+from mtkd.tasks.kd_losses import register_kd_loss
 
 HEADS = ("pooled", "heatmap")
 
@@ -129,6 +132,7 @@ class MeanPointDistance(Metric):
 class LocalizationTask(Task):
     spec_class = LocalizationSpec
     teacher_spatial = "points"
+    default_kd_loss = "mse"
     monitor = ("dist", "min")
 
     def validate(self) -> None:
@@ -194,12 +198,27 @@ class LocalizationTask(Task):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.point_loss(pred, target, self.spec.loss)
 
-    def kd_loss(
-        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        """MSE to the teacher's points (the cache stores points whatever the teacher's head),
-        plus the heatmap term around them for a heatmap student."""
-        return self.point_loss(pred, teacher, "mse")
+    def channel_names(self) -> list[str]:
+        return list(self.spec.points)
+
+    def summarise(self, value: torch.Tensor, frame: Frame) -> dict[str, Any]:
+        """Points in the original photograph's pixels, mapped back through the crop box."""
+        (x0, y0), (w, h) = frame.origin, frame.scale
+        names = self.channel_names()
+        return {
+            "points": {
+                n: {"x": x0 + u * w, "y": y0 + v * h} for n, (u, v) in zip(names, value.tolist())
+            }
+        }
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return "  ".join(
+            f"{k}=({p['x']:.0f}, {p['y']:.0f}) px" for k, p in summary["points"].items()
+        )
+
+    def overlay(self, value: torch.Tensor) -> Overlay:
+        points = value.detach().float().cpu().tolist()
+        return Overlay(points={n: (u, v) for n, (u, v) in zip(self.channel_names(), points)})
 
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
         return self.points(pred).float()
@@ -227,3 +246,13 @@ class LocalizationTask(Task):
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         metrics.update(self.points(pred).float(), target, pixel_scale=batch["pixel_scale"])
+
+
+@register_kd_loss("localization", "mse")
+def mse_to_teacher_points(
+    task: LocalizationTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """mean_k ||p_s,k - p_t,k||^2 / 2 (the mean squared coordinate error) to the teacher's points
+    (the cache stores points whatever the teacher's head), plus, for a heatmap student,
+    heatmap_weight * KL(Gaussian(p_t, sigma) || softmax heatmap); no temperature."""
+    return task.point_loss(pred, teacher, "mse")

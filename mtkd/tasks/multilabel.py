@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC, MultilabelF1Score
 
-from mtkd.tasks.base import Annotation, Task, TaskSpec, global_head, register_task
+from mtkd.tasks.base import Annotation, Frame, Task, TaskSpec, global_head, register_task
+from mtkd.tasks.kd_losses import register_kd_loss
 
 
 @dataclass
@@ -23,6 +25,7 @@ class MultilabelTask(Task):
     spec_class = MultilabelSpec
     activation = "sigmoid"
     default_temperature = 2.0
+    default_kd_loss = "bce"
     monitor = ("auroc", "max")
 
     def validate(self) -> None:
@@ -60,17 +63,19 @@ class MultilabelTask(Task):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(dim=1)
 
-    def kd_loss(
-        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        soft = torch.sigmoid(teacher / temperature)
-        bce = F.binary_cross_entropy_with_logits(pred / temperature, soft, reduction="none")
-        return bce.mean(dim=1) * temperature**2
-
     def combine_teachers(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """Average the teachers' probabilities; return their logits."""
         mean = torch.stack([torch.sigmoid(o) for o in outputs]).mean(dim=0)
         return torch.logit(mean, eps=1e-6)
+
+    def channel_names(self) -> list[str]:
+        return list(self.spec.classes)
+
+    def summarise(self, value: torch.Tensor, frame: Frame) -> dict[str, Any]:
+        return {"probabilities": dict(zip(self.channel_names(), value.tolist()))}
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return "  ".join(f"{k}={v:.2f}" for k, v in summary["probabilities"].items())
 
     def metrics(self) -> MetricCollection:
         n = self.out_channels
@@ -83,3 +88,15 @@ class MultilabelTask(Task):
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         metrics.update(torch.sigmoid(pred.float()), target.long())
+
+
+@register_kd_loss("multilabel", "bce")
+def soft_bce(
+    task: MultilabelTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Per-class binary KD: T^2 * mean_c BCE(sigmoid(z_s,c / T), q_c), the teacher's softened
+    probability q_c = sigmoid(z_t,c / T) as the soft label (BCE(x, q) = -q log x - (1-q) log(1-x);
+    it exceeds the binary KL by the teacher's entropy, a constant for the student)."""
+    soft = torch.sigmoid(teacher / temperature)
+    bce = F.binary_cross_entropy_with_logits(pred / temperature, soft, reduction="none")
+    return bce.mean(dim=1) * temperature**2

@@ -19,6 +19,7 @@ from mtkd.tasks.base import (
     global_head,
     register_task,
 )
+from mtkd.tasks.kd_losses import register_kd_loss
 
 
 @dataclass
@@ -37,6 +38,11 @@ class RegressionTask(Task):
     def validate(self) -> None:
         if self.spec.loss not in ("mse", "l1"):
             raise ValueError(f"task {self.name!r}: loss must be 'mse' or 'l1'")
+
+    @property
+    def default_kd_loss(self) -> str:  # type: ignore[override]
+        """KD matches the teacher's prediction with the supervised loss (``loss``: mse or l1)."""
+        return self.spec.loss
 
     @property
     def label_names(self) -> list[str]:
@@ -70,10 +76,8 @@ class RegressionTask(Task):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return elementwise_loss(pred, target, self.spec.loss)
 
-    def kd_loss(
-        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        return elementwise_loss(pred, teacher, self.spec.loss)
+    def channel_names(self) -> list[str]:
+        return self.label_names
 
     def cache_dtype(self, storage: CacheStorage) -> np.dtype:
         return np.dtype(np.float32)
@@ -91,3 +95,19 @@ class RegressionTask(Task):
         if self.out_channels == 1:
             pred, target = pred.squeeze(1), target.squeeze(1)
         metrics.update(pred.float(), target)
+
+
+@register_kd_loss("regression", "mse")
+def mse_to_teacher(
+    task: RegressionTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """mean_k (y_s,k - y_t,k)^2 to the teacher's values; no temperature (nothing to soften)."""
+    return elementwise_loss(pred, teacher, "mse")
+
+
+@register_kd_loss("regression", "l1")
+def l1_to_teacher(
+    task: RegressionTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """mean_k |y_s,k - y_t,k| to the teacher's values; no temperature (nothing to soften)."""
+    return elementwise_loss(pred, teacher, "l1")

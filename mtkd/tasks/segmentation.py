@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,9 +17,20 @@ from torchmetrics.classification import (
     MultilabelJaccardIndex,
 )
 
-from mtkd.tasks.base import Annotation, CacheStorage, Task, TaskSpec, register_task
+from mtkd.tasks.base import (
+    Annotation,
+    CacheStorage,
+    Frame,
+    Overlay,
+    Task,
+    TaskSpec,
+    register_task,
+)
+from mtkd.tasks.kd_losses import register_kd_loss
 
 _EPS = 1e-4
+#: a pixel belongs to a class when its sigmoid probability reaches this (predict, overlays)
+MASK_THRESHOLD = 0.5
 
 
 def _dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,6 +64,7 @@ class SegmentationTask(Task):
     activation = "sigmoid"
     dense = True
     teacher_spatial = "mask"
+    default_kd_loss = "kl_dice"
     monitor = ("dice", "max")
 
     def validate(self) -> None:
@@ -95,25 +107,29 @@ class SegmentationTask(Task):
         bce = bce.flatten(1).mean(1)
         return bce + self.spec.dice_weight * _dice_loss(torch.sigmoid(pred), target)
 
-    def kd_loss(
-        self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        """Pixel-wise binary KL(teacher || student) at the student's output size, plus the
-        supervised loss's Dice term with the teacher map as a soft label. The pixel mean alone
-        is too faint for small structures: the distilled student lost the optic cup and every
-        haemorrhage (dice 0) that the same student learns from labels alone."""
-        if teacher.shape[-2:] != pred.shape[-2:]:
-            teacher = F.interpolate(
-                teacher, size=pred.shape[-2:], mode="bilinear", align_corners=False
-            )
-        p = teacher.clamp(_EPS, 1 - _EPS)
-        if temperature != 1.0:
-            p = torch.sigmoid(torch.logit(p) / temperature)
-        z = pred / temperature
-        entropy = -(p * p.log() + (1 - p) * (1 - p).log())
-        kl = F.binary_cross_entropy_with_logits(z, p, reduction="none") - entropy
-        kl = kl.flatten(1).mean(dim=1) * temperature**2
-        return kl + self.spec.dice_weight * _dice_loss(torch.sigmoid(pred), teacher)
+    def channel_names(self) -> list[str]:
+        return list(self.spec.classes)
+
+    def summarise(self, value: torch.Tensor, frame: Frame) -> dict[str, Any]:
+        """Mask areas; only pixels inside the field of view count (outside it the photograph is
+        black)."""
+        names = self.channel_names()
+        area = ((value >= MASK_THRESHOLD) & frame.fov).flatten(1).sum(dim=1).tolist()
+        fov_pixels = max(int(frame.fov.sum()), 1)
+        return {
+            "area_px": dict(zip(names, area)),
+            "fov_fraction": {n: a / fov_pixels for n, a in zip(names, area)},
+        }
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return "  ".join(
+            f"{k}={a} px ({summary['fov_fraction'][k]:.1%} of FOV)"
+            for k, a in summary["area_px"].items()
+        )
+
+    def overlay(self, value: torch.Tensor) -> Overlay:
+        planes = value.detach().cpu().numpy()
+        return Overlay(masks={c: p >= MASK_THRESHOLD for c, p in zip(self.channel_names(), planes)})
 
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(pred.float())
@@ -188,3 +204,25 @@ class SegmentationTask(Task):
             out[key] = value.mean(dim=1)
             out.update({f"{key}_{c}": value[:, i] for i, c in enumerate(self.spec.classes)})
         return out
+
+
+@register_kd_loss("segmentation", "kl_dice")
+def binary_kl_and_dice(
+    task: SegmentationTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T^2 * mean_pixels KL(q || sigmoid(z_s / T)) + dice_weight * (1 - softDice(sigmoid(z_s), m)):
+    the pixel-wise binary KL to the teacher's map m, softened as q = sigmoid(logit(m) / T), at
+    the student's output size, plus the supervised loss's Dice term with m as a soft label
+    (``_dice_loss``). The pixel mean alone is too faint for small structures: the distilled
+    student lost the optic cup and every haemorrhage (dice 0) that the same student learns from
+    labels alone."""
+    if teacher.shape[-2:] != pred.shape[-2:]:
+        teacher = F.interpolate(teacher, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+    p = teacher.clamp(_EPS, 1 - _EPS)
+    if temperature != 1.0:
+        p = torch.sigmoid(torch.logit(p) / temperature)
+    z = pred / temperature
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+    kl = F.binary_cross_entropy_with_logits(z, p, reduction="none") - entropy
+    kl = kl.flatten(1).mean(dim=1) * temperature**2
+    return kl + task.spec.dice_weight * _dice_loss(torch.sigmoid(pred), teacher)
