@@ -1,8 +1,11 @@
-"""Shared fixtures: one small synthetic dataset per session and overrides for tiny, fast runs."""
+"""Shared fixtures: one small synthetic dataset per session, overrides for tiny, fast runs, and
+one tiny trained teacher + KD student reused by every module that only reads trained runs."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,26 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # One OpenMP thread (set before torch loads): on a 2-core machine shared with other jobs, torch's
 # two threads spin-wait on each other and a tiny training run takes several times longer.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+#: float32 teacher-cache storage at the run's size, so cached outputs compare to float rounding
+EXACT = ["cache.dense_dtype=float32", "cache.logits_dtype=float32", "cache.dense_size=64"]
+#: the first bytes of every PNG file
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: the tiny student's decoder is slimmer than the (student-sized) tiny teacher's: ratios are > 1
+STUDENT_DECODER = "[32,16,8,8,8]"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for these toy-sized runs, even when OMP_NUM_THREADS was set higher:
+    on a CPU shared with other processes, two spinning OpenMP threads per process made them over
+    ten times slower. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +88,48 @@ def real_dataset(name: str) -> Path:
     if not root.is_dir():
         pytest.skip(f"real data {root} is absent; set MTKD_DATA_DIR to the shared data folder")
     return root
+
+
+@dataclass(frozen=True)
+class TinyRuns:
+    teacher_dir: Path
+    student_dir: Path
+    teacher: Path
+    student: Path
+
+
+def trained_runs(synth_root: Path, base: Path) -> TinyRuns:
+    """Teacher, teacher cache and KD student at 64 px for one epoch, both evaluated on the test
+    split. Kept on disk under ``base`` (the session's temp root) so every test module reuses it."""
+    from mtkd.config import load_config
+    from mtkd.stages import cache_teacher, evaluate, fit
+
+    runs = TinyRuns(
+        base / "teacher",
+        base / "student",
+        base / "teacher" / "checkpoints" / "best.ckpt",
+        base / "student" / "checkpoints" / "best.ckpt",
+    )
+    if (runs.student_dir / "metrics_test.json").is_file():
+        return runs
+    fit(load_config("teacher", tiny_overrides(synth_root, runs.teacher_dir)))
+    student = tiny_overrides(
+        synth_root,
+        runs.student_dir,
+        **{
+            "kd.cache_dir": base / "cache",
+            "cache.teacher": f"[{runs.teacher}]",
+            "model.decoder_channels": STUDENT_DECODER,
+        },
+    )
+    cache_teacher(load_config("distill", student))
+    fit(load_config("distill", student))
+    evaluate(str(runs.teacher), "test", [])
+    evaluate(str(runs.student), "test", [])
+    return runs
+
+
+@pytest.fixture(scope="session")
+def runs(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
+    """The session's tiny teacher and KD student (:func:`trained_runs`), trained on first use."""
+    return trained_runs(synth_root, tmp_path_factory.getbasetemp() / "tiny_runs")

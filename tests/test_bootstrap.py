@@ -22,7 +22,7 @@ from mtkd.modules.checkpoint import load_net
 from mtkd.report import build_report
 from mtkd.stages import evaluate
 from mtkd.tasks import build_tasks
-from tests.test_report import TinyRuns, single_thread, trained_runs  # noqa: F401  (autouse)
+from tests.conftest import TinyRuns
 
 TASKS = build_tasks(
     {
@@ -161,11 +161,6 @@ def test_paired_difference_of_a_better_model_is_significant() -> None:
     )["cdr/mae"]
     assert diff["lo"] == pytest.approx(-0.1) and diff["hi"] == pytest.approx(-0.1)
     assert diff["significant"]
-
-
-@pytest.fixture(scope="module")
-def runs(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    return trained_runs(synth_root, tmp_path_factory.getbasetemp() / "tiny_runs")
 
 
 @pytest.mark.integration

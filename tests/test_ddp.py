@@ -34,15 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
 from mtkd.config import load_config, to_container
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import EXACT, REPO, tiny_overrides
 
 #: the console script beside this interpreter (``.venv/bin/mtkd``), else ``python -m mtkd.cli``
 _SCRIPT = Path(sys.executable).with_name("mtkd")
 MTKD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mtkd.cli"]
 #: keeps the subprocess runs single-threaded: 2 ranks on a shared 2-core machine
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-#: float32 cache storage, so single-process and DDP caches compare to float rounding
-EXACT = ["cache.dense_dtype=float32", "cache.logits_dtype=float32", "cache.dense_size=64"]
 
 
 def run_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:

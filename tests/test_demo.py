@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from mtkd.demo import main, run_demo
-from tests.test_report import single_thread  # noqa: F401  (autouse)
 
 
 @pytest.mark.unit

@@ -1,83 +1,24 @@
 """mtkd report and the profiling helpers: the tables carry every task and model, the ratios
 follow from the networks' parameter counts, MACs are counted right, missing inputs are explained.
-
-Also home of ``trained_runs``: one tiny teacher and a smaller tiny student, trained and evaluated
-once per test session and shared by the report, export and predict tests.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from mtkd.config import load_config
 from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.profiling import Profile, count_macs, profile_net
 from mtkd.report import ROLES, build_report, load_result, main, markdown_table, ratios
-from mtkd.stages import cache_teacher, evaluate, fit
-from tests.conftest import tiny_overrides
 
-#: the student's decoder is slimmer than the (student-sized) tiny teacher's, so ratios are > 1
-STUDENT_DECODER = "[32,16,8,8,8]"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass(frozen=True)
-class TinyRuns:
-    teacher_dir: Path
-    student_dir: Path
-    teacher: Path
-    student: Path
-
-
-def trained_runs(synth_root: Path, base: Path) -> TinyRuns:
-    """Teacher, teacher cache and KD student at 64 px for one epoch, both evaluated on the test
-    split. Kept on disk under ``base`` (the session's temp root) so every test module reuses it."""
-    runs = TinyRuns(
-        base / "teacher",
-        base / "student",
-        base / "teacher" / "checkpoints" / "best.ckpt",
-        base / "student" / "checkpoints" / "best.ckpt",
-    )
-    if (runs.student_dir / "metrics_test.json").is_file():
-        return runs
-    fit(load_config("teacher", tiny_overrides(synth_root, runs.teacher_dir)))
-    student = tiny_overrides(
-        synth_root,
-        runs.student_dir,
-        **{
-            "kd.cache_dir": base / "cache",
-            "cache.teacher": f"[{runs.teacher}]",
-            "model.decoder_channels": STUDENT_DECODER,
-        },
-    )
-    cache_teacher(load_config("distill", student))
-    fit(load_config("distill", student))
-    evaluate(str(runs.teacher), "test", [])
-    evaluate(str(runs.student), "test", [])
-    return runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread for these toy-sized runs: on a CPU shared with other processes, two
-    spinning OpenMP threads per process made them over ten times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def runs(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    return trained_runs(synth_root, tmp_path_factory.getbasetemp() / "tiny_runs")
+# single_thread and trained_runs: re-exported for test_export.py and test_predict.py, which still
+# import them from here; drop them once those import from tests.conftest.
+from tests.conftest import PNG_MAGIC, TinyRuns, single_thread, trained_runs  # noqa: F401
 
 
 @pytest.mark.unit

@@ -22,9 +22,8 @@ from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
-from tests.conftest import tiny_overrides
+from tests.conftest import EXACT, tiny_overrides
 
-EXACT = ["cache.dense_dtype=float32", "cache.logits_dtype=float32", "cache.dense_size=64"]
 GRADING = ["dr_grade", "dme_risk", "glaucoma"]  # cdr: no teacher covers it
 OTHERS = ["lesions", "anatomy", "landmarks"]
 ALL = [*GRADING, "cdr", *OTHERS]

@@ -13,7 +13,7 @@ import pytest
 import mtkd.stages
 import mtkd.study
 from mtkd.study import load_study, run_study, t_interval
-from tests.test_report import PNG_MAGIC, single_thread  # noqa: F401  (autouse)
+from tests.conftest import PNG_MAGIC
 
 
 @pytest.mark.unit
