@@ -11,7 +11,7 @@ SWEEP ?= mtkd/configs/sweeps/kd_temperature_alpha.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all test-ddp lint format synth train-teacher cache-teacher distill \
+.PHONY: help install test test-unit test-all test-ddp lint format synth train-teacher cache-teacher distill \
 	distill-nokd evaluate demo report study export predict sweep sweep-local bench realdata clean
 
 help: ## list the targets
@@ -26,6 +26,9 @@ install: $(STAMP) ## create .venv and install mtkd with dev, export, sweep and p
 
 test: $(STAMP) ## run the test suite (unit, integration, ddp; < 10 min on 2 CPU cores)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## only the unit tests: no training, no subprocess (the inner loop, seconds)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -121,7 +121,7 @@ def test_original_resolution_scores_inside_the_field_of_view(tmp_path, with_fov_
     assert got["aupr"] == pytest.approx(expected_a["aupr"], abs=1e-4)
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_working_resolution_truth_maps_back_onto_the_original_masks(synth_root):
     """The preprocessed (64 px) optic-disc masks of synthetic photographs, scored as predictions
     at the original 128 px, nearly match the original masks; the same maps put 3 px off do not."""

@@ -11,11 +11,10 @@ from mtkd.models.multitask import MultiTaskNet
 from mtkd.tasks import build_tasks
 from mtkd.tasks.localization import gaussian_targets, soft_argmax
 
-pytestmark = pytest.mark.unit
-
 POINTS = {"kind": "localization", "points": ["optic_disc", "fovea"], "head": "heatmap"}
 
 
+@pytest.mark.unit
 def test_soft_argmax_of_hand_made_heatmaps():
     logits = torch.full((1, 2, 4, 8), -1e4)
     logits[0, 0, 1, 3] = 0.0  # one peak: row 1, column 3
@@ -27,6 +26,7 @@ def test_soft_argmax_of_hand_made_heatmaps():
     assert flat.tolist() == pytest.approx([0.5, 0.5])
 
 
+@pytest.mark.unit
 def test_gaussian_targets_move_with_a_horizontal_flip():
     point = torch.tensor([[[0.2, 0.7]]])
     flipped = torch.tensor([[[0.8, 0.7]]])
@@ -37,6 +37,7 @@ def test_gaussian_targets_move_with_a_horizontal_flip():
     assert (col, row) == (3, 11)  # pixel centres (3.5/16, 11.5/16) are nearest (0.2, 0.7)
 
 
+@pytest.mark.unit
 def test_flip_moves_the_heatmap_target_through_the_dataset(tmp_path):
     """The dataset's keypoints follow the flip, so the Gaussian target does too."""
     import numpy as np
@@ -68,6 +69,7 @@ def test_flip_moves_the_heatmap_target_through_the_dataset(tmp_path):
     assert torch.allclose(moved, torch.tensor([[0.75, 0.5], [0.4, 0.4]]), atol=1e-5), moved
 
 
+@pytest.mark.unit
 def test_kd_from_cached_points_pulls_the_heatmap_to_the_teacher():
     task = build_tasks({"landmarks": POINTS})["landmarks"]
     teacher = torch.tensor([[[0.3, 0.6], [0.7, 0.2]]])
@@ -82,6 +84,7 @@ def test_kd_from_cached_points_pulls_the_heatmap_to_the_teacher():
     assert torch.allclose(task.teacher_output(logits.detach()), teacher, atol=0.02)
 
 
+@pytest.mark.unit
 def test_network_builds_a_decoder_for_heatmaps_and_outputs_points_when_activated():
     tasks = build_tasks(
         {"landmarks": POINTS, "grade": {"kind": "classification", "num_classes": 5}}
@@ -105,6 +108,7 @@ def test_network_builds_a_decoder_for_heatmaps_and_outputs_points_when_activated
     assert MultiTaskNet(pooled, cfg).decoder is None
 
 
+@pytest.mark.unit
 def test_per_point_distance_in_original_pixels():
     task = build_tasks({"landmarks": {**POINTS, "head": "pooled"}})["landmarks"]
     metrics = task.metrics()

@@ -24,8 +24,6 @@ from mtkd.models.pretrained import (
 from mtkd.modules.teacher import TeacherModule
 from mtkd.tasks import build_tasks
 
-pytestmark = pytest.mark.unit
-
 TASKS = build_tasks({"grade": {"kind": "classification", "num_classes": 3}})
 
 
@@ -41,6 +39,7 @@ def model_cfg(encoder: str, weights: str | None) -> OmegaConf:
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("encoder", ["timm-tf_efficientnet_lite0", "tu-tf_efficientnet_lite0"])
 def test_packaged_weights_fill_every_encoder_tensor(encoder):
     net = MultiTaskNet(TASKS, model_cfg(encoder, "packaged"))
@@ -72,6 +71,7 @@ def imagenet_top5(photo: np.ndarray) -> list[int]:
         return model(x[None])[0].topk(5).indices.tolist()
 
 
+@pytest.mark.unit
 def test_packaged_lite0_recognises_imagenet_photos():
     from skimage import data
 
@@ -80,6 +80,7 @@ def test_packaged_lite0_recognises_imagenet_photos():
     assert imagenet_top5(data.coffee())[0] == 967  # espresso
 
 
+@pytest.mark.unit
 def test_partial_weights_file_is_an_error_listing_missing_keys(tmp_path):
     net = MultiTaskNet(TASKS, model_cfg("resnet18", None))
     state = net.encoder.state_dict()
@@ -90,6 +91,7 @@ def test_partial_weights_file_is_an_error_listing_missing_keys(tmp_path):
         MultiTaskNet(TASKS, model_cfg("resnet18", str(path)))
 
 
+@pytest.mark.unit
 def test_full_weights_file_loads_and_extra_tensors_are_ignored(tmp_path):
     source = MultiTaskNet(TASKS, model_cfg("resnet18", None))
     state = {f"encoder.{k}": v for k, v in source.encoder.state_dict().items()}
@@ -101,11 +103,13 @@ def test_full_weights_file_loads_and_extra_tensors_are_ignored(tmp_path):
         assert torch.equal(value, net.encoder.state_dict()[key])
 
 
+@pytest.mark.unit
 def test_packaged_for_an_encoder_without_packaged_weights_names_the_ones_that_have():
     with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
         MultiTaskNet(TASKS, model_cfg("resnet18", "packaged"))
 
 
+@pytest.mark.unit
 def test_online_name_offline_fails_fast_naming_the_offline_alternatives(monkeypatch):
     monkeypatch.setattr(pretrained, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
@@ -113,6 +117,7 @@ def test_online_name_offline_fails_fast_naming_the_offline_alternatives(monkeypa
         MultiTaskNet(TASKS, model_cfg("tu-tf_efficientnet_lite0", "imagenet"))
 
 
+@pytest.mark.unit
 def test_online_name_for_an_smp_encoder_fails_fast_at_config_time(monkeypatch):
     """The normalisation of smp's named weights is read from the hub: offline, the config must
     fail at once with the offline alternatives, not retry for half a minute."""
@@ -122,6 +127,7 @@ def test_online_name_for_an_smp_encoder_fails_fast_at_config_time(monkeypatch):
         load_config("teacher", ["model.encoder_weights=imagenet"])
 
 
+@pytest.mark.unit
 def test_normalisation_follows_the_weights_unless_the_data_config_sets_it():
     packaged = load_config(
         "teacher", ["model.encoder=tu-tf_efficientnet_lite0", "model.encoder_weights=packaged"]
@@ -140,6 +146,7 @@ def test_normalisation_follows_the_weights_unless_the_data_config_sets_it():
     assert list(explicit.data.mean) == [0.1, 0.2, 0.3] and list(explicit.data.std) == [0.5] * 3
 
 
+@pytest.mark.unit
 def test_renormalise_gives_a_teacher_its_own_normalisation():
     pixels = torch.rand(2, 3, 4, 4)
     student_norm = (IMAGENET_MEAN, (0.229, 0.224, 0.225))
@@ -152,6 +159,7 @@ def test_renormalise_gives_a_teacher_its_own_normalisation():
     assert Renormalise(teacher_norm, teacher_norm).identity
 
 
+@pytest.mark.unit
 def test_encoder_lr_mult_gives_the_encoder_its_own_rate(tiny):
     cfg = load_config("teacher", tiny(**{"optim.encoder_lr_mult": 0.1, "optim.lr": 0.01}))
     module = TeacherModule(to_container(cfg))

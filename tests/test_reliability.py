@@ -24,8 +24,6 @@ from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
 from tests.conftest import tiny_overrides
 
-pytestmark = pytest.mark.integration
-
 MANIFEST_HEAD = "sample_id,patient_id,split,image,label:dr_grade,label:cdr\n"
 
 
@@ -38,6 +36,7 @@ def _manifest(tmp_path: Path, rows: list[str]) -> Path:
 # -- 5. manifest split values ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_manifest_split_variants_are_accepted_and_others_refused(tmp_path):
     rows = [
         "a,a, Train ,a.png,1,",
@@ -54,6 +53,7 @@ def test_manifest_split_variants_are_accepted_and_others_refused(tmp_path):
 # -- 2. labels validated when samples are loaded ------------------------------------------------
 
 
+@pytest.mark.unit
 def test_non_finite_manifest_label_is_refused_with_file_line_and_value(tmp_path):
     with pytest.raises(ValueError, match=r"manifest\.csv line 3: label:cdr='nan' is not a finite"):
         read_manifest(_manifest(tmp_path, ["a,a,val,a.png,1,0.3", "b,b,val,b.png,1,nan"]))
@@ -69,6 +69,7 @@ def _manifest_cfg(synth_root, tmp_path, rows_fn):
     return load_config("teacher", [*over, "~data.sources.synthetic", f"data.sources.m={source}}}"])
 
 
+@pytest.mark.unit
 def test_out_of_range_labels_are_listed_with_sample_row_and_value(synth_root, tmp_path):
     import dataclasses
 
@@ -91,6 +92,7 @@ def test_out_of_range_labels_are_listed_with_sample_row_and_value(synth_root, tm
 # -- 6. a task whose label no source provides -----------------------------------------------------
 
 
+@pytest.mark.unit
 def test_task_without_labels_is_refused_or_named_kd_only(synth_root, tmp_path):
     cfg = load_config(
         "teacher", tiny_overrides(synth_root, tmp_path, **{"tasks.cdr.labels": "[cup_ratio]"})
@@ -130,6 +132,7 @@ def _bad_image_cfg(synth_root, tmp_path):
     return cfg, [s.sample_id for s in read_manifest(synth_root / "manifest.csv")[2:6]]
 
 
+@pytest.mark.integration
 def test_bad_images_are_all_named_before_work_or_skipped(synth_root, tmp_path, monkeypatch):
     import data_modules.preprocess as preprocess
 
@@ -166,6 +169,7 @@ def test_bad_images_are_all_named_before_work_or_skipped(synth_root, tmp_path, m
 # -- 7. numeric ranges ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -187,6 +191,7 @@ def test_numbers_out_of_range_are_refused_with_key_and_range(override, message):
 # -- 3. one writer per directory -----------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_second_writer_fails_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
     run = tmp_path / "run"
     with directory_lock(run, "first"):
@@ -203,6 +208,7 @@ def test_second_writer_fails_naming_the_holder_and_a_dead_holder_is_taken_over(t
         assert json.loads(lock_path(run).read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.unit
 def test_fit_refuses_a_run_directory_in_use(synth_root, tmp_path):
     cfg = load_config("teacher", tiny_overrides(synth_root, tmp_path))
     with directory_lock(tmp_path, "another train-teacher"):
@@ -222,6 +228,7 @@ class _RunsCode:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.unit
 def test_resume_never_unpickles_code_even_when_the_environment_allows_it(
     synth_root, tmp_path, monkeypatch
 ):
@@ -235,6 +242,7 @@ def test_resume_never_unpickles_code_even_when_the_environment_allows_it(
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_checkpoint_plugins_are_imported_only_when_named(tmp_path, monkeypatch):
     (tmp_path / "mtkd_test_plugin_xyz.py").write_text("IMPORTED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -271,6 +279,7 @@ def _distill_cfg(synth_root, tmp_path, cache_dir, teacher_ckpt):
     return cfg, copy, build_tasks(dict(cfg.tasks))
 
 
+@pytest.mark.integration
 def test_cache_of_a_retrained_teacher_is_refused_without_kd_teacher(
     synth_root, tmp_path, teacher_and_cache
 ):
@@ -293,6 +302,7 @@ def test_cache_of_a_retrained_teacher_is_refused_without_kd_teacher(
         open_checked_cache(cfg, tasks)
 
 
+@pytest.mark.integration
 def test_damaged_truncated_or_missing_cache_files_are_named_with_the_rebuild_command(
     synth_root, tmp_path, teacher_and_cache
 ):
@@ -315,6 +325,7 @@ def test_damaged_truncated_or_missing_cache_files_are_named_with_the_rebuild_com
     assert np.load(cache_dir / "dr_grade.npy", mmap_mode="r").shape[0] > 0  # original untouched
 
 
+@pytest.mark.integration
 def test_orphan_partial_folders_are_removed_by_the_next_cache_teacher(
     synth_root, tmp_path, teacher_and_cache
 ):
@@ -334,6 +345,7 @@ def test_orphan_partial_folders_are_removed_by_the_next_cache_teacher(
 # -- predict keeps the good images; resume names the tasks that differ --------------------------
 
 
+@pytest.mark.integration
 def test_predict_writes_the_good_images_and_lists_the_bad_ones(
     synth_root, tmp_path, teacher_and_cache, capsys
 ):
@@ -362,6 +374,7 @@ def test_predict_writes_the_good_images_and_lists_the_bad_ones(
     assert "no image could be read" in err and "text.jpg" in err and "truncated.jpg" in err
 
 
+@pytest.mark.integration
 def test_resume_with_another_task_set_names_the_tasks_that_differ(
     synth_root, tmp_path, teacher_and_cache
 ):
@@ -375,6 +388,7 @@ def test_resume_with_another_task_set_names_the_tasks_that_differ(
 # -- the message pattern: one line with the fix, MTKD_DEBUG=1 for the traceback -------------------
 
 
+@pytest.mark.unit
 def test_cli_names_yaml_syntax_errors_with_file_line_and_column(tmp_path, monkeypatch, capsys):
     from mtkd.cli import main
     from mtkd.config import BUILTIN_CONFIGS
@@ -389,6 +403,7 @@ def test_cli_names_yaml_syntax_errors_with_file_line_and_column(tmp_path, monkey
     assert "Traceback" not in err
 
 
+@pytest.mark.unit
 def test_cli_refuses_a_file_shaped_run_dir_before_work(synth_root, tmp_path, capsys):
     from mtkd.cli import main
 
@@ -405,6 +420,7 @@ def test_cli_refuses_a_file_shaped_run_dir_before_work(synth_root, tmp_path, cap
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_cli_turns_any_failure_into_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     import mtkd.cli as cli
 
