@@ -27,7 +27,7 @@ install: $(STAMP) ## create .venv and install mtkd with dev, export, sweep and p
 test: $(STAMP) ## run the test suite (unit, integration, ddp; < 10 min on 2 CPU cores)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-unit: $(STAMP) ## only the unit tests: no training, no subprocess (the inner loop, seconds)
+test-unit: $(STAMP) ## only the unit tests, nothing trained: the inner loop, in seconds
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## run every test, slow ones included

@@ -15,10 +15,7 @@ from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.profiling import Profile, count_macs, profile_net
 from mtkd.report import ROLES, build_report, load_result, main, markdown_table, ratios
-
-# single_thread and trained_runs: re-exported for test_export.py and test_predict.py, which still
-# import them from here; drop them once those import from tests.conftest.
-from tests.conftest import PNG_MAGIC, TinyRuns, single_thread, trained_runs  # noqa: F401
+from tests.conftest import PNG_MAGIC, TinyRuns
 
 
 @pytest.mark.unit
