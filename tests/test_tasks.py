@@ -32,13 +32,66 @@ def test_classification_ce_and_kd_with_temperature():
     assert task.kd_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_kd_gradient_flows_to_student_not_teacher():
+def test_kd_gradient_is_temperature_times_the_probability_gap():
+    """Hinton et al.: d(T^2 KL(p_t || p_s)) / dz_s = T (p_s - p_t), with p = softmax(z / T); the
+    T^2 factor keeps the gradient's scale as T grows."""
     task = make("classification", num_classes=3)
-    student = torch.randn(4, 3, requires_grad=True)
-    teacher = torch.randn(4, 3, requires_grad=True)
-    task.kd_loss(student, teacher.detach(), 4.0).mean().backward()
-    assert student.grad is not None and student.grad.abs().sum() > 0
-    assert teacher.grad is None
+    student = torch.tensor([[1.0, -0.5, 2.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 3.0, -1.0]])
+    temperature = 4.0
+    task.kd_loss(student, teacher, temperature).sum().backward()
+    gap = torch.softmax(student.detach() / temperature, 1) - torch.softmax(teacher / temperature, 1)
+    assert torch.allclose(student.grad, temperature * gap, atol=1e-6)
+
+
+def test_combined_extreme_teachers_stay_finite_through_the_fp16_cache():
+    """A probability that underflows (softmax of a 400-logit gap) must not become -inf in the
+    cache: log(mean(softmax)) did, and the KD loss's 0 * -inf was NaN."""
+    task = make("classification", num_classes=3)
+    teachers = [torch.tensor([[200.0, 0.0, -200.0]]), torch.tensor([[0.0, 200.0, -200.0]])]
+    combined = task.combine_teachers([t.half().float() for t in teachers])
+    assert combined[0].tolist() == pytest.approx([-math.log(2), -math.log(2), -400.0])
+    storage = CacheStorage(logits_dtype="float16")
+    cached = torch.from_numpy(task.decode_cache(task.encode_cache(combined, storage)[0]))[None]
+    loss = task.kd_loss(torch.zeros(1, 3), cached, 4.0)
+    assert torch.isfinite(loss).all()
+    # Where nothing underflows it is still the log of the mean probability.
+    moderate = [torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.5]])]
+    mean = torch.stack([t.softmax(dim=1) for t in moderate]).mean(dim=0)
+    assert torch.allclose(task.combine_teachers(moderate), mean.log(), atol=1e-6)
+
+
+def test_multilabel_kd_is_soft_bce_times_t_squared():
+    task = make("multilabel", classes=["x", "y"])
+    pred, teacher, temperature = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, -1.0]]), 2.0
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    bce = [
+        -(sigmoid(t / temperature) * math.log(sigmoid(s / temperature)))
+        - (1 - sigmoid(t / temperature)) * math.log(1 - sigmoid(s / temperature))
+        for s, t in ((0.0, 1.0), (2.0, -1.0))
+    ]
+    expected = (bce[0] + bce[1]) / 2 * temperature**2
+    assert task.kd_loss(pred, teacher, temperature).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_regression_kd_follows_the_spec_loss_unless_kd_tasks_picks_one():
+    pred, teacher = torch.tensor([[0.5, 1.0]]), torch.tensor([[0.2, 1.4]])
+    spec = {"kind": "regression", "labels": ["a", "b"]}
+    mse = build_tasks({"t": spec})["t"]
+    l1 = build_tasks({"t": {**spec, "loss": "l1"}})["t"]
+    picked = build_tasks({"t": spec}, {"t": {"loss": "l1"}})["t"]
+    for temperature in (1.0, 4.0):  # a regression has nothing to soften
+        assert mse.kd_loss(pred, teacher, temperature).item() == pytest.approx(0.125)
+        assert l1.kd_loss(pred, teacher, temperature).item() == pytest.approx(0.35)
+        assert picked.kd_loss(pred, teacher, temperature).item() == pytest.approx(0.35)
+    assert mse.loss(pred, teacher).item() == pytest.approx(0.125)  # spec.loss left alone
+
+
+def test_kd_loss_registry_errors_name_the_valid_losses():
+    with pytest.raises(ValueError, match=r"KD loss 'mse' is unknown; .* for classification: kl"):
+        build_tasks({"t": {"kind": "classification"}}, {"t": {"loss": "mse"}})
+    with pytest.raises(ValueError, match=r"unknown keys \['alpah'\]; valid keys"):
+        build_tasks({"t": {"kind": "classification"}}, {"t": {"alpah": 0.5}})
 
 
 def test_ordinal_penalises_distant_grades_more():
