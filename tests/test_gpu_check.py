@@ -42,11 +42,16 @@ def test_gpu_check_dry_run_writes_results(tmp_path):
     figures = json.loads(out.with_suffix(".json").read_text())
     assert figures["dry_run"] is True and figures["size"] == 64 and figures["steps"] == 2
     assert len(figures["train"]) == 4
-    for row in figures["train"]:
-        assert row["img_s"] > 0 and row["ms_step"] > 0 and row["params_m"] > 0, row
+    # Throughput and step time are two views of one measurement: img/s x s/step = the batch.
     kd = figures["kd"]
-    assert kd["cached"]["img_s"] > 0 and kd["online"]["img_s"] > 0
-    assert kd["online_over_cached"] > 0
+    for row in [*figures["train"], kd["cached"], kd["online"]]:
+        assert row["img_s"] * row["ms_step"] / 1000 == pytest.approx(figures["batch"]), row
+    # One network per model for every precision; the dry run builds the student for both.
+    assert {(r["model"], r["params_m"]) for r in figures["train"]} == {
+        (model, figures["train"][-1]["params_m"]) for model in ("teacher", "student")
+    }
+    assert figures["train"][-1]["params_m"] > 0.1  # millions: the real network, not a stub
+    assert kd["online_over_cached"] == kd["online"]["ms_step"] / kd["cached"]["ms_step"]
 
 
 @pytest.mark.unit
