@@ -17,15 +17,7 @@ from torchmetrics.classification import (
     MultilabelJaccardIndex,
 )
 
-from mtkd.tasks.base import (
-    Annotation,
-    CacheStorage,
-    Frame,
-    Overlay,
-    Task,
-    TaskSpec,
-    register_task,
-)
+from mtkd.tasks.base import Annotation, CacheStorage, Frame, Overlay, Task, TaskSpec, register_task
 from mtkd.tasks.kd_losses import register_kd_loss
 
 _EPS = 1e-4
