@@ -268,3 +268,13 @@ def test_head_dropout_acts_on_the_global_tasks_input_in_training_only():
     assert not torch.equal(first, net(image)["grade"])  # a new mask per forward
     net.eval()
     assert torch.equal(net(image)["grade"], net(image)["grade"])
+
+
+def test_a_kind_with_an_unknown_activation_is_refused_at_registration():
+    from mtkd.tasks import Task, register_task
+
+    class Softplus(Task):
+        activation = "softplus"
+
+    with pytest.raises(ValueError, match=r"activation='softplus' is not one of \['none', "):
+        register_task("softplus_kind")(Softplus)
