@@ -33,6 +33,7 @@ from mtkd.config import load_config, to_container  # noqa: E402
 from mtkd.kd.cache import TeacherCache  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
+from mtkd.modules.teacher_source import build_teacher_source  # noqa: E402
 from mtkd.stages import cache_teacher, fit, open_checked_cache  # noqa: E402
 
 
@@ -70,13 +71,12 @@ def step_benchmark(work: Path, size: int, steps: int, teacher_ckpt: str) -> dict
     loader = dm.train_dataloader()
     batches = [b for _, b in zip(range(steps + 1), loader)]
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    for mode in ("none", "cached", "online"):
-        student.kd_mode = mode
-        if mode == "online":
-            student.setup("fit")
-        student.alpha = {n: 0.0 if mode == "none" else 0.5 for n in student.tasks}
+    sources = {mode: build_teacher_source(mode) for mode in ("none", "cached", "online")}
+    for mode, source in sources.items():
+        student.teacher_source = source
+        student.setup("fit")
         results[mode] = timed_steps(student, batches, opt)
-    teacher = student._teacher[0]
+    teacher = sources["online"].ensemble
     x = batches[0]["image"]
     with torch.no_grad():
         t0 = time.perf_counter()

@@ -32,6 +32,7 @@ from mtkd.config import load_config, to_container  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher import TeacherModule  # noqa: E402
+from mtkd.modules.teacher_source import CachedTeacher, OnlineTeacher  # noqa: E402
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -85,7 +86,7 @@ def make_batch(tasks: dict, size: int, batch: int, device: torch.device) -> dict
     }
 
 
-class OnlineTeacher(torch.nn.Module):
+class FrozenTeacher(torch.nn.Module):
     """The frozen teacher as ``kd.mode=online`` runs it (TeacherEnsemble with one network)."""
 
     def __init__(self, module) -> None:
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     student, _ = build("distill", args.student_model, device)
     tasks = teacher.tasks
     batch = make_batch(tasks, args.size, args.batch, device)
-    online = OnlineTeacher(teacher)
+    online = FrozenTeacher(teacher)
     with torch.no_grad():
         batch["teacher"] = online(batch["image"])  # what the cache hands the student
     models = {
@@ -213,8 +214,7 @@ def run(args: argparse.Namespace) -> dict:
     # cached vs online KD: the same student step, teacher outputs from the batch or the network
     kd = {}
     for mode in ("cached", "online"):
-        student.kd_mode = mode
-        student._teacher = [online] if mode == "online" else []
+        student.teacher_source = OnlineTeacher(online) if mode == "online" else CachedTeacher()
         print(f"timing student KD {mode} ({args.kd_precision}) ...", flush=True)
         step_loss = loss_fn(student, "distill")
         kd[mode] = guarded(
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
             ),
             f"KD {mode}",
         )
-    student.kd_mode, student._teacher = "cached", []
+    student.teacher_source = CachedTeacher()
     if "ms_step" in kd["cached"] and "ms_step" in kd["online"]:
         kd["online_over_cached"] = kd["online"]["ms_step"] / kd["cached"]["ms_step"]
     kd["precision"] = args.kd_precision

@@ -343,9 +343,14 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: Trainer flags, task specs, choices."""
+    """Checks the schema cannot express: Trainer flags, task specs, choices (those of a swappable
+    part from its registry, so a plugin's registration is a valid choice)."""
     from lightning.pytorch import Trainer
 
+    from mtkd.logging import LOGGERS
+    from mtkd.modules.optim import SCHEDULES, optimizer_names
+    from mtkd.modules.teacher_source import TEACHER_SOURCES
+    from mtkd.modules.weighting import WEIGHTINGS
     from mtkd.tasks import build_tasks
 
     import_plugins(list(cfg.plugins))
@@ -359,18 +364,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("no tasks configured; pick a task set, e.g. tasks=synthetic")
     build_tasks(to_container(cfg.tasks), to_container(cfg.kd.tasks))
     choices = {
-        "kd.mode": (cfg.kd.mode, ("cached", "online", "none")),
-        "run.weighting": (cfg.run.weighting, ("fixed", "uncertainty", "dwa")),
-        "cache.dense_dtype": (cfg.cache.dense_dtype, ("uint8", "float16", "float32")),
-        "cache.logits_dtype": (cfg.cache.logits_dtype, ("float16", "float32")),
-        "logger.kind": (cfg.logger.kind, ("wandb", "wandb_offline", "csv", "none")),
-        "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
-        "optim.scheduler": (cfg.optim.scheduler, ("cosine", "none")),
-        "data.on_bad_image": (cfg.data.on_bad_image, ("error", "skip")),
+        "kd.mode": (cfg.kd.mode, sorted(TEACHER_SOURCES)),
+        "run.weighting": (cfg.run.weighting, sorted(WEIGHTINGS)),
+        "cache.dense_dtype": (cfg.cache.dense_dtype, ["uint8", "float16", "float32"]),
+        "cache.logits_dtype": (cfg.cache.logits_dtype, ["float16", "float32"]),
+        "logger.kind": (cfg.logger.kind, sorted(LOGGERS)),
+        "optim.name": (cfg.optim.name, optimizer_names()),
+        "optim.scheduler": (cfg.optim.scheduler, sorted(SCHEDULES)),
+        "data.on_bad_image": (cfg.data.on_bad_image, ["error", "skip"]),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     unknown_kd = sorted(set(cfg.kd.tasks) - set(cfg.tasks))
     if unknown_kd:
         raise ConfigError(

@@ -1,16 +1,16 @@
-"""Loggers from the ``logger`` config group: W&B (online/offline) through Lightning's
-WandbLogger, CSV, or none; and the callbacks that keep a W&B run useful to researchers."""
+"""Loggers from the ``logger`` config group, a registry (``logger.kind``): W&B (online/offline)
+through Lightning's WandbLogger, CSV, or none (``@register_logger`` adds one); and the callbacks that keep a W&B run useful to researchers."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import wandb
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -37,20 +37,55 @@ def logger_callbacks(cfg: DictConfig, logger: Any) -> list[Callback]:
     return callbacks
 
 
+#: (config, run folder, job type, checkpoint whose W&B run to continue) -> Lightning logger
+LoggerFactory = Callable[[DictConfig, Path, str, "str | None"], Any]
+
+#: ``logger.kind`` -> factory
+LOGGERS: dict[str, LoggerFactory] = {}
+
+
+def register_logger(name: str) -> Callable[[LoggerFactory], LoggerFactory]:
+    """Function decorator: ``logger.kind=name`` builds the run's logger with this factory."""
+
+    def decorate(factory: LoggerFactory) -> LoggerFactory:
+        LOGGERS[name] = factory
+        return factory
+
+    return decorate
+
+
 def make_logger(
     cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None = None
 ) -> Any:
     """The configured Lightning logger; ``resume_from`` continues that checkpoint's W&B run."""
     kind = cfg.logger.kind
-    if kind == "none":
-        return False
-    if kind == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="logs")
+    if kind not in LOGGERS:
+        raise ValueError(f"logger.kind={kind!r} is unknown; choose one of {sorted(LOGGERS)}")
+    return LOGGERS[kind](cfg, Path(run_dir), job_type, resume_from)
+
+
+@register_logger("none")
+def no_logger(cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None) -> bool:
+    return False
+
+
+@register_logger("csv")
+def csv_logger(cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None) -> CSVLogger:
+    return CSVLogger(save_dir=str(run_dir), name="logs")
+
+
+@register_logger("wandb")
+@register_logger("wandb_offline")
+def wandb_logger(
+    cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None
+) -> WandbLogger:
+    """W&B through Lightning's WandbLogger; offline when asked or when W&B is unreachable."""
+    import wandb
+
     if wandb.run is not None:
         # Left open by an earlier stage in this process (e.g. `mtkd demo`): one run per stage.
         wandb.finish()
-    offline_reason = wandb_offline_reason(kind)
-    run_dir = Path(run_dir)
+    offline_reason = wandb_offline_reason(cfg.logger.kind)
     logger = WandbLogger(
         project=cfg.logger.project,
         group=cfg.logger.group or run_dir.resolve().parent.name,
@@ -79,6 +114,8 @@ def make_logger(
 def wandb_offline_reason(kind: str) -> str | None:
     """Why a W&B run must be written offline, or None when it can go online: ``wandb`` falls
     back to offline without credentials or without a route to the W&B server."""
+    import wandb
+
     if kind == "wandb_offline":
         return "logger=wandb_offline"
     mode = os.environ.get("WANDB_MODE", "")

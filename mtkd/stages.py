@@ -20,7 +20,7 @@ from torch import nn
 from data_modules.datamodule import FundusDataModule, load_samples
 from data_modules.io import atomic_write_bytes
 from data_modules.transforms import view_seed
-from mtkd.config import save_config, to_container
+from mtkd.config import ConfigError, save_config, to_container
 from mtkd.kd.cache import (
     CacheShardWriter,
     TeacherCache,
@@ -43,6 +43,7 @@ from mtkd.modules.checkpoint import (
 )
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
+from mtkd.modules.teacher_source import NoTeacher
 from mtkd.tasks import CacheStorage, build_tasks
 
 STAGE_MODULES = {"teacher": TeacherModule, "distill": StudentModule}
@@ -97,16 +98,21 @@ def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger:
 
 
 def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
-    """The checkpoint metric: ``run.monitor`` (mode from its task's metric) or val/loss."""
-    key = cfg.run.monitor
-    if not key:
-        return "val/loss", "min"
+    """The checkpoint metric: ``run.monitor`` (``<stage>/<task>/<metric>`` or ``<stage>/loss``,
+    its mode from the torchmetrics metric's ``higher_is_better``) or val/loss."""
+    key = cfg.run.monitor or "val/loss"
     parts = key.split("/")
-    if len(parts) == 3 and parts[1] in tasks:
-        metric, mode = tasks[parts[1]].monitor
-        if parts[2] == metric:
-            return key, mode
-    return key, "min" if parts[-1] in ("loss", "mae", "rmse", "dist", "dist_px") else "max"
+    if parts[-1] == "loss":
+        return key, "min"
+    metrics = tasks[parts[1]].metrics() if len(parts) == 3 and parts[1] in tasks else {}
+    higher = getattr(metrics.get(parts[-1]), "higher_is_better", None)
+    if higher is None:
+        valid = [f"val/{n}/{m}" for n, t in tasks.items() for m in t.metrics()]
+        raise ConfigError(
+            f"run.monitor={key!r} is not a metric with a direction; choose val/loss, "
+            f"val/<task>/loss or one of {valid}"
+        )
+    return key, "max" if higher else "min"
 
 
 def fit(cfg: DictConfig) -> Path:
@@ -126,7 +132,7 @@ def fit(cfg: DictConfig) -> Path:
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
         module = STAGE_MODULES[cfg.stage](to_container(cfg))
         teacher = None
-        if cfg.stage == "distill" and cfg.kd.mode == "cached":
+        if isinstance(module, StudentModule) and module.teacher_source.reads_cache:
             teacher = open_checked_cache(cfg, module.tasks)
         dm = FundusDataModule(cfg.data, module.tasks, teacher=teacher, run_dir=run_dir)
         monitor, mode = monitor_of(cfg, module.tasks)
@@ -272,7 +278,7 @@ def evaluate(
         ckpt, map_location="cpu", weights_only=True, config=to_container(without_pretrained(cfg))
     )
     if isinstance(module, StudentModule):
-        module.kd_mode = "none"  # evaluation never needs the teacher
+        module.teacher_source = NoTeacher()  # evaluation never needs the teacher
     groups = joint_groups(module.tasks, joint)
     dm = FundusDataModule(cfg.data, module.tasks)
     logger = make_logger(cfg, Path(ckpt).parent.parent, job_type="evaluate")

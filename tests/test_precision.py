@@ -11,6 +11,7 @@ import torch
 
 from mtkd.config import load_config
 from mtkd.modules import common, student
+from mtkd.modules.teacher_source import OnlineTeacher
 from mtkd.stages import fit
 from mtkd.tasks.regression import RegressionTask
 
@@ -30,12 +31,21 @@ BF16 = {
 def spy(monkeypatch):
     """Records each loss evaluated through ``fp32`` (kind, input dtypes, autocast state inside,
     result dtype) and each ``train/...`` value the modules log."""
-    record: dict[str, list] = {"losses": [], "logged": []}
+    record: dict[str, list] = {"losses": [], "logged": [], "in_kd": [], "sources": []}
     real_fp32, real_log = common.fp32, common.MultiTaskModule.log
+    real_kd_losses = student.StudentModule.kd_losses
+
+    def kd_losses(self, outputs, teacher):
+        record["sources"].append(type(self.teacher_source))
+        record["in_kd"].append(True)
+        try:
+            return real_kd_losses(self, outputs, teacher)
+        finally:
+            record["in_kd"].pop()
 
     def fp32(fn, *args):
         entry = {
-            "kind": "kd" if getattr(fn, "__name__", "") == "<lambda>" else "sup",
+            "kind": "kd" if record["in_kd"] else "sup",
             "inputs": [a.dtype for a in args if a.is_floating_point()],
         }
 
@@ -56,6 +66,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(common, "fp32", fp32)
     monkeypatch.setattr(student, "fp32", fp32)
+    monkeypatch.setattr(student.StudentModule, "kd_losses", kd_losses)
     monkeypatch.setattr(common.MultiTaskModule, "log", log)
     return record
 
@@ -92,6 +103,7 @@ def test_bf16_teacher_and_student_losses_are_fp32(tiny, spy, bf16_teacher):
     cfg = load_config("distill", tiny(kd="online", **{"kd.teacher": bf16_teacher, **BF16}))
     fit(cfg)
     check_fp32_losses(spy, {"sup", "kd"})
+    assert set(spy["sources"]) == {OnlineTeacher}  # the injected source fed every KD term
     kd_logged = [n for n, _, _ in spy["logged"] if n.endswith("/kd")]
     assert kd_logged, "no KD term was logged"
 

@@ -1,9 +1,11 @@
 """What the teacher and the student share: the network, supervised losses over labeled samples,
-metrics per stage, NaN guard, optimiser and scheduler."""
+metrics per stage, NaN guard, optimiser and scheduler.
+
+``<stage>/loss`` (val/loss: the default checkpoint monitor) is ``sum_t w_t L_t``, the supervised
+losses with the configured task weights, whatever ``run.weighting`` adapts during training."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -14,7 +16,8 @@ from torchmetrics import MeanMetric
 
 from mtkd.config import import_plugins
 from mtkd.models.multitask import MultiTaskNet
-from mtkd.modules.weighting import TaskWeighting
+from mtkd.modules.optim import build_optimizer, build_schedule
+from mtkd.modules.weighting import build_weighting
 from mtkd.tasks import build_tasks, masked_mean
 
 EVAL_STAGES = ("val", "test")
@@ -36,7 +39,7 @@ class MultiTaskModule(L.LightningModule):
         self.net = MultiTaskNet(self.tasks, self.cfg.model)
         if self.cfg.model.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.weighting = TaskWeighting(
+        self.weighting = build_weighting(
             self.cfg.run.weighting, {n: t.weight for n, t in self.tasks.items()}
         )
         self.metrics = nn.ModuleDict(
@@ -80,7 +83,7 @@ class MultiTaskModule(L.LightningModule):
     ) -> None:
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), on_epoch=True, batch_size=batch_size)
-            if self.weighting.mode == "dwa":  # DWA needs epoch means (a host sync per term)
+            if self.weighting.needs_epoch_means:
                 self._epoch_losses.setdefault(key, []).append(float(value.detach()))
         self.log(
             "train/loss",
@@ -118,7 +121,7 @@ class MultiTaskModule(L.LightningModule):
                     {"pixel_scale": batch["pixel_scale"][has]},
                 )
                 self.eval_losses[stage][name].update(losses[name].detach(), weight=has.sum())
-        total = self.weighting(losses) if self.weighting.mode == "fixed" else sum(losses.values())
+        total = self.weighting.fixed_total(losses)  # the same scale under every strategy
         self.eval_totals[stage].update(total.detach(), weight=size)
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -175,25 +178,19 @@ class MultiTaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        params = self.param_groups(o.lr, float(o.encoder_lr_mult))
-        if o.name == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay, nesterov=True
-            )
-        elif o.name == "adam":
-            opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        if o.scheduler == "none":
-            return opt
+        opt = build_optimizer(self.param_groups(o.lr, float(o.encoder_lr_mult)), o)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(int(o.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1)), total - 1)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = build_schedule(o.scheduler, opt, total, warmup)
+        if sched is None:
+            return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before weighting strategies were separate classes hold every
+        strategy's state (``weighting.dwa_weights`` under any strategy): drop what this one lacks."""
+        own = set(self.weighting.state_dict())
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("weighting.")]:
+            if key.removeprefix("weighting.") not in own:
+                del state[key]

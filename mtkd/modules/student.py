@@ -1,8 +1,9 @@
 """StudentModule: L = sum_t w_t [(1 - a_t) L_sup_t + a_t L_kd_t].
 
 Supervised terms average over labeled samples; KD terms over every sample with a teacher
-output, so unlabeled images contribute KD only; a task no teacher covers trains on labels only. Teacher outputs come from the cache
-(``batch["teacher"]``) or, with ``kd.mode=online``, from the frozen teacher on the same view.
+output, so unlabeled images contribute KD only; a task no teacher covers trains on labels only.
+Teacher outputs come from the injected ``TeacherSource`` (``mtkd.modules.teacher_source``): the
+cache, the frozen teacher on the same view, or none (no KD: every task on labels only).
 """
 
 from __future__ import annotations
@@ -11,51 +12,30 @@ from typing import Any
 
 import torch
 
-from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
 from mtkd.modules.common import MultiTaskModule, fp32
+from mtkd.modules.teacher_source import TeacherSource, build_teacher_source
 
 
 class StudentModule(MultiTaskModule):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], teacher_source: TeacherSource | None = None) -> None:
+        """``teacher_source``: where teacher outputs come from; None builds ``kd.mode``'s source."""
         super().__init__(config)
         kd = self.cfg.kd
-        self.kd_mode = kd.mode
+        self.teacher_source = (
+            build_teacher_source(kd.mode) if teacher_source is None else teacher_source
+        )
         per_task = {n: dict(kd.tasks.get(n, {})) for n in self.tasks}
-        self.alpha = {
-            n: 0.0 if kd.mode == "none" else float(per_task[n].get("alpha", kd.alpha))
-            for n in self.tasks
-        }
+        self.alpha = {n: float(per_task[n].get("alpha", kd.alpha)) for n in self.tasks}
         self.temperature = {
             n: float(per_task[n].get("temperature") or kd.temperature or t.default_temperature)
             for n, t in self.tasks.items()
         }
-        # Held in a list so Lightning neither trains, checkpoints nor counts the teacher.
-        self._teacher: list[TeacherEnsemble] = []
 
     def setup(self, stage: str) -> None:
-        if self.kd_mode == "online" and not self._teacher:
-            kd = self.cfg.kd
-            teachers = configured_teachers(kd.teachers, [kd.teacher] if kd.teacher else [])
-            if not teachers:
-                raise ValueError(
-                    "kd.mode=online needs kd.teacher=<path/to/teacher.ckpt> or a kd.teachers list"
-                )
-            ensemble = TeacherEnsemble(teachers, dict(self.hparams.config["tasks"]), self.cfg.data)
-            announce(ensemble.provenance(list(self.tasks)), ensemble.notes)
-            self._teacher.append(ensemble)
+        self.teacher_source.setup(self.cfg)
 
     def on_fit_start(self) -> None:
-        if self._teacher:
-            self._teacher[0].to(self.device)
-
-    def teacher_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        if self.kd_mode == "online":
-            return self._teacher[0](batch["image"])
-        if "teacher" not in batch:
-            raise ValueError(
-                "kd.mode=cached but the batch has no teacher outputs; set kd.cache_dir"
-            )
-        return batch["teacher"]
+        self.teacher_source.to(self.device)
 
     def kd_losses(self, outputs: dict, teacher: dict) -> dict[str, torch.Tensor]:
         """KD terms of the tasks a teacher covers (``teacher`` has no entry for the others)."""
@@ -74,16 +54,13 @@ class StudentModule(MultiTaskModule):
         outputs = self(batch["image"])
         sup = self.supervised_losses(outputs, batch)
         terms = {f"{n}/sup": v for n, v in sup.items()}
-        if self.kd_mode == "none":
-            per_task = sup
-        else:
-            kd = self.kd_losses(outputs, self.teacher_outputs(batch))
-            terms.update({f"{n}/kd": v for n, v in kd.items()})
-            # A task no teacher covers trains on labels only (alpha 0; announced at start-up).
-            per_task = {
-                n: (1 - self.alpha[n]) * sup[n] + self.alpha[n] * kd[n] if n in kd else sup[n]
-                for n in self.tasks
-            }
+        kd = self.kd_losses(outputs, self.teacher_source.outputs(batch))
+        terms.update({f"{n}/kd": v for n, v in kd.items()})
+        # A task no teacher covers trains on labels only (alpha 0; announced at start-up).
+        per_task = {
+            n: (1 - self.alpha[n]) * sup[n] + self.alpha[n] * kd[n] if n in kd else sup[n]
+            for n in self.tasks
+        }
         terms.update({f"{n}/loss": v for n, v in per_task.items()})
         return self.weighting(per_task), terms
 

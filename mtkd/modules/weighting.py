@@ -1,59 +1,139 @@
-"""Task weighting: fixed weights, homoscedastic uncertainty (Kendall et al. 2018) or dynamic
-weight averaging (Liu et al. 2019)."""
+"""Task weighting strategies (``run.weighting``): how per-task losses combine into the training
+loss. Built in: fixed weights, homoscedastic uncertainty (Kendall et al. 2018), dynamic weight
+averaging (Liu et al. 2019). A new strategy is one ``Weighting`` subclass decorated with
+``@register_weighting("name")`` in a plugin module (``plugins=[...]`` or ``MTKD_PLUGINS``).
+
+Every strategy multiplies task t's term by its configured weight ``w_t`` (``tasks.<t>.weight``).
+The evaluation loss ``val/loss`` (the default checkpoint monitor) is ``sum_t w_t L_t`` under
+every strategy, so checkpoints of runs with different strategies are selected on one scale.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 
-class TaskWeighting(nn.Module):
-    def __init__(self, mode: str, weights: dict[str, float], dwa_temperature: float = 2.0) -> None:
+class Weighting(nn.Module):
+    """``forward(losses) = sum_t w_t term_t(L_t)``; subclasses define ``term`` (and may learn
+    parameters, or adapt at each epoch end from the epoch-mean training losses)."""
+
+    #: the ``run.weighting`` value that selects this strategy
+    name: ClassVar[str]
+    #: whether ``end_epoch`` needs each task's epoch-mean training loss (a host sync per term)
+    needs_epoch_means: ClassVar[bool] = False
+
+    def __init__(self, weights: dict[str, float]) -> None:
         super().__init__()
-        self.mode = mode
         self.names = list(weights)
         self.register_buffer(
             "fixed", torch.tensor([weights[n] for n in self.names], dtype=torch.float32)
         )
-        self.log_vars = (
-            nn.Parameter(torch.zeros(len(self.names))) if mode == "uncertainty" else None
-        )
-        self.dwa_temperature = dwa_temperature
-        self.register_buffer("dwa_weights", torch.ones(len(self.names)))
-        self.history: list[list[float]] = []
+
+    def term(self, index: int, loss: torch.Tensor) -> torch.Tensor:
+        """Task ``index``'s loss before its configured weight."""
+        return loss
+
+    def scales(self) -> torch.Tensor:
+        """Each task's multiplier on top of its configured weight (for logging)."""
+        return torch.ones_like(self.fixed)
+
+    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
+        """Adapt after a training epoch (``epoch_losses``: task -> mean loss, when
+        ``needs_epoch_means``)."""
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         total = torch.zeros((), device=self.fixed.device)
         for i, name in enumerate(self.names):
-            loss = losses[name]
-            if self.mode == "uncertainty":
-                loss = torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
-            elif self.mode == "dwa":
-                loss = self.dwa_weights[i] * loss
-            total = total + self.fixed[i] * loss
+            total = total + self.fixed[i] * self.term(i, losses[name])
+        return total
+
+    def fixed_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_t w_t L_t`` with the configured weights only: the evaluation loss."""
+        total = torch.zeros((), device=self.fixed.device)
+        for i, name in enumerate(self.names):
+            total = total + self.fixed[i] * losses[name]
         return total
 
     def current(self) -> dict[str, float]:
-        """Effective multiplier of each task's loss (for logging)."""
-        if self.mode == "uncertainty":
-            scale = torch.exp(-self.log_vars.detach())
-        elif self.mode == "dwa":
-            scale = self.dwa_weights
-        else:
-            scale = torch.ones_like(self.fixed)
+        """Effective multiplier of each task's loss (logged as ``train/<task>/weight``)."""
+        scale = self.scales()
         return {n: float(self.fixed[i] * scale[i]) for i, n in enumerate(self.names)}
 
+
+WEIGHTINGS: dict[str, type[Weighting]] = {}
+
+
+def register_weighting(name: str) -> Callable[[type[Weighting]], type[Weighting]]:
+    """Class decorator: ``run.weighting=name`` selects this strategy."""
+
+    def decorate(cls: type[Weighting]) -> type[Weighting]:
+        cls.name = name
+        WEIGHTINGS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_weighting(name: str, weights: dict[str, float]) -> Weighting:
+    """The strategy ``run.weighting=name`` over tasks with configured ``weights``."""
+    if name not in WEIGHTINGS:
+        raise ValueError(
+            f"run.weighting={name!r} is unknown; choose one of {sorted(WEIGHTINGS)} (or register "
+            "one with @register_weighting in a plugin module)"
+        )
+    return WEIGHTINGS[name](weights)
+
+
+@register_weighting("fixed")
+class FixedWeighting(Weighting):
+    """``L = sum_t w_t L_t``."""
+
+
+@register_weighting("uncertainty")
+class UncertaintyWeighting(Weighting):
+    """``L = sum_t w_t (exp(-s_t) L_t + s_t)`` with a learned log-variance ``s_t`` per task."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        super().__init__(weights)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
+
+    def term(self, index: int, loss: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.log_vars[index]) * loss + self.log_vars[index]
+
+    def scales(self) -> torch.Tensor:
+        return torch.exp(-self.log_vars.detach())
+
+
+@register_weighting("dwa")
+class DynamicWeightAveraging(Weighting):
+    """``L = sum_t w_t d_t L_t`` with ``d = K softmax(r / T)``, ``r_t`` the ratio of task t's
+    last two epoch-mean losses (slowly falling losses weigh more), T = 2, K tasks."""
+
+    needs_epoch_means = True
+    temperature: ClassVar[float] = 2.0
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        super().__init__(weights)
+        self.register_buffer("dwa_weights", torch.ones(len(self.names)))
+        self.history: list[list[float]] = []
+
+    def term(self, index: int, loss: torch.Tensor) -> torch.Tensor:
+        return self.dwa_weights[index] * loss
+
+    def scales(self) -> torch.Tensor:
+        return self.dwa_weights
+
     def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        """DWA: weight each task by how slowly its loss fell over the last two epochs."""
-        if self.mode != "dwa":
-            return
         self.history.append([epoch_losses.get(n, 0.0) for n in self.names])
         if len(self.history) < 2:
             return
         prev, last = self.history[-2], self.history[-1]
         ratios = [lst / p if p > 0 else 1.0 for lst, p in zip(last, prev)]
-        exps = [math.exp(r / self.dwa_temperature) for r in ratios]
+        exps = [math.exp(r / self.temperature) for r in ratios]
         k = len(self.names)
         self.dwa_weights.copy_(torch.tensor([k * e / sum(exps) for e in exps]))

@@ -1,0 +1,112 @@
+"""Where a student's teacher outputs come from (``kd.mode``): the cache written by
+``cache-teacher``, the frozen teacher run on the same view, or no teacher at all (no KD).
+
+A source is a small object injected into ``StudentModule``; it is not an ``nn.Module``, so
+Lightning neither trains, checkpoints nor counts the teacher it holds. A new source is one class
+decorated with ``@register_teacher_source("name")`` in a plugin module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from mtkd.config import to_container
+from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
+
+
+class TeacherSource:
+    """The teacher outputs of a batch, ``{task: tensor}`` for the tasks a teacher covers."""
+
+    #: the ``kd.mode`` value that selects this source
+    name: ClassVar[str]
+    #: whether the data module must carry a teacher cache (``batch["teacher"]``)
+    reads_cache: ClassVar[bool] = False
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Prepare before training (``cfg``: the student's run config)."""
+
+    def to(self, device: torch.device) -> None:
+        """Move whatever the source runs onto the student's device."""
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+TEACHER_SOURCES: dict[str, type[TeacherSource]] = {}
+
+
+def register_teacher_source(name: str) -> Callable[[type[TeacherSource]], type[TeacherSource]]:
+    """Class decorator: ``kd.mode=name`` selects this teacher source."""
+
+    def decorate(cls: type[TeacherSource]) -> type[TeacherSource]:
+        cls.name = name
+        TEACHER_SOURCES[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_teacher_source(mode: str) -> TeacherSource:
+    """A fresh source for ``kd.mode=mode``, with an error naming the valid modes."""
+    if mode not in TEACHER_SOURCES:
+        raise ValueError(f"kd.mode={mode!r} is unknown; choose one of {sorted(TEACHER_SOURCES)}")
+    return TEACHER_SOURCES[mode]()
+
+
+@register_teacher_source("none")
+class NoTeacher(TeacherSource):
+    """No KD: no task has a teacher output, so every task trains on its labels only."""
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+
+@register_teacher_source("cached")
+class CachedTeacher(TeacherSource):
+    """The teacher outputs the data module read from the cache for this sample and view."""
+
+    reads_cache = True
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "teacher" not in batch:
+            raise ValueError(
+                "kd.mode=cached but the batch has no teacher outputs; set kd.cache_dir"
+            )
+        return batch["teacher"]
+
+
+@register_teacher_source("online")
+class OnlineTeacher(TeacherSource):
+    """The frozen teachers (``kd.teacher`` or ``kd.teachers``) run on the student's own view;
+    ``ensemble`` given (a ``TeacherEnsemble`` or any frozen module mapping images to teacher
+    outputs): that one, else a ``TeacherEnsemble`` built from the run config at setup."""
+
+    def __init__(self, ensemble: nn.Module | None = None) -> None:
+        self.ensemble = ensemble
+
+    def setup(self, cfg: DictConfig) -> None:
+        if self.ensemble is not None:
+            return
+        kd = cfg.kd
+        teachers = configured_teachers(kd.teachers, [kd.teacher] if kd.teacher else [])
+        if not teachers:
+            raise ValueError(
+                "kd.mode=online needs kd.teacher=<path/to/teacher.ckpt> or a kd.teachers list"
+            )
+        tasks = to_container(cfg.tasks)
+        self.ensemble = TeacherEnsemble(teachers, tasks, cfg.data)
+        announce(self.ensemble.provenance(list(tasks)), self.ensemble.notes)
+
+    def to(self, device: torch.device) -> None:
+        if self.ensemble is not None:
+            self.ensemble.to(device)
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.ensemble is None:
+            raise ValueError("the online teacher is not set up; call setup(cfg) first")
+        return self.ensemble(batch["image"])
