@@ -6,7 +6,9 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 USAGE = """usage: mtkd <command> [key=value ...]
 
@@ -32,38 +34,121 @@ commands:
 overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=; option is a
 name or a YAML file path) or a.b=value, e.g. `mtkd train-teacher trainer.max_epochs=5`.
 config_dir=DIR (repeatable) searches DIR's groups before the built-in ones (also MTKD_CONFIG_PATH).
+`mtkd <command> --help` lists a command's arguments.
 """
 
 
-def _take(
-    args: list[str], key: str, many: bool = False
-) -> tuple[list[str] | str | None, list[str]]:
-    """Split ``key=value`` command arguments from config overrides."""
-    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
-    rest = [a for a in args if not a.startswith(f"{key}=")]
-    if many:
-        return values, rest
-    if len(values) > 1:
-        raise ValueError(f"{key}= given more than once")
-    return (values[0] if values else None), rest
+@dataclass(frozen=True)
+class Arg:
+    """One ``key=value`` argument of a command."""
+
+    help: str
+    default: Any = None
+    #: converts the text; raises ValueError with what to give instead
+    type: Callable[[str], Any] = str
+    #: repeatable: the value is the list of every occurrence
+    many: bool = False
+    #: shown in the "needs key=<...>" error when the argument is required
+    required: str | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A command's arguments. ``overrides``: what the other ``key=value`` items are (config
+    overrides, passed on), or None to refuse them; ``positional``: the one bare argument."""
+
+    args: dict[str, Arg]
+    overrides: str | None = None
+    positional: str | None = None
+
+    def usage(self, command: str) -> str:
+        lines = [f"usage: mtkd {command}" + (f" {self.positional}" if self.positional else "")]
+        for name, arg in self.args.items():
+            shown = str(arg.default).lower() if isinstance(arg.default, bool) else arg.default
+            default = "" if arg.default is None else f" (default {shown})"
+            default = " (required)" if arg.required else default
+            lines.append(f"  {name}=...{' (repeatable)' if arg.many else ''}  {arg.help}{default}")
+        if self.overrides:
+            lines.append(f"  key=value ...  {self.overrides}")
+        return "\n".join(lines)
+
+
+def parse_args(command: str, spec: Spec, argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``argv`` into the spec's arguments (converted, defaults filled; the positional one
+    under its name) and the rest (config overrides); unknown ones fail listing the valid ones."""
+    values: dict[str, Any] = {n: [] if a.many else a.default for n, a in spec.args.items()}
+    given: set[str] = set()
+    rest = []  # in the given order: a removal ~a.b must follow what it removes
+    for item in argv:
+        key, eq, text = item.partition("=")
+        arg = spec.args.get(key) if eq else None
+        if arg is None:
+            rest.append(item)
+            continue
+        if key in given and not arg.many:
+            raise ValueError(f"{command}: {key}= given more than once")
+        given.add(key)
+        try:
+            value = arg.type(text)
+        except ValueError as exc:
+            raise ValueError(f"{command}: {key}={text}: {exc}") from None
+        if arg.many:
+            values[key].append(value)
+        else:
+            values[key] = value
+    valid = ", ".join(f"{n}=" for n in spec.args)
+    if spec.positional:
+        bare = [item for item in rest if "=" not in item]
+        if len(bare) != 1:
+            raise ValueError(
+                f"{command} needs one {spec.positional}: mtkd {command} {spec.positional} "
+                f"[{' '.join(f'{n}=...' for n in spec.args)}]"
+            )
+        values[spec.positional] = bare[0]
+        rest.remove(bare[0])
+    if spec.overrides is None and rest:
+        raise ValueError(f"{command}: unknown arguments {rest}; valid: {valid}")
+    missing = [f"{n}=<{a.required}>" for n, a in spec.args.items() if a.required and n not in given]
+    if missing:
+        raise ValueError(f"{command} needs {' '.join(missing)}")
+    return values, rest
+
+
+def whole_number(text: str) -> int:
+    """An ``Arg.type``: a count >= 0."""
+    if not text.isdigit():
+        raise ValueError("give a whole number >= 0")
+    return int(text)
+
+
+def boolean(text: str) -> bool:
+    """An ``Arg.type``: true or false."""
+    if text not in ("true", "false"):
+        raise ValueError("must be true or false")
+    return text == "true"
+
+
+#: the remaining items of a command that runs a stage
+CONFIG_OVERRIDES = "config overrides: group=option or a.b=value (see `mtkd --help`)"
+
+STAGE_ARGS = Spec({}, overrides=CONFIG_OVERRIDES)
+
+SYNTH_ARGS = Spec(
+    {
+        "out": Arg("folder to write", "data/synthetic"),
+        "n": Arg("number of images", 600, whole_number),
+        "image_size": Arg("side of each image in pixels", 256, whole_number),
+        "seed": Arg("random seed", 0, whole_number),
+    }
+)
 
 
 def cmd_synth(args: list[str]) -> None:
     from data_modules.synthetic import synthetic_source
 
-    opts = dict(a.split("=", 1) for a in args)
-    unknown = set(opts) - {"out", "n", "image_size", "seed"}
-    if unknown:
-        raise ValueError(
-            f"synth: unknown arguments {sorted(unknown)}; valid: out, n, image_size, seed"
-        )
-    root = Path(opts.get("out", "data/synthetic"))
-    samples = synthetic_source(
-        root,
-        n=int(opts.get("n", 600)),
-        image_size=int(opts.get("image_size", 256)),
-        seed=int(opts.get("seed", 0)),
-    )
+    opts, _ = parse_args("synth", SYNTH_ARGS, args)
+    root = Path(opts["out"])
+    samples = synthetic_source(root, n=opts["n"], image_size=opts["image_size"], seed=opts["seed"])
     print(f"synthetic dataset ready: {root / 'manifest.csv'} ({len(samples)} images)")
 
 
@@ -71,21 +156,30 @@ def cmd_train_teacher(args: list[str]) -> None:
     from mtkd.config import load_config
     from mtkd.stages import fit
 
-    fit(load_config("teacher", args))
+    _, overrides = parse_args("train-teacher", STAGE_ARGS, args)
+    fit(load_config("teacher", overrides))
 
 
 def cmd_distill(args: list[str]) -> None:
     from mtkd.config import load_config
     from mtkd.stages import fit
 
-    fit(load_config("distill", args))
+    _, overrides = parse_args("distill", STAGE_ARGS, args)
+    fit(load_config("distill", overrides))
+
+
+CACHE_TEACHER_ARGS = Spec(
+    {"teacher": Arg("a teacher checkpoint (added to a kd.teachers list)", many=True)},
+    overrides=CONFIG_OVERRIDES,
+)
 
 
 def cmd_cache_teacher(args: list[str]) -> None:
     from mtkd.config import TeacherConfig, load_config
     from mtkd.stages import cache_teacher
 
-    teachers, rest = _take(args, "teacher", many=True)
+    opts, rest = parse_args("cache-teacher", CACHE_TEACHER_ARGS, args)
+    teachers = opts["teacher"]
     if teachers:
         rest.append(f"cache.teacher=[{','.join(teachers)}]")
     cfg = load_config("distill", rest)
@@ -94,43 +188,59 @@ def cmd_cache_teacher(args: list[str]) -> None:
     cache_teacher(cfg)
 
 
+EVALUATE_ARGS = Spec(
+    {
+        "ckpt": Arg("checkpoint to test", required="path/to/checkpoint.ckpt"),
+        "split": Arg("val or test", "test"),
+        "out": Arg("metrics JSON to write (default: beside the run)"),
+        "resolution": Arg("working or original", "working"),
+        "joint": Arg("classification tasks scored jointly (TASK,TASK or none)", many=True),
+        "bootstrap": Arg("resamples for the 95 % intervals, 0: none", type=whole_number),
+    },
+    overrides="overrides of the checkpoint's config (trainer=, logger=, a.b=value)",
+)
+
+
 def cmd_evaluate(args: list[str]) -> None:
     from mtkd.stages import evaluate
 
-    ckpt, rest = _take(args, "ckpt")
-    split, rest = _take(rest, "split")
-    out, rest = _take(rest, "out")
-    resolution, rest = _take(rest, "resolution")
-    joint, rest = _take(rest, "joint", many=True)
-    bootstrap, rest = _take(rest, "bootstrap")
-    if not ckpt:
-        raise ValueError("evaluate needs ckpt=<path/to/checkpoint.ckpt>")
-    if bootstrap is not None and not bootstrap.isdigit():
-        raise ValueError(f"bootstrap={bootstrap}: give a whole number of resamples (0: none)")
-    resamples = None if bootstrap is None else int(bootstrap)
-    evaluate(ckpt, split or "test", rest, out, resolution or "working", joint or None, resamples)
+    opts, rest = parse_args("evaluate", EVALUATE_ARGS, args)
+    evaluate(
+        opts["ckpt"],
+        opts["split"],
+        rest,
+        opts["out"],
+        opts["resolution"],
+        opts["joint"] or None,
+        opts["bootstrap"],
+    )
 
 
-#: command -> "module:function"; each function takes the remaining ``key=value`` arguments.
-COMMANDS: dict[str, str] = {
-    "synth": "mtkd.cli:cmd_synth",
-    "train-teacher": "mtkd.cli:cmd_train_teacher",
-    "cache-teacher": "mtkd.cli:cmd_cache_teacher",
-    "distill": "mtkd.cli:cmd_distill",
-    "evaluate": "mtkd.cli:cmd_evaluate",
-    "init": "mtkd.starter:main",
-    "demo": "mtkd.demo:main",
-    "report": "mtkd.report:main",
-    "study": "mtkd.study:main",
-    "export": "mtkd.export:main",
-    "predict": "mtkd.predict:main",
-    "sweep-local": "mtkd.sweeps:main",
+#: command -> ("module:function", "module:SPEC"); each function takes the ``key=value`` items.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("mtkd.cli:cmd_synth", "mtkd.cli:SYNTH_ARGS"),
+    "train-teacher": ("mtkd.cli:cmd_train_teacher", "mtkd.cli:STAGE_ARGS"),
+    "cache-teacher": ("mtkd.cli:cmd_cache_teacher", "mtkd.cli:CACHE_TEACHER_ARGS"),
+    "distill": ("mtkd.cli:cmd_distill", "mtkd.cli:STAGE_ARGS"),
+    "evaluate": ("mtkd.cli:cmd_evaluate", "mtkd.cli:EVALUATE_ARGS"),
+    "init": ("mtkd.starter:main", "mtkd.starter:COMMAND_ARGS"),
+    "demo": ("mtkd.demo:main", "mtkd.demo:COMMAND_ARGS"),
+    "report": ("mtkd.report:main", "mtkd.report:COMMAND_ARGS"),
+    "study": ("mtkd.study:main", "mtkd.study:COMMAND_ARGS"),
+    "export": ("mtkd.export:main", "mtkd.export:COMMAND_ARGS"),
+    "predict": ("mtkd.predict:main", "mtkd.predict:COMMAND_ARGS"),
+    "sweep-local": ("mtkd.sweeps:main", "mtkd.sweeps:COMMAND_ARGS"),
 }
 
 
-def resolve(command: str) -> Callable[[list[str]], None]:
-    module, _, name = COMMANDS[command].partition(":")
+def load(target: str) -> Any:
+    """The object ``module:name`` names."""
+    module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def resolve(command: str) -> Callable[[list[str]], None]:
+    return load(COMMANDS[command][0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mtkd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if any(a in ("-h", "--help") for a in args):
+        print(load(COMMANDS[command][1]).usage(command))
+        return 0
     args = [a.removeprefix("--") for a in args]
     try:
         resolve(command)(args)

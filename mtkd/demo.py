@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import load_config
 from mtkd.report import INTERVALS_NOTE, Report, build_report
 from mtkd.stages import cache_teacher, evaluate, fit
@@ -87,12 +88,16 @@ def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, d
     return report, timings
 
 
-def main(args: list[str]) -> None:
-    from mtkd.cli import _take
+COMMAND_ARGS = Spec(
+    {"runs": Arg("folder of the demo's runs", "runs")},
+    overrides=f"{CONFIG_OVERRIDES}, applied to every stage",
+)
 
-    runs, overrides = _take(args, "runs")
+
+def main(args: list[str]) -> None:
+    opts, overrides = parse_args("demo", COMMAND_ARGS, args)
     start = time.perf_counter()
-    report, timings = run_demo(overrides, runs or "runs")
+    report, timings = run_demo(overrides, opts["runs"])
     total = time.perf_counter() - start
     print(f"\n{'=' * 72}\n== demo: test metrics (* = each task's main metric)\n{'=' * 72}")
     print(report.table)

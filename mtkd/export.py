@@ -20,6 +20,7 @@ from torch import nn
 
 from data_modules.io import atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD
+from mtkd.cli import Arg, Spec, parse_args
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.tasks import Task
@@ -133,13 +134,14 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     return out_dir
 
 
-def main(args: list[str]) -> None:
-    from mtkd.cli import _take
+COMMAND_ARGS = Spec(
+    {
+        "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
+        "out": Arg("folder to write (default: export/ beside the run)"),
+    }
+)
 
-    ckpt, rest = _take(args, "ckpt")
-    out, rest = _take(rest, "out")
-    if rest:
-        raise ValueError(f"export: unknown arguments {rest}; valid: ckpt=, out=")
-    if not ckpt:
-        raise ValueError("export needs ckpt=<path/to/student best.ckpt>")
-    export(ckpt, out)
+
+def main(args: list[str]) -> None:
+    opts, _ = parse_args("export", COMMAND_ARGS, args)
+    export(opts["ckpt"], opts["out"])

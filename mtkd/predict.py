@@ -20,6 +20,7 @@ from data_modules.io import atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD, Prepared, Preprocessor
 from data_modules.samples import Sample
 from data_modules.transforms import build_transform
+from mtkd.cli import Arg, Spec, parse_args
 from mtkd.modules.checkpoint import load_net
 from mtkd.tasks import Frame, Task
 
@@ -226,14 +227,15 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
     return payload
 
 
-def main(args: list[str]) -> None:
-    from mtkd.cli import _take
+COMMAND_ARGS = Spec(
+    {
+        "ckpt": Arg("checkpoint to predict with", required="path/to/best.ckpt"),
+        "images": Arg("an image file or a folder of images", required="image file or folder"),
+        "out": Arg("folder to write (default: predictions/ beside the run)"),
+    }
+)
 
-    ckpt, rest = _take(args, "ckpt")
-    images, rest = _take(rest, "images")
-    out, rest = _take(rest, "out")
-    if rest:
-        raise ValueError(f"predict: unknown arguments {rest}; valid: ckpt=, images=, out=")
-    if not ckpt or not images:
-        raise ValueError("predict needs ckpt=<path/to/best.ckpt> images=<image file or folder>")
-    predict(ckpt, images, out)
+
+def main(args: list[str]) -> None:
+    opts, _ = parse_args("predict", COMMAND_ARGS, args)
+    predict(opts["ckpt"], opts["images"], opts["out"])

@@ -21,6 +21,7 @@ import torch
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
+from mtkd.cli import Arg, Spec, parse_args
 from mtkd.evaluation import (
     BOOTSTRAP_RESAMPLES,
     LEVEL,
@@ -394,19 +395,17 @@ Tinted masks and `X` points: ground truth (where labeled) and each model's predi
 """
 
 
-def main(args: list[str]) -> None:
-    from mtkd.cli import _take
+COMMAND_ARGS = Spec(
+    {
+        **{role: Arg(f"the {role} run folder", default) for role, default in DEFAULT_RUNS.items()},
+        "out": Arg("folder to write the report to", "runs/report"),
+    }
+)
 
-    runs: dict[str, str | Path] = {}
-    rest = list(args)
-    for role, default in DEFAULT_RUNS.items():
-        given, rest = _take(rest, role)
-        runs[role] = given or default
-    out, rest = _take(rest, "out")
-    if rest:
-        raise ValueError(
-            f"report: unknown arguments {rest}; valid: teacher=, student=, baseline=, out="
-        )
-    report = build_report(runs, out or "runs/report")
+
+def main(args: list[str]) -> None:
+    opts, _ = parse_args("report", COMMAND_ARGS, args)
+    runs: dict[str, str | Path] = {role: opts[role] for role in DEFAULT_RUNS}
+    report = build_report(runs, opts["out"])
     print(f"\n{report.table}\n\n{INTERVALS_NOTE}\n\n{report.intervals}")
     print(f"\n{report.efficiency}\n\nreport written to {report.path}")

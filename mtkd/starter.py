@@ -8,6 +8,8 @@ import json
 import shlex
 from pathlib import Path
 
+from mtkd.cli import Arg, Spec, boolean, parse_args
+
 DATA = """\
 # Your images: a manifest folder (manifest.csv + images; format: mtkd's README, "Manifest format").
 # The path is absolute so the commands work from any folder; edit it if you move the data.
@@ -78,15 +80,15 @@ def write_starter(root: Path, force: bool = False) -> list[Path]:
     return list(files)
 
 
+COMMAND_ARGS = Spec(
+    {"force": Arg("true: overwrite the files of an existing folder", False, boolean)},
+    positional="DIR",
+)
+
+
 def main(args: list[str]) -> None:
     """``mtkd init DIR [force=true]``."""
-    from mtkd.cli import _take
-
-    force, rest = _take(args, "force")
-    if len(rest) != 1 or "=" in rest[0]:
-        raise ValueError("init needs one folder: mtkd init DIR [force=true]")
-    if force not in (None, "true", "false"):
-        raise ValueError(f"force={force} must be true or false")
-    files = write_starter(Path(rest[0]), force == "true")
+    opts, _ = parse_args("init", COMMAND_ARGS, args)
+    files = write_starter(Path(opts["DIR"]), opts["force"])
     print(f"starter project written: {', '.join(str(f) for f in files)}")
     print(f"next: {files[-1]}")

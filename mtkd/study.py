@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from data_modules.io import atomic_write_bytes
+from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import load_config, read_group, search_path
 from mtkd.report import markdown_table
 from mtkd.stages import cache_teacher, evaluate, fit
@@ -75,18 +76,19 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
 
 
+COMMAND_ARGS = Spec(
+    {"study": Arg("a file of the study config group, or a YAML path", "label_efficiency")},
+    overrides=f"study.KEY=VALUE items set the study's fields; the others are {CONFIG_OVERRIDES}",
+)
+
+
 def load_study(args: list[str]) -> tuple[StudyConfig, list[str]]:
     """``study=NAME`` (a file of the ``study`` config group, or a YAML path), ``study.KEY=VALUE``
     items, and the remaining stage overrides."""
-    name = "label_efficiency"
-    values, stage = [], []
-    for arg in args:
-        if arg.startswith("study="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("study."):
-            values.append(arg.removeprefix("study."))
-        else:
-            stage.append(arg)
+    opts, rest = parse_args("study", COMMAND_ARGS, args)
+    name = opts["study"]
+    values = [a.removeprefix("study.") for a in rest if a.startswith("study.")]
+    stage = [a for a in rest if not a.startswith("study.")]
     path, _ = search_path(stage)
     schema = OmegaConf.structured(StudyConfig)
     try:

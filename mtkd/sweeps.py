@@ -23,6 +23,7 @@ import sweeps
 import yaml
 
 from data_modules.io import atomic_write_bytes
+from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args, whole_number
 
 #: the W&B macros that must surround the stage arguments in a sweep's ``command``
 PROGRAM, ARGS = "${program}", "${args_no_hyphens}"
@@ -209,16 +210,20 @@ def run_sweep(
     return ranked(trials, sweep["metric"]["goal"])
 
 
+COMMAND_ARGS = Spec(
+    {
+        "sweep": Arg("the W&B sweep YAML", required="mtkd/configs/sweeps/<name>.yaml"),
+        "count": Arg("trials to run (default: the whole grid)", type=whole_number),
+    },
+    overrides=f"{CONFIG_OVERRIDES}, applied to every trial",
+)
+
+
 def main(args: list[str]) -> None:
     """``mtkd sweep-local sweep=FILE [count=N] [key=value ...]`` (extra overrides go to every
     trial)."""
-    from mtkd.cli import _take
-
-    path, rest = _take(args, "sweep")
-    count, rest = _take(rest, "count")
-    if not path:
-        raise ValueError("sweep-local needs sweep=mtkd/configs/sweeps/<name>.yaml")
-    sweep = load_sweep(path)
-    trials = run_sweep(sweep, int(count) if count else None, rest)
+    opts, rest = parse_args("sweep-local", COMMAND_ARGS, args)
+    sweep = load_sweep(opts["sweep"])
+    trials = run_sweep(sweep, opts["count"], rest)
     print("\n" + results_markdown(sweep, trials))
     print(f"results written to {SWEEPS_ROOT / sweep['name']}/results.md and results.json")

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from mtkd.cli import main as cli_main
 from mtkd.config import BUILTIN_CONFIGS, GROUPS, load_config
-from mtkd.models.multitask import MultiTaskNet
+from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.sweeps import Trial, load_sweep, propose, ranked, run_sweep, stage_args
 from mtkd.tasks import build_tasks
 
@@ -68,10 +69,20 @@ def test_every_student_encoder_in_the_sweep_builds() -> None:
     sweep = load_sweep(BUILTIN_CONFIGS / "sweeps" / "student_encoder.yaml")
     cfg = load_config("distill")
     tasks = build_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
+    image = torch.zeros(2, 3, 64, 64)
+    sizes = {}
     for encoder in sweep["parameters"]["model.encoder"]["values"]:
         for channels in sweep["parameters"]["model.decoder_channels"]["values"]:
             model = OmegaConf.merge(cfg.model, {"encoder": encoder, "decoder_channels": channels})
-            MultiTaskNet(tasks, model)
+            net = MultiTaskNet(tasks, model).eval()
+            with torch.no_grad():
+                out = net(image)
+            assert set(out) == set(tasks), (encoder, channels)
+            for name, value in out.items():  # every head answers for each image, finitely
+                assert value.shape[0] == 2 and torch.isfinite(value).all(), (encoder, name)
+            sizes[encoder, tuple(channels)] = count_parameters(net)
+    # each encoder and each decoder width is really used: no two networks have the same size
+    assert len(set(sizes.values())) == len(sizes), sizes
 
 
 @pytest.mark.unit
