@@ -105,7 +105,7 @@ def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
     if parts[-1] == "loss":
         return key, "min"
     metrics = tasks[parts[1]].metrics() if len(parts) == 3 and parts[1] in tasks else {}
-    higher = getattr(metrics.get(parts[-1]), "higher_is_better", None)
+    higher = metrics[parts[-1]].higher_is_better if parts[-1] in metrics else None
     if higher is None:
         valid = [f"val/{n}/{m}" for n, t in tasks.items() for m in t.metrics()]
         raise ConfigError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mtkd.config import ConfigError, apply_overrides, load_config
@@ -52,3 +54,31 @@ def test_apply_overrides_validates_saved_config():
     assert apply_overrides(cfg, ["data.batch_size=4"]).data.batch_size == 4
     with pytest.raises(ConfigError):
         apply_overrides(cfg, ["data.bogus=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "registry"),
+    [
+        ("kd.mode=sideways", "mtkd.modules.teacher_source:TEACHER_SOURCES"),
+        ("run.weighting=sideways", "mtkd.modules.weighting:WEIGHTINGS"),
+        ("logger.kind=sideways", "mtkd.logging:LOGGERS"),
+        ("optim.scheduler=sideways", "mtkd.modules.optim:SCHEDULES"),
+    ],
+)
+def test_choices_of_a_swappable_part_come_from_its_registry(override, registry, monkeypatch):
+    from mtkd.cli import load
+
+    names = load(registry)
+    with pytest.raises(ConfigError, match=re.escape(f"is not one of {sorted(names)}")):
+        load_config("teacher", [override])
+    monkeypatch.setitem(names, "sideways", names[sorted(names)[0]])  # a plugin registers one
+    section, field = override.split("=")[0].split(".")
+    assert load_config("teacher", [override])[section][field] == "sideways"
+
+
+def test_optimiser_names_are_timms():
+    with pytest.raises(
+        ConfigError, match=r"optim.name='sideways' is not one of \[.*'adamw'.*'sgd'"
+    ):
+        load_config("teacher", ["optim.name=sideways"])
+    assert load_config("teacher", ["optim.name=lamb"]).optim.name == "lamb"
