@@ -20,6 +20,7 @@ from mtkd.kd.cache import StaleCacheError
 from mtkd.kd.ensemble import TeacherEnsemble, TeacherEntry, assign
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule
+from mtkd.modules.teacher_source import OnlineTeacher
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
 from tests.conftest import EXACT, tiny_overrides
@@ -179,7 +180,7 @@ def test_online_equals_cached_for_a_specialist_pair(synth_root, tmp_path, teache
     dm = FundusDataModule(cfg.data, student.tasks, teacher=open_checked_cache(cfg, student.tasks))
     batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train=True), batch_size=6)))
     _, cached = student.step_losses(batch)
-    student.kd_mode = "online"
+    student.teacher_source = OnlineTeacher()
     student.cfg = distill_cfg(synth_root, tmp_path, pair, "kd=online")
     student.setup("fit")
     _, online = student.step_losses(batch)
