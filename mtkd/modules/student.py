@@ -25,7 +25,10 @@ class StudentModule(MultiTaskModule):
             build_teacher_source(kd.mode) if teacher_source is None else teacher_source
         )
         per_task = {n: dict(kd.tasks.get(n, {})) for n in self.tasks}
-        self.alpha = {n: float(per_task[n].get("alpha", kd.alpha)) for n in self.tasks}
+        self.alpha = {
+            n: float(kd.alpha if per_task[n].get("alpha") is None else per_task[n]["alpha"])
+            for n in self.tasks
+        }
         self.temperature = {
             n: float(per_task[n].get("temperature") or kd.temperature or t.default_temperature)
             for n, t in self.tasks.items()
