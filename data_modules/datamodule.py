@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -17,39 +17,23 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.contract import Annotation, DatasetTask, TeacherOutputs
+from data_modules.pack import augment, carriers, teacher_needs
 from data_modules.preprocess import Preprocessor, original_size
 from data_modules.samples import Sample, read_source
-from data_modules.splits import _rank, assign_splits, load_splits, save_splits
-from data_modules.transforms import build_transform, view_seed
-from mtkd.tasks import Annotation, Task
+from data_modules.splits import assign_splits, load_splits, rank, save_splits
+from data_modules.transforms import Augmentation, build_transform, view_seed
 
 
-class TeacherOutputs(Protocol):
-    """What the dataset needs from a teacher-output cache (see ``mtkd.kd.cache``)."""
-
-    views: int
-
-    def get(self, sample_id: str, view: int = 0) -> dict[str, np.ndarray]: ...
-
-    def view_seed(self, sample_id: str, view: int) -> int: ...
-
-
-def load_samples(
-    data_cfg: Any,
-    run_dir: str | Path | None = None,
-    tasks: dict[str, Task] | None = None,
-    teacher_covers: bool = False,
-) -> list[Sample]:
-    """Read every configured source, rename labels, assign splits and label fraction.
+def read_sources(data_cfg: Any) -> list[Sample]:
+    """Read every configured source, rename labels and assign splits (unless a split file is
+    reused).
 
     Splits are assigned source by source: a source without a validation split gets one carved
     from its own training patients even when another source ships one, and an unlabeled source
-    stays in train (it has nothing to validate or test). With ``tasks``, every label is checked
-    against them (``check_labels``); ``teacher_covers`` says a teacher cache supervises every
-    training sample, so a task without labels is KD-only instead of an error.
+    stays in train (it has nothing to validate or test).
     """
     reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
     samples: list[Sample] = []
@@ -73,6 +57,23 @@ def load_samples(
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("two data sources produce the same sample ids; give each a distinct root")
+    return samples
+
+
+def load_samples(
+    data_cfg: Any,
+    run_dir: str | Path | None = None,
+    tasks: dict[str, DatasetTask] | None = None,
+    teacher_covers: bool = False,
+    read: list[Sample] | None = None,
+) -> list[Sample]:
+    """The configured samples, checked and split: ``read`` (what ``read_sources`` returned, for
+    a caller that has read them already), each label checked against ``tasks``
+    (``check_labels``; ``teacher_covers`` says a teacher cache supervises every training sample,
+    so a task without labels is KD-only instead of an error), the split file applied or written,
+    bad images handled and the label fraction applied."""
+    reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
+    samples = read_sources(data_cfg) if read is None else read
     if tasks is not None:
         check_labels(samples, tasks, teacher_covers)
     if reuse:
@@ -88,7 +89,9 @@ def load_samples(
     return samples
 
 
-def check_labels(samples: list[Sample], tasks: dict[str, Task], teacher_covers: bool) -> None:
+def check_labels(
+    samples: list[Sample], tasks: dict[str, DatasetTask], teacher_covers: bool
+) -> None:
     """Refuse bad labels (each task kind's ``label_problems``), all listed at once with the sample
     and its source row, and a task that no sample is labeled for: it would train with no
     supervision and no metric (KD-only when ``teacher_covers``, said once)."""
@@ -166,7 +169,7 @@ def _maybe_unlabel(sample: Sample, fraction: float, seed: int) -> Sample:
     """Keep labels for a seeded ``fraction`` of training patients (simulates scarce labels)."""
     if sample.split != "train":
         return sample
-    keep = int(_rank(seed + 1, sample.patient_id)[:8], 16) / 0xFFFFFFFF < fraction
+    keep = int(rank(seed + 1, sample.patient_id)[:8], 16) / 0xFFFFFFFF < fraction
     return sample if keep else dataclasses.replace(sample, labels={}, masks={}, points={})
 
 
@@ -176,14 +179,15 @@ class FundusDataset(Dataset):
     def __init__(
         self,
         samples: list[Sample],
-        tasks: dict[str, Task],
+        tasks: dict[str, DatasetTask],
         preprocessor: Preprocessor,
-        transform,
+        transform: Augmentation,
         teacher: TeacherOutputs | None = None,
         view: int | None = None,
     ) -> None:
         self.samples = samples
         self.tasks = tasks
+        self.carried = carriers(tasks)
         self.preprocessor = preprocessor
         self.transform = transform
         self.teacher = teacher
@@ -213,26 +217,19 @@ class FundusDataset(Dataset):
             # Exact mode: replay the augmentation the teacher saw (or sees, when writing) in view.
             source = self.teacher.view_seed if self.teacher is not None else view_seed
             self.transform.set_random_seed(source(sample.sample_id, view))
-        follow = {} if replayed else teacher
-        inputs, layout = self._transform_inputs(prep, follow)
-        out = self.transform(**inputs)
-        masks, points, moved_teacher = self._unpack(out, layout)
-        teacher = {**teacher, **moved_teacher}
-        for name, task in self.tasks.items():
-            if (
-                name in teacher
-                and task.teacher_spatial == "mask"
-                and teacher[name].shape[-1] != self.size
-            ):
-                teacher[name] = _resize_maps(teacher[name], self.size)
-        ann = Annotation(labels=sample.labels, masks=masks, points=points, size=self.size)
+        moved = augment(
+            self.transform, prep.image, prep.masks, prep.points, teacher, self.carried, not replayed
+        )
+        ann = Annotation(
+            labels=sample.labels, masks=moved.masks, points=moved.points, size=self.size
+        )
         targets, has = {}, {}
         for name, task in self.tasks.items():
             value = task.target(ann)
             has[name] = torch.tensor(value is not None)
             targets[name] = value if value is not None else task.empty_target(self.size)
         item = {
-            "image": out["image"],
+            "image": moved.image,
             "sample_id": sample.sample_id,
             "targets": targets,
             "has": has,
@@ -240,63 +237,9 @@ class FundusDataset(Dataset):
         }
         if self.teacher is not None:
             item["teacher"] = {
-                k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in teacher.items()
+                k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in moved.teacher.items()
             }
         return item
-
-    def _transform_inputs(self, prep, teacher: dict[str, np.ndarray]):
-        """Pack label masks, label points and teacher maps/points for one albumentations call."""
-        s = self.size
-        inputs = {"image": prep.image}
-        mask_names = list(prep.masks)
-        inputs["masks"] = [prep.masks[n] for n in mask_names] or [np.zeros((s, s), np.uint8)]
-        keypoints, owners = [], []
-        for name, (u, v) in prep.points.items():
-            keypoints.append((u * s - 0.5, v * s - 0.5))
-            owners.append(("label", name))
-        for name, task in self.tasks.items():
-            if name not in teacher:
-                continue
-            if task.teacher_spatial == "mask":
-                inputs[f"teacher_{name}"] = _resize_maps(teacher[name], s).transpose(1, 2, 0)
-            elif task.teacher_spatial == "points":
-                for i, (u, v) in enumerate(teacher[name]):
-                    keypoints.append((u * s - 0.5, v * s - 0.5))
-                    owners.append(("teacher", (name, i)))
-        inputs["keypoints"] = np.asarray(keypoints, dtype=np.float32).reshape(-1, 2)
-        return inputs, (mask_names, owners)
-
-    def _unpack(self, out: dict, layout):
-        mask_names, owners = layout
-        s = self.size
-        masks = {
-            n: (np.asarray(m) >= 0.5).astype(np.float32) for n, m in zip(mask_names, out["masks"])
-        }
-        points: dict[str, tuple[float, float]] = {}
-        teacher_points: dict[str, list] = {}
-        for (kind, key), (x, y) in zip(owners, np.asarray(out["keypoints"])[:, :2]):
-            uv = ((x + 0.5) / s, (y + 0.5) / s)
-            if kind == "label":
-                points[key] = uv
-            else:
-                teacher_points.setdefault(key[0], []).append(uv)
-        moved = {k: np.asarray(v, dtype=np.float32) for k, v in teacher_points.items()}
-        for key, value in out.items():
-            if key.startswith("teacher_"):
-                moved[key[len("teacher_") :]] = np.asarray(value, dtype=np.float32)
-        return masks, points, moved
-
-
-def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
-    """C x h x w float maps -> C x size x size (bilinear)."""
-    if maps.shape[-1] == size:
-        return maps.astype(np.float32)
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(m.astype(np.float32)).resize((size, size), Image.BILINEAR))
-            for m in maps
-        ]
-    )
 
 
 class FundusDataModule(L.LightningDataModule):
@@ -305,7 +248,7 @@ class FundusDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_cfg: Any,
-        tasks: dict[str, Task],
+        tasks: dict[str, DatasetTask],
         teacher: TeacherOutputs | None = None,
         run_dir: str | Path | None = None,
         predict_views: int = 0,
@@ -317,45 +260,54 @@ class FundusDataModule(L.LightningDataModule):
         self.run_dir = run_dir
         self.predict_views = predict_views
         self.samples: list[Sample] | None = None
+        self._read: list[Sample] | None = None
         pp = data_cfg.preprocess
         self.preprocessor = Preprocessor(
             data_cfg.image_size, pp.fov_crop, pp.clahe, pp.local_mean, pp.cache_dir
         )
 
+    def sources(self) -> list[Sample]:
+        """The configured sources, read once per data module: ``prepare_data``, ``train_ids``
+        (the teacher cache's check) and ``setup`` share one read."""
+        if self._read is None:
+            self._read = read_sources(self.cfg)
+        return self._read
+
     def prepare_data(self) -> None:
-        # Runs once per node before setup: generates synthetic data if missing.
-        load_samples(self.cfg)
+        # Runs once per node before setup: generates synthetic data if missing, writes the
+        # split file and checks every image once.
+        load_samples(self.cfg, read=self.sources())
+
+    def train_ids(self) -> list[str]:
+        """The training sample ids, as a teacher cache is keyed (labels unchecked)."""
+        return [
+            s.sample_id for s in load_samples(self.cfg, read=self.sources()) if s.split == "train"
+        ]
 
     def setup(self, stage: str | None = None) -> None:
         if self.samples is None:
             # Predicting (the teacher cache) reads no label, so it checks none.
             tasks = None if stage == "predict" else self.tasks
-            self.samples = load_samples(self.cfg, self.run_dir, tasks, self.teacher is not None)
+            self.samples = load_samples(
+                self.cfg, self.run_dir, tasks, self.teacher is not None, read=self.sources()
+            )
 
     def split(self, name: str) -> list[Sample]:
         self.setup()
         return [s for s in self.samples if s.split == name]
 
-    def _teacher_needs(self) -> set[str]:
-        kinds = {t.teacher_spatial for t in self.tasks.values()}
-        return {"mask" if k == "mask" else "keypoints" for k in kinds if k != "none"}
-
-    def train_transform(self):
+    def train_transform(self) -> Augmentation:
+        # Cached outputs of the unaugmented image must follow the geometry; replayed views
+        # (cache.views > 0) were augmented for the teacher already, so anything goes.
         cached = self.teacher is not None and not self.teacher.views
-        extra = (
-            [f"teacher_{n}" for n, t in self.tasks.items() if t.teacher_spatial == "mask"]
-            if cached
-            else []
-        )
         return build_transform(
             list(self.cfg.augment),
             list(self.cfg.mean),
             list(self.cfg.std),
-            extra,
-            self._teacher_needs() if cached else None,
+            teacher_needs(carriers(self.tasks)) if cached else None,
         )
 
-    def eval_transform(self):
+    def eval_transform(self) -> Augmentation:
         return build_transform([], list(self.cfg.mean), list(self.cfg.std))
 
     def dataset(self, split: str, train: bool = False, view: int | None = None) -> FundusDataset:

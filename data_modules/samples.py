@@ -48,9 +48,9 @@ class Sample:
 
 
 SourceReader = Callable[..., list[Sample]]
+#: the registry; the built-in sources register from the package ``__init__``, so this module
+#: imports none of its plugins
 _SOURCES: dict[str, SourceReader] = {}
-
-
 _GENERATED: set[str] = set()
 
 
@@ -72,13 +72,11 @@ def register_source(kind: str, generates: bool = False) -> Callable[[SourceReade
 
 
 def source_kinds() -> list[str]:
-    _import_builtin_sources()
     return sorted(_SOURCES)
 
 
 def read_source(kind: str, root: str | Path, options: dict[str, Any] | None = None) -> list[Sample]:
     """Read one configured source, with errors that name the fix."""
-    _import_builtin_sources()
     if kind not in _SOURCES:
         raise ValueError(
             f"unknown data source kind {kind!r}; valid kinds: {', '.join(sorted(_SOURCES))}"
@@ -97,10 +95,3 @@ def read_source(kind: str, root: str | Path, options: dict[str, Any] | None = No
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"data source {kind!r} at {root} has duplicate sample ids, e.g. {dup}")
     return samples
-
-
-def _import_builtin_sources() -> None:
-    """Import the adapters so their ``@register_source`` decorators run."""
-    import data_modules.adapters  # noqa: F401
-    import data_modules.manifest  # noqa: F401
-    import data_modules.synthetic  # noqa: F401

@@ -17,7 +17,7 @@ from data_modules.io import atomic_write_bytes
 from data_modules.samples import Sample
 
 
-def _rank(seed: int, key: str) -> str:
+def rank(seed: int, key: str) -> str:
     """Stable pseudo-random order that does not depend on Python's hash seed."""
     return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
@@ -43,7 +43,7 @@ def carve(
     names = list(fractions)
     assignment = {}
     for stratum in sorted(strata):
-        pids = sorted(strata[stratum], key=lambda p: _rank(seed, p))
+        pids = sorted(strata[stratum], key=lambda p: rank(seed, p))
         bounds, acc = [], 0.0
         for name in names:
             acc += fractions[name]

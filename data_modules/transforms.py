@@ -13,6 +13,7 @@ from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.core.type_definitions import Targets
 from albumentations.pytorch import ToTensorV2
 
@@ -20,7 +21,7 @@ from albumentations.pytorch import ToTensorV2
 warnings.filterwarnings("ignore", message="Got processor for keypoints, but no transform")
 
 
-def _build_one(spec: dict[str, Any], smooth_masks: bool) -> A.BasicTransform:
+def _build_one(spec: dict[str, Any], mask_interpolation: int | None = None) -> A.BasicTransform:
     spec = dict(spec)
     name = spec.pop("name", None)
     cls = getattr(A, str(name), None)
@@ -29,8 +30,9 @@ def _build_one(spec: dict[str, Any], smooth_masks: bool) -> A.BasicTransform:
             f"data.augment: {name!r} is not an albumentations transform; write entries like "
             "{name: HorizontalFlip, p: 0.5}"
         )
-    if smooth_masks and "mask_interpolation" in inspect.signature(cls.__init__).parameters:
-        spec.setdefault("mask_interpolation", cv2.INTER_LINEAR)
+    accepts = "mask_interpolation" in inspect.signature(cls.__init__).parameters
+    if mask_interpolation is not None and accepts:
+        spec.setdefault("mask_interpolation", mask_interpolation)
     try:
         return cls(**spec)
     except Exception as exc:
@@ -54,26 +56,67 @@ def check_consistent(transforms: list[A.BasicTransform], needs: set[str]) -> Non
             )
 
 
+#: the keypoint label fields of every pipeline: who owns each point (``pack``)
+KEYPOINT_LABELS = ("point_owner", "point_name")
+
+
+class Augmentation:
+    """A configured pipeline (augmentations, normalisation, tensor conversion), called like an
+    albumentations ``Compose`` on the image, label masks (their own, nearest, interpolation) and
+    keypoints. Soft teacher maps are moved afterwards by ``move_maps``: bilinear twins of the
+    geometric transforms replay the parameters the last call drew, so one random draw moves
+    everything and label masks stay nearest-interpolated."""
+
+    def __init__(
+        self,
+        augment: list[dict[str, Any]],
+        mean: list[float],
+        std: list[float],
+        consistency: set[str] | None = None,
+    ) -> None:
+        transforms = [_build_one(s) for s in augment]
+        if consistency:
+            check_consistent(transforms, consistency)
+        self.compose = A.Compose(
+            [*transforms, A.Normalize(mean=mean, std=std), ToTensorV2(transpose_mask=True)],
+            keypoint_params=A.KeypointParams(
+                format="xy", label_fields=list(KEYPOINT_LABELS), remove_invisible=False
+            ),
+        )
+        self._twins = [
+            (t, _build_one(s, cv2.INTER_LINEAR))
+            for t, s in zip(transforms, augment)
+            if isinstance(t, A.DualTransform)
+        ]
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        if "keypoints" not in data:  # an image-only call (predict): no point to own
+            empty = {name: [] for name in KEYPOINT_LABELS}
+            data = {**data, "keypoints": np.zeros((0, 2), np.float32), **empty}
+        return self.compose(**data)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.compose.set_random_seed(seed)
+
+    def move_maps(self, maps: np.ndarray) -> np.ndarray:
+        """H x W x C float maps moved like the last call's image, bilinear."""
+        for drawn, twin in self._twins:
+            params = drawn.get_applied_params()
+            if params:
+                maps = twin.apply_with_params(params, mask=maps)["mask"]
+        return maps
+
+
 def build_transform(
     augment: list[dict[str, Any]],
     mean: list[float],
     std: list[float],
-    extra_masks: list[str] = (),
     consistency: set[str] | None = None,
-) -> A.Compose:
-    """Augmentations (may be empty) + normalisation + tensor conversion.
-
-    ``extra_masks`` are additional float mask targets (teacher maps). ``consistency`` lists the
-    teacher target types that must follow geometry ("mask", "keypoints"); None skips the check.
-    """
-    transforms = [_build_one(s, smooth_masks=bool(extra_masks)) for s in augment]
-    if consistency:
-        check_consistent(transforms, consistency)
-    return A.Compose(
-        [*transforms, A.Normalize(mean=mean, std=std), ToTensorV2(transpose_mask=True)],
-        keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
-        additional_targets={name: "mask" for name in extra_masks},
-    )
+) -> Augmentation:
+    """Augmentations (may be empty) + normalisation + tensor conversion. ``consistency`` lists
+    the teacher target types that must follow geometry ("mask", "keypoints"); None skips the
+    check."""
+    return Augmentation(augment, mean, std, consistency)
 
 
 def view_seed(sample_id: str, view: int) -> int:

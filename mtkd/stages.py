@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from data_modules.datamodule import FundusDataModule, load_samples
+from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
 from data_modules.transforms import view_seed
 from mtkd.config import ConfigError, save_config, to_container
@@ -131,10 +131,9 @@ def fit(cfg: DictConfig) -> Path:
             check_same_tasks(saved, specs, f"run.resume={cfg.run.resume}")
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
         module = STAGE_MODULES[cfg.stage](to_container(cfg))
-        teacher = None
+        dm = FundusDataModule(cfg.data, module.tasks, run_dir=run_dir)
         if isinstance(module, StudentModule) and module.teacher_source.reads_cache:
-            teacher = open_checked_cache(cfg, module.tasks)
-        dm = FundusDataModule(cfg.data, module.tasks, teacher=teacher, run_dir=run_dir)
+            dm.teacher = open_checked_cache(cfg, module.tasks, dm.train_ids())
         monitor, mode = monitor_of(cfg, module.tasks)
         best_ckpt = ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -167,10 +166,13 @@ def fit(cfg: DictConfig) -> Path:
         return best
 
 
-def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:
+def open_checked_cache(
+    cfg: DictConfig, tasks: dict, train_ids: list[str] | None = None
+) -> TeacherCache:
     """Open the teacher cache and refuse it unless it describes this run's teachers and data:
     the teachers the run names (kd.teachers, or kd.teacher), else the files the cache recorded,
-    hashed again. Prints which teachers teach which task."""
+    hashed again. Prints which teachers teach which task. ``train_ids``: the run's training
+    samples when its data module has read the sources already (``FundusDataModule.train_ids``)."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
     storage = cache.fingerprint["storage"]
     named = configured_teachers(cfg.kd.teachers, [cfg.kd.teacher] if cfg.kd.teacher else [])
@@ -183,7 +185,7 @@ def open_checked_cache(cfg: DictConfig, tasks: dict) -> TeacherCache:
         {n: taught.get(n, []) for n in tasks},
         tasks,
         cfg.data,
-        [s.sample_id for s in load_samples(cfg.data) if s.split == "train"],
+        FundusDataModule(cfg.data, tasks).train_ids() if train_ids is None else train_ids,
         CacheStorage(storage["dense_size"], storage["dense_dtype"], storage["logits_dtype"]),
         int(storage["views"]),
     )

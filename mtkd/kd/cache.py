@@ -40,6 +40,8 @@ FINGERPRINT = "fingerprint.json"
 CHECKSUMS = "checksums.json"
 INDEX = "index.json"
 SEEDS = "view_seeds.npy"
+#: storage parts that say how cached views were drawn (cache.views > 0) -> what they name
+REPLAYED = {"augment": "data.augment", "albumentations": "albumentations version"}
 
 
 class StaleCacheError(RuntimeError):
@@ -113,9 +115,17 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir
         for n in set(have) | set(want)
         if _taught_by(have.get(n, [])) != _taught_by(want.get(n, []))
     )
-    if not differing and not retaught:
+    replayed = {k: found.get("storage", {}).get(k) for k in REPLAYED}
+    redrawn = sorted(k for k, v in replayed.items() if v != expected["storage"].get(k))
+    if not differing and not retaught and not redrawn:
         return
     lines = [f"teacher cache {cache_dir} does not match this run:"]
+    if redrawn:
+        lines.append(
+            f"  - its {found['storage']['views']} cached views were drawn with another "
+            f"{' and '.join(REPLAYED[k] for k in redrawn)}, so the views replayed now are not "
+            "the ones the teacher saw"
+        )
     for part in differing:
         lines.append(
             f"  - {part} differs: cache has {found.get(part)!r}, this run has {expected.get(part)!r}"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from data_modules.contract import Annotation
 from mtkd.tasks.kd_losses import TaskKD, kd_loss_function, parse_task_kd
 
 _TASK_KINDS: dict[str, type[Task]] = {}
@@ -45,19 +46,6 @@ class CacheStorage:
     dense_size: int = 32
     dense_dtype: str = "uint8"
     logits_dtype: str = "float16"
-
-
-@dataclass
-class Annotation:
-    """What a task may read its target from, after resizing and augmentation.
-
-    ``masks`` are H x W float arrays in {0,1}; ``points`` are normalised (x, y) in [0,1]^2.
-    """
-
-    labels: dict[str, float]
-    masks: dict[str, np.ndarray]
-    points: dict[str, tuple[float, float]]
-    size: int
 
 
 @dataclass
