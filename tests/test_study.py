@@ -54,9 +54,9 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
     opened = []
     real_open = mtkd.stages.open_checked_cache
 
-    def spy(cfg, tasks):
+    def spy(cfg, tasks, *train_ids):
         opened.append((Path(cfg.run.dir), Path(cfg.kd.cache_dir)))
-        return real_open(cfg, tasks)
+        return real_open(cfg, tasks, *train_ids)
 
     monkeypatch.setattr(mtkd.stages, "open_checked_cache", spy)
     study, overrides = load_study(args)
