@@ -72,7 +72,6 @@ class TimmSyncBatchNorm(TorchSyncBatchNorm):
                     affine=module.affine,
                     track_running_stats=module.track_running_stats,
                 )
-                out.act, out.drop = module.act, module.drop
                 if module.affine:
                     out.weight, out.bias = module.weight, module.bias
                 out.running_mean, out.running_var = module.running_mean, module.running_var

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parent.parent
 #: the shared real data (read-only), as in ../shared/data/README.md
@@ -70,6 +71,13 @@ def tiny_overrides(synth_root: Path, run_dir: Path, **extra: object) -> list[str
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def distill_cfg(synth_root: Path, run_dir: Path, *extra: str) -> DictConfig:
+    """A tiny distill config (``tiny_overrides``) with ``extra`` overrides applied last."""
+    from mtkd.config import load_config
+
+    return load_config("distill", [*tiny_overrides(synth_root, run_dir), *extra])
 
 
 @pytest.fixture

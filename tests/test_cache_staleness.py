@@ -14,7 +14,7 @@ from mtkd.config import load_config
 from mtkd.kd.cache import StaleCacheError, check_fingerprint
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
-from tests.conftest import tiny_overrides
+from tests.conftest import distill_cfg, tiny_overrides
 
 AUGMENT = "data.augment=[{name: Affine, rotate: [-30, 30], p: 1.0}]"
 OTHER_AUGMENT = "data.augment=[{name: Affine, rotate: [-5, 5], p: 1.0}]"
@@ -33,10 +33,6 @@ def counted_source(root: Path, **options) -> list[Sample]:
 def teacher(synth_root, tmp_path_factory) -> str:
     run = tmp_path_factory.mktemp("teacher")
     return str(fit(load_config("teacher", tiny_overrides(synth_root, run))))
-
-
-def distill_cfg(synth_root: Path, run_dir: Path, *extra: str):
-    return load_config("distill", [*tiny_overrides(synth_root, run_dir), *extra])
 
 
 @pytest.mark.integration

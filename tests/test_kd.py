@@ -15,11 +15,9 @@ from mtkd.config import load_config
 from mtkd.kd.cache import StaleCacheError, TeacherCache, merge_shards
 from mtkd.kd.ensemble import TeacherEnsemble
 from mtkd.stages import cache_teacher, fit, open_checked_cache
-from tests.conftest import tiny_overrides
+from tests.conftest import EXACT, distill_cfg, tiny_overrides
 
 pytestmark = pytest.mark.integration
-
-EXACT = ["cache.dense_dtype=float32", "cache.logits_dtype=float32", "cache.dense_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +30,6 @@ def teacher_ckpts(synth_root, tmp_path_factory) -> list[str]:
             str(fit(load_config("teacher", tiny_overrides(synth_root, run, **{"run.seed": seed}))))
         )
     return paths
-
-
-def distill_cfg(synth_root, run_dir, *extra):
-    return load_config("distill", [*tiny_overrides(synth_root, run_dir), *extra])
 
 
 def build_cache(synth_root, run_dir, teachers, *extra):

@@ -23,7 +23,7 @@ from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher_source import OnlineTeacher
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
-from tests.conftest import EXACT, tiny_overrides
+from tests.conftest import EXACT, distill_cfg, tiny_overrides
 
 GRADING = ["dr_grade", "dme_risk", "glaucoma"]  # cdr: no teacher covers it
 OTHERS = ["lesions", "anatomy", "landmarks"]
@@ -59,8 +59,9 @@ def teachers(synth_root, tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def distill_cfg(synth_root, run_dir, *extra):
-    return load_config("distill", [*tiny_overrides(synth_root, run_dir), "data.augment=[]", *extra])
+def fixed_view_cfg(synth_root, run_dir, *extra):
+    """A tiny distill config without augmentation, so cached and online teachers see one view."""
+    return distill_cfg(synth_root, run_dir, "data.augment=[]", *extra)
 
 
 def listed(*entries: str) -> str:
@@ -79,7 +80,7 @@ def test_disjoint_teachers_teach_their_union_each_at_its_own_size_and_normalisat
     out = capsys.readouterr().out
     assert re.search(r"cdr +<- no teacher: trained on labels only \(kd alpha 0\)", out)
     assert "data.preprocess.clahe=True, this run has False" in out
-    cfg = distill_cfg(synth_root, tmp_path, *EXACT)
+    cfg = fixed_view_cfg(synth_root, tmp_path, *EXACT)
     tasks = build_tasks(to_container(cfg)["tasks"])
     cache = open_checked_cache(cfg, tasks)
     assert sorted(cache.tasks) == sorted([*GRADING, *OTHERS])
@@ -136,14 +137,14 @@ def test_replacing_one_teacher_refuses_only_the_tasks_it_taught(synth_root, tmp_
     others = tmp_path / "others.ckpt"
     shutil.copy(teachers["others"], others)
     pair = listed(f"{{path: {teachers['grading']}}}", f"{{path: {others}}}")
-    cfg = distill_cfg(synth_root, tmp_path, pair)
+    cfg = fixed_view_cfg(synth_root, tmp_path, pair)
     cache_teacher(cfg)
     tasks = build_tasks(to_container(cfg)["tasks"])
     open_checked_cache(cfg, tasks)
     ckpt = torch.load(others, weights_only=True)
     ckpt["epoch"] += 1  # "retrained": other bytes at the same path
     torch.save(ckpt, others)
-    for run in (cfg, distill_cfg(synth_root, tmp_path)):  # named by the run, or as recorded
+    for run in (cfg, fixed_view_cfg(synth_root, tmp_path)):  # named by the run, or as recorded
         with pytest.raises(StaleCacheError) as refused:
             open_checked_cache(run, tasks)
         message = str(refused.value)
@@ -155,7 +156,7 @@ def test_replacing_one_teacher_refuses_only_the_tasks_it_taught(synth_root, tmp_
 @pytest.mark.integration
 def test_a_task_no_teacher_covers_trains_on_labels_only(synth_root, tmp_path, teachers, capsys):
     pair = listed(f"{{path: {teachers['grading']}}}", f"{{path: {teachers['others']}}}")
-    cfg = distill_cfg(synth_root, tmp_path, pair)
+    cfg = fixed_view_cfg(synth_root, tmp_path, pair)
     cache_teacher(cfg)
     student = StudentModule(to_container(cfg))
     cache = open_checked_cache(cfg, student.tasks)
@@ -174,14 +175,14 @@ def test_a_task_no_teacher_covers_trains_on_labels_only(synth_root, tmp_path, te
 @pytest.mark.integration
 def test_online_equals_cached_for_a_specialist_pair(synth_root, tmp_path, teachers):
     pair = listed(f"{{path: {teachers['grading']}}}", f"{{path: {teachers['others']}}}")
-    cfg = distill_cfg(synth_root, tmp_path, pair, *EXACT)
+    cfg = fixed_view_cfg(synth_root, tmp_path, pair, *EXACT)
     cache_teacher(cfg)
     student = StudentModule(to_container(cfg))
     dm = FundusDataModule(cfg.data, student.tasks, teacher=open_checked_cache(cfg, student.tasks))
     batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train=True), batch_size=6)))
     _, cached = student.step_losses(batch)
     student.teacher_source = OnlineTeacher()
-    student.cfg = distill_cfg(synth_root, tmp_path, pair, "kd=online")
+    student.cfg = fixed_view_cfg(synth_root, tmp_path, pair, "kd=online")
     student.setup("fit")
     _, online = student.step_losses(batch)
     kd_terms = sorted(k for k in online if k.endswith("/kd"))
@@ -197,7 +198,7 @@ def test_teachers_list_renames_and_selects_tasks(synth_root, tmp_path, teachers)
         f"{{path: {teachers['grading']}, tasks: [glaucoma]}}",
     )
     # The teacher's `grade` reads the dr_grade label, so the run's task must say so too.
-    cfg = distill_cfg(synth_root, tmp_path, entries, "tasks.dr_grade.label=dr_grade", *EXACT)
+    cfg = fixed_view_cfg(synth_root, tmp_path, entries, "tasks.dr_grade.label=dr_grade", *EXACT)
     cache_teacher(cfg)
     tasks = build_tasks(to_container(cfg)["tasks"])
     cache = open_checked_cache(cfg, tasks)
@@ -210,7 +211,7 @@ def test_teachers_list_renames_and_selects_tasks(synth_root, tmp_path, teachers)
     assert np.allclose(cache.get(item["sample_id"])["dr_grade"], grade[0].numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="has no task \\['dr_grade'\\]"):
         cache_teacher(
-            distill_cfg(
+            fixed_view_cfg(
                 synth_root, tmp_path, listed(f"{{path: {teachers['renamed']}, tasks: [dr_grade]}}")
             )
         )

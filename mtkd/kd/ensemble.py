@@ -181,10 +181,9 @@ class TeacherEnsemble(L.LightningModule):
         for ours, taught in self.sources.items():
             task = self.tasks[ours]
             each = [
-                self.teacher_tasks[i][theirs].teacher_output(raw[i][theirs]) for i, theirs in taught
+                task.teacher_at(self.teacher_tasks[i][theirs].teacher_output(raw[i][theirs]), size)
+                for i, theirs in taught
             ]
-            if task.teacher_spatial == "mask":  # points are normalised: nothing to resize
-                each = [resize(o, size) for o in each]
             outputs[ours] = task.combine_teachers(each)
         return outputs
 

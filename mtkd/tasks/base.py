@@ -244,6 +244,11 @@ class Task(abc.ABC):
         """What the teacher passes to the student (logits by default)."""
         return pred.float()
 
+    def teacher_at(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The teacher output for an image of ``size`` (H, W): unchanged by default (logits,
+        values and normalised points do not depend on the image size); maps override it."""
+        return output
+
     def combine_teachers(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """Ensemble several teachers' ``teacher_output``s into one (mean by default)."""
         return torch.stack(outputs).mean(dim=0)

@@ -126,6 +126,15 @@ class SegmentationTask(Task):
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(pred.float())
 
+    def teacher_at(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Probability maps resized bilinearly (antialiased when shrinking); a no-op at the
+        same size, the usual case: the loader already brings cached maps to the working size."""
+        if tuple(output.shape[-2:]) == tuple(size):
+            return output
+        return F.interpolate(
+            output, size=size, mode="bilinear", align_corners=False, antialias=True
+        )
+
     def cache_shape(self, storage: CacheStorage) -> tuple[int, ...]:
         return (self.out_channels, storage.dense_size, storage.dense_size)
 
@@ -208,8 +217,7 @@ def binary_kl_and_dice(
     (``_dice_loss``). The pixel mean alone is too faint for small structures: the distilled
     student lost the optic cup and every haemorrhage (dice 0) that the same student learns from
     labels alone."""
-    if teacher.shape[-2:] != pred.shape[-2:]:
-        teacher = F.interpolate(teacher, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+    teacher = task.teacher_at(teacher, tuple(pred.shape[-2:]))
     p = teacher.clamp(_EPS, 1 - _EPS)
     if temperature != 1.0:
         p = torch.sigmoid(torch.logit(p) / temperature)
