@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mtkd.status import status_logger
+
+log = status_logger(__name__)
 
 USAGE = """usage: mtkd <command> [key=value ...]
 
@@ -149,7 +155,7 @@ def cmd_synth(args: list[str]) -> None:
     opts, _ = parse_args("synth", SYNTH_ARGS, args)
     root = Path(opts["out"])
     samples = synthetic_source(root, n=opts["n"], image_size=opts["image_size"], seed=opts["seed"])
-    print(f"synthetic dataset ready: {root / 'manifest.csv'} ({len(samples)} images)")
+    log.info(f"synthetic dataset ready: {root / 'manifest.csv'} ({len(samples)} images)")
 
 
 def cmd_train_teacher(args: list[str]) -> None:
@@ -257,13 +263,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = [a.removeprefix("--") for a in args]
     try:
-        resolve(command)(args)
+        with messages_to_stderr():
+            resolve(command)(args)
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"mtkd {command}: error: {explain(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+#: the loggers whose status messages a command shows: the library's and its data modules'
+MESSAGE_LOGGERS = ("mtkd", "data_modules")
+
+
+@contextmanager
+def messages_to_stderr() -> Iterator[None]:
+    """During one command, write the status messages (INFO and above) as plain lines to stderr,
+    keeping stdout for the tables and results asked for. A level set on a logger is kept; the
+    loggers still propagate, and the root logger is left alone."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    loggers = [logging.getLogger(name) for name in MESSAGE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 #: set to 1 for the full traceback instead of the one-line message

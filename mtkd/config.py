@@ -143,6 +143,9 @@ class RunConfig:
     weighting: str = "fixed"
     #: checkpoint to resume training from (continues the same W&B run)
     resume: str | None = None
+    #: intra-op threads per process; null: the cores divided among the node's processes, or
+    #: OMP_NUM_THREADS when set (see mtkd.threads)
+    threads: int | None = None
 
 
 @dataclass

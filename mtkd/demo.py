@@ -18,6 +18,9 @@ from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import load_config
 from mtkd.report import INTERVALS_NOTE, Report, build_report
 from mtkd.stages import cache_teacher, evaluate, fit
+from mtkd.status import status_logger
+
+log = status_logger(__name__)
 
 #: overrides the demo sets itself, per stage
 RESERVED = ("run.dir", "kd", "kd.mode", "kd.cache_dir", "kd.teacher", "cache.teacher", "stage")
@@ -29,8 +32,8 @@ STUDENT_EPOCHS = 10
 
 @contextmanager
 def stage(title: str, timings: dict[str, float]) -> Iterator[None]:
-    """Print a banner, then record the stage's wall time."""
-    print(f"\n{'=' * 72}\n== demo: {title}\n{'=' * 72}", flush=True)
+    """Say the stage's banner, then record its wall time."""
+    log.info(f"\n{'=' * 72}\n== demo: {title}\n{'=' * 72}")
     start = time.perf_counter()
     yield
     timings[title] = time.perf_counter() - start

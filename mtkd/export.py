@@ -23,7 +23,10 @@ from data_modules.preprocess import FOV_THRESHOLD
 from mtkd.cli import Arg, Spec, parse_args
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
+from mtkd.status import status_logger
 from mtkd.tasks import Task
+
+log = status_logger(__name__)
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
@@ -118,7 +121,7 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     """Write model.pt, model.onnx and metadata.json for a checkpoint's network; returns the folder."""
     net, tasks, cfg = load_net(ckpt)
     if cfg.stage == "teacher":
-        print(f"note: {ckpt} is a teacher checkpoint; exporting the teacher, not a student")
+        log.warning(f"note: {ckpt} is a teacher checkpoint; exporting the teacher, not a student")
     out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "export"
     names = list(tasks)
     weights = io.BytesIO()
@@ -127,7 +130,7 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     atomic_write_bytes(out_dir / "model.onnx", onnx_bytes(net, tasks, int(cfg.data.image_size)))
     meta = metadata(ckpt, net, tasks, cfg)
     atomic_write_bytes(out_dir / "metadata.json", json.dumps(meta, indent=1).encode())
-    print(
+    log.info(
         f"exported {cfg.stage} network ({meta['parameters']:,} parameters, tasks {names}) to "
         f"{out_dir}: model.pt, model.onnx, metadata.json"
     )

@@ -20,6 +20,9 @@ from omegaconf import DictConfig
 
 from mtkd.config import to_container
 from mtkd.modules.checkpoint import read_checkpoint
+from mtkd.status import status_logger
+
+log = status_logger(__name__)
 
 #: checkpoint key holding the W&B run id, so ``run.resume=<ckpt>`` continues that run
 RUN_ID_KEY = "wandb_run_id"
@@ -101,10 +104,10 @@ def wandb_logger(
     if rank_zero_only.rank == 0:
         run = logger.experiment  # created now, on rank 0 only, so the message can name it
         if offline_reason is None:
-            print(f"W&B run {run.id}: {run.url}")
+            log.info(f"W&B run {run.id}: {run.url}")
         else:
             files = Path(run.dir).parent
-            print(
+            log.info(
                 f"W&B is offline ({offline_reason}): run {run.id} is written to {files}. "
                 f"Upload it later with `wandb sync {files.parent}/offline-run-*-{run.id}`."
             )
@@ -181,7 +184,7 @@ class WandbRunRecord(Callback):
     def log_teacher_comparison(self, student: dict[str, float], step: int) -> None:
         path = teacher_metrics_file(self.cfg)
         if not path.is_file():
-            print(f"no teacher vs student table: {path} does not exist")
+            log.warning(f"no teacher vs student table: {path} does not exist")
             return
         teacher = json.loads(path.read_text())["metrics"]
         self.logger.log_table(

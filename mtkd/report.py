@@ -35,7 +35,10 @@ from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.checkpoint import load_net
 from mtkd.predict import activate, draw_overlay, layer_colors, legend_handles, spatial_layers
 from mtkd.profiling import THROUGHPUT_BATCH, Profile, profile_net
+from mtkd.status import status_logger
 from mtkd.tasks import Task
+
+log = status_logger(__name__)
 
 #: role -> column title; the order of the columns
 ROLES = {"teacher": "teacher", "student": "student KD", "baseline": "student no KD"}
@@ -299,7 +302,7 @@ def build_report(
         try:
             results.append(load_result("baseline", runs["baseline"]))
         except FileNotFoundError as exc:
-            print(f"report: no baseline column ({exc})")
+            log.warning(f"report: no baseline column ({exc})")
     loaded = {r.role: load_net(r.checkpoint) for r in results}
     nets = {role: net for role, (net, _, _) in loaded.items()}
     tasks, cfg = loaded["student"][1], loaded["student"][2]

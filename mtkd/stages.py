@@ -44,7 +44,11 @@ from mtkd.modules.checkpoint import (
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
 from mtkd.modules.teacher_source import NoTeacher
+from mtkd.status import status_logger
 from mtkd.tasks import CacheStorage, build_tasks
+from mtkd.threads import ThreadBudget
+
+log = status_logger(__name__)
 
 STAGE_MODULES = {"teacher": TeacherModule, "distill": StudentModule}
 
@@ -93,7 +97,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger:
     plugins = [*kwargs.pop("plugins", []), SafeCheckpointIO()]
     if kwargs.pop("sync_batchnorm", False):
         plugins.append(TimmSyncBatchNorm())
-    return L.Trainer(callbacks=callbacks, logger=logger, plugins=plugins, **kwargs)
+    # A checkpoint's config from before run.threads has no such key.
+    budget = ThreadBudget(cfg.run.get("threads"))
+    return L.Trainer(callbacks=[*callbacks, budget], logger=logger, plugins=plugins, **kwargs)
 
 
 def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
@@ -170,7 +176,7 @@ def open_checked_cache(
 ) -> TeacherCache:
     """Open the teacher cache and refuse it unless it describes this run's teachers and data:
     the teachers the run names (kd.teachers, or kd.teacher), else the files the cache recorded,
-    hashed again. Prints which teachers teach which task. ``train_ids``: the run's training
+    hashed again. Logs which teachers teach which task. ``train_ids``: the run's training
     samples when its data module has read the sources already (``FundusDataModule.train_ids``)."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
     storage = cache.fingerprint["storage"]
@@ -212,7 +218,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
     with directory_lock(cache_dir, "mtkd cache-teacher"):
         if rank_zero_only.rank == 0:
             for orphan in remove_orphans(cache_dir):
-                print(f"removed {orphan}, left by an interrupted cache-teacher")
+                log.info(f"removed {orphan}, left by an interrupted cache-teacher")
         shard_dir = cache_dir.parent / f".{cache_dir.name}.partial-{run_token()}"
         writer = CacheShardWriter(shard_dir, tasks, storage)
         trainer = make_trainer(cfg, None, [writer], logger=False)
@@ -223,12 +229,11 @@ def cache_teacher(cfg: DictConfig) -> Path:
             fp = fingerprint(taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views)
             merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
             summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
-            print(
+            sizes = "".join(f"\n  {n:<16} {b:>8} bytes/sample" for n, b in summary.items())
+            log.info(
                 f"teacher cache written to {cache_dir}: {len(train_ids)} samples x "
-                f"{max(views, 1)} view(s)"
+                f"{max(views, 1)} view(s){sizes}"
             )
-            for name, nbytes in summary.items():
-                print(f"  {name:<16} {nbytes:>8} bytes/sample")
         trainer.strategy.barrier()
     return cache_dir
 
@@ -309,7 +314,7 @@ def evaluate(
         name = f"metrics_{split}.json" if working else f"metrics_{split}_original.json"
         target = Path(out) if out else Path(ckpt).parent.parent / name
         write_metrics(target, str(ckpt), split, metrics, ci, bootstrap_info)
-        print(f"metrics written to {target}")
+        log.info(f"metrics written to {target}")
     return metrics
 
 

@@ -9,6 +9,9 @@ import shlex
 from pathlib import Path
 
 from mtkd.cli import Arg, Spec, boolean, parse_args
+from mtkd.status import status_logger
+
+log = status_logger(__name__)
 
 DATA = """\
 # Your images: a manifest folder (manifest.csv + images; format: mtkd's README, "Manifest format").
@@ -90,5 +93,4 @@ def main(args: list[str]) -> None:
     """``mtkd init DIR [force=true]``."""
     opts, _ = parse_args("init", COMMAND_ARGS, args)
     files = write_starter(Path(opts["DIR"]), opts["force"])
-    print(f"starter project written: {', '.join(str(f) for f in files)}")
-    print(f"next: {files[-1]}")
+    log.info(f"starter project written: {', '.join(str(f) for f in files)}\nnext: {files[-1]}")

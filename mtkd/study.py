@@ -34,7 +34,10 @@ from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import load_config, read_group, search_path
 from mtkd.report import markdown_table
 from mtkd.stages import cache_teacher, evaluate, fit
+from mtkd.status import status_logger
 from mtkd.tasks import build_tasks
+
+log = status_logger(__name__)
 
 ARMS = {"kd": "KD", "nokd": "no KD"}
 TEACHERS = ("fraction", "all")
@@ -155,7 +158,7 @@ def teacher_for(study: StudyConfig, overrides: list[str], fraction: float) -> tu
     run_dir, cache = Path(study.out) / f"teacher_{tag}", Path(study.out) / f"cache_{tag}"
     best = run_dir / "checkpoints" / "best.ckpt"
     if not (run_dir / "metrics_val.json").is_file():
-        print(f"[study] teacher {tag}: training", flush=True)
+        log.info(f"[study] teacher {tag}: training")
         best = fit(
             load_config(
                 "teacher",
@@ -171,7 +174,7 @@ def teacher_for(study: StudyConfig, overrides: list[str], fraction: float) -> tu
             )
         )
     if not (cache / "fingerprint.json").is_file():
-        print(f"[study] teacher {tag}: caching its outputs", flush=True)
+        log.info(f"[study] teacher {tag}: caching its outputs")
         cache_teacher(
             load_config("distill", [*overrides, f"cache.teacher=[{best}]", f"kd.cache_dir={cache}"])
         )
@@ -191,9 +194,9 @@ def run_cell(
     run_dir = Path(study.out) / f"f{fraction:g}" / f"seed{seed}" / arm
     metrics_file = run_dir / "metrics_test.json"
     if metrics_file.is_file():
-        print(f"[study] {name}: finished earlier, kept", flush=True)
+        log.info(f"[study] {name}: finished earlier, kept")
     else:
-        print(f"[study] {name}: training", flush=True)
+        log.info(f"[study] {name}: training")
         if arm == "kd":
             ckpt, cache = teacher
             kd = ["kd=cached", f"kd.cache_dir={cache}", f"kd.teacher={ckpt}"]

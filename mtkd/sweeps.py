@@ -24,6 +24,9 @@ import yaml
 
 from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args, whole_number
+from mtkd.status import status_logger
+
+log = status_logger(__name__)
 
 #: the W&B macros that must surround the stage arguments in a sweep's ``command``
 PROGRAM, ARGS = "${program}", "${args_no_hyphens}"
@@ -198,10 +201,10 @@ def run_sweep(
         if params is None:
             break
         name = f"trial-{len(trials):03d}"
-        print(f"[{sweep['name']}] {name}: " + " ".join(f"{k}={v}" for k, v in params.items()))
+        log.info(f"[{sweep['name']}] {name}: " + " ".join(f"{k}={v}" for k, v in params.items()))
         trial = run_trial(sweep, params, extra, sweep_dir / name)
         outcome = f"{trial.metric}" if trial.error is None else f"failed ({trial.error})"
-        print(
+        log.info(
             f"[{sweep['name']}] {name}: {sweep['metric']['name']} = {outcome} ({trial.seconds} s)"
         )
         trials.append(trial)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,16 @@ def test_demo_refuses_overrides_it_sets_per_stage() -> None:
 
 @pytest.mark.integration
 def test_demo_trains_evaluates_and_reports_all_three_models(
-    tiny, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mtkd")
     runs = tmp_path / "runs"
     overrides = [o for o in tiny() if not o.startswith(("run.dir=", "kd.cache_dir="))]
     main([f"runs={runs}", *overrides])
     printed = capsys.readouterr().out
 
     for step in ("1/6 train the teacher", "4/6 train the same student without KD", "6/6 write"):
-        assert f"== demo: {step}" in printed
+        assert f"== demo: {step}" in caplog.text
     table = printed.split("| task | metric | teacher | student KD | student no KD |\n", 1)[1]
     rows = [line.split(" | ") for line in table.split("\n\n", 1)[0].splitlines()[1:]]
     tasks = ["dr_grade", "dme_risk", "glaucoma", "cdr", "lesions", "anatomy", "landmarks"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -42,8 +43,14 @@ def plugin(name: str):
 
 @pytest.mark.integration
 def test_plugin_task_kind_trains_distils_exports_and_predicts(
-    examples, tiny, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    examples,
+    tiny,
+    synth_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mtkd")
     teacher_ckpt = fit(load_config("teacher", [*tiny(), *BINARY]))
     metrics = json.loads((teacher_ckpt.parent.parent / "metrics_val.json").read_text())["metrics"]
     assert {"val/suspect/auroc", "val/dr_grade/kappa"} <= set(metrics)
@@ -62,7 +69,7 @@ def test_plugin_task_kind_trains_distils_exports_and_predicts(
     student = json.loads((student_dir / "metrics_val.json").read_text())["metrics"]
     assert "val/suspect/auroc" in student
     # Distilled from the teacher, not trained on labels only (the start-up "teachers per task").
-    assert f"  {'suspect':<14} <- {teacher_ckpt}\n" in capsys.readouterr().out
+    assert f"  {'suspect':<14} <- {teacher_ckpt}\n" in caplog.text
 
     meta = json.loads((export(teacher_ckpt, tmp_path / "export") / "metadata.json").read_text())
     described = meta["tasks"]["suspect"]

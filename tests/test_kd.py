@@ -4,6 +4,7 @@ ensembles, augmentation consistency, cached == online, unlabeled samples get KD 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -144,11 +145,12 @@ def test_half_written_cache_is_never_read(synth_root, tmp_path, teacher_ckpts):
 
 
 def test_teacher_task_the_run_lacks_is_ignored_and_a_differing_one_refused(
-    synth_root, tmp_path, teacher_ckpts, capsys
+    synth_root, tmp_path, teacher_ckpts, caplog
 ):
+    caplog.set_level(logging.INFO, logger="mtkd")
     cfg = distill_cfg(synth_root, tmp_path, f"cache.teacher=[{teacher_ckpts[0]}]", "~tasks.cdr")
     cache_teacher(cfg)
-    assert "task 'cdr' is not a task of this run; ignored" in capsys.readouterr().out
+    assert "task 'cdr' is not a task of this run; ignored" in caplog.text
     assert not (Path(cfg.kd.cache_dir) / "cdr.npy").exists()
     other = distill_cfg(
         synth_root, tmp_path, f"cache.teacher=[{teacher_ckpts[0]}]", "tasks.dme_risk.num_classes=4"

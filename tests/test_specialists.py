@@ -4,6 +4,7 @@ preprocessing) teach one student; per-task fingerprint; uncovered tasks; renames
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -77,9 +78,9 @@ def test_disjoint_teachers_teach_their_union_each_at_its_own_size_and_normalisat
         ["cache-teacher", f"teacher={teachers['grading']}", f"teacher={teachers['others']}", *args]
     )
     assert code == 0
-    out = capsys.readouterr().out
-    assert re.search(r"cdr +<- no teacher: trained on labels only \(kd alpha 0\)", out)
-    assert "data.preprocess.clahe=True, this run has False" in out
+    said = capsys.readouterr().err  # the command line's status messages
+    assert re.search(r"cdr +<- no teacher: trained on labels only \(kd alpha 0\)", said)
+    assert "data.preprocess.clahe=True, this run has False" in said
     cfg = fixed_view_cfg(synth_root, tmp_path, *EXACT)
     tasks = build_tasks(to_container(cfg)["tasks"])
     cache = open_checked_cache(cfg, tasks)
@@ -154,13 +155,14 @@ def test_replacing_one_teacher_refuses_only_the_tasks_it_taught(synth_root, tmp_
 
 
 @pytest.mark.integration
-def test_a_task_no_teacher_covers_trains_on_labels_only(synth_root, tmp_path, teachers, capsys):
+def test_a_task_no_teacher_covers_trains_on_labels_only(synth_root, tmp_path, teachers, caplog):
+    caplog.set_level(logging.INFO, logger="mtkd")
     pair = listed(f"{{path: {teachers['grading']}}}", f"{{path: {teachers['others']}}}")
     cfg = fixed_view_cfg(synth_root, tmp_path, pair)
     cache_teacher(cfg)
     student = StudentModule(to_container(cfg))
     cache = open_checked_cache(cfg, student.tasks)
-    assert re.search("cdr +<- no teacher", capsys.readouterr().out)  # said at distill start-up
+    assert re.search("cdr +<- no teacher", caplog.text)  # said at distill start-up
     dm = FundusDataModule(cfg.data, student.tasks, teacher=cache)
     batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train=True), batch_size=6)))
     assert "cdr" not in batch["teacher"]

@@ -5,6 +5,7 @@ rerun trains nothing; settings that define the protocol cannot change under a fi
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -39,8 +40,13 @@ def test_study_refuses_what_it_sets_itself_and_bad_values() -> None:
 
 @pytest.mark.integration
 def test_study_writes_table_plot_json_and_resumes_without_training(
-    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mtkd")
     out = tmp_path / "study"
     stage = [o for o in tiny() if not o.startswith(("run.dir=", "kd.cache_dir=", "trainer.max"))]
     args = [
@@ -106,9 +112,10 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
 
     for name in ("fit", "cache_teacher", "evaluate"):
         monkeypatch.setattr(mtkd.study, name, no_training)
+    caplog.clear()
     again = run_study(*load_study(args))
     assert again["summary"] == results["summary"]
-    assert "f0.5_s1_nokd: finished earlier, kept" in capsys.readouterr().out
+    assert "f0.5_s1_nokd: finished earlier, kept" in caplog.text
 
     with pytest.raises(ValueError, match="student_epochs differ.*study.out=DIR"):
         run_study(*load_study([*args, "study.student_epochs=2"]))

@@ -5,6 +5,7 @@ back to offline, and that resuming from a checkpoint continues the same run."""
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,9 @@ def offline_runs(run_dir: Path) -> list[OfflineRun]:
 
 @pytest.mark.integration
 def test_offline_distill_run_records_metrics_config_summary_pictures_and_teacher_table(
-    tiny, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mtkd")
     teacher_dir = tmp_path / "teacher"
     teacher_dir.mkdir()
     teacher = {"val/dr_grade/kappa": 0.5, "val/loss": 3.0, "val/cdr/mae": 0.25}
@@ -113,7 +115,7 @@ def test_offline_distill_run_records_metrics_config_summary_pictures_and_teacher
     (run,) = offline_runs(tmp_path)
     student = json.loads((tmp_path / "metrics_val.json").read_text())["metrics"]
 
-    assert f"wandb sync {tmp_path}/wandb/offline-run-*-{run.run.run_id}" in capsys.readouterr().out
+    assert f"wandb sync {tmp_path}/wandb/offline-run-*-{run.run.run_id}" in caplog.text
     assert (run.run.run_group, run.run.job_type, list(run.run.tags)) == (
         "exp1",
         "distill",

@@ -17,14 +17,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from torch import nn
 
 from mtkd.kd.cache import file_sha256
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net
+from mtkd.status import status_logger
 from mtkd.tasks import Task, build_tasks
+
+log = status_logger(__name__)
 
 #: preprocessing steps that cannot be converted from the image tensor (only said, not undone)
 PREPROCESS_STEPS = ("fov_crop", "clahe", "local_mean")
@@ -226,14 +228,13 @@ def preprocessing_notes(
     return notes
 
 
-@rank_zero_only
 def announce(taught: dict[str, list[dict[str, str]]], notes: Sequence[str] = ()) -> None:
-    """Print which teachers teach which task, and the tasks that train on labels only."""
-    print("teachers per task:")
+    """Say which teachers teach which task, and the tasks that train on labels only."""
+    lines = ["teachers per task:"]
     for name, files in taught.items():
         who = ", ".join(
             f"{f['path']}" + (f" ({f['task']})" if f["task"] != name else "") for f in files
         )
-        print(f"  {name:<14} <- {who or 'no teacher: trained on labels only (kd alpha 0)'}")
-    for note in notes:
-        print(f"  note: {note}")
+        lines.append(f"  {name:<14} <- {who or 'no teacher: trained on labels only (kd alpha 0)'}")
+    lines.extend(f"  note: {note}" for note in notes)
+    log.info("\n".join(lines))
