@@ -171,7 +171,7 @@ def test_split_by_patient_with_both_eyes(dataset: list) -> None:
     assert counts == {"train": 14, "val": 3, "test": 3}
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_source_generates_once_then_reuses_and_rejects_other_parameters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
