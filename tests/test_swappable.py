@@ -153,3 +153,23 @@ def test_checkpoints_with_every_strategys_weighting_state_still_load():
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])  # strict
     assert "weighting.dwa_weights" not in checkpoint["state_dict"]
+
+
+@pytest.mark.unit
+def test_a_tasks_kd_entry_sets_its_alpha_and_temperature_and_null_takes_the_runs(tiny):
+    cfg = load_config(
+        "distill",
+        tiny(
+            **{
+                "kd.alpha": 0.5,
+                "kd.tasks.dr_grade": "{alpha: 0.2, temperature: 2.0}",
+                "kd.tasks.cdr": "{alpha: null, loss: l1}",
+            }
+        ),
+    )
+    student = StudentModule(to_container(cfg))
+    assert student.alpha == {n: 0.2 if n == "dr_grade" else 0.5 for n in student.tasks}
+    assert student.temperature["dr_grade"] == 2.0
+    assert student.temperature["dme_risk"] == student.tasks["dme_risk"].default_temperature
+    assert student.tasks["cdr"].kd_loss_name == "l1"
+    assert student.tasks["lesions"].kd_loss_name == "kl_dice"  # the kind's default

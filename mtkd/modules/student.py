@@ -24,13 +24,12 @@ class StudentModule(MultiTaskModule):
         self.teacher_source = (
             build_teacher_source(kd.mode) if teacher_source is None else teacher_source
         )
-        per_task = {n: dict(kd.tasks.get(n, {})) for n in self.tasks}
+        # Each task holds its parsed kd.tasks.<task> entry (build_tasks); null takes the run's.
         self.alpha = {
-            n: float(kd.alpha if per_task[n].get("alpha") is None else per_task[n]["alpha"])
-            for n in self.tasks
+            n: float(kd.alpha if t.kd.alpha is None else t.kd.alpha) for n, t in self.tasks.items()
         }
         self.temperature = {
-            n: float(per_task[n].get("temperature") or kd.temperature or t.default_temperature)
+            n: float(t.kd.temperature or kd.temperature or t.default_temperature)
             for n, t in self.tasks.items()
         }
 

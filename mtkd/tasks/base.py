@@ -136,7 +136,6 @@ class Task(abc.ABC):
         self.validate()
         #: this task's KD options (``kd.tasks.<task>``), set by ``configure_kd``
         self.kd = TaskKD()
-        self.kd_loss_name: str | None = self.default_kd_loss
 
     def validate(self) -> None:  # noqa: B027  (optional hook)
         """Raise ValueError for an inconsistent spec."""
@@ -180,11 +179,13 @@ class Task(abc.ABC):
         """Take this task's ``kd.tasks.<task>`` entry; an unknown loss fails here, at start-up,
         with the kind's registered losses listed."""
         self.kd = options
-        if options.loss is not None:
-            kd_loss_function(self.name, self.kind, options.loss)
-            self.kd_loss_name = options.loss
-        elif self.kd_loss_name is not None:
+        if self.kd_loss_name is not None:
             kd_loss_function(self.name, self.kind, self.kd_loss_name)
+
+    @property
+    def kd_loss_name(self) -> str | None:
+        """The KD loss in use: ``kd.tasks.<task>.loss``, else the kind's default."""
+        return self.kd.loss or self.default_kd_loss
 
     def kd_loss(
         self, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
