@@ -31,7 +31,7 @@ from mtkd.kd.cache import (
     remove_orphans,
     run_token,
 )
-from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
+from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers, distill_teachers
 from mtkd.locks import directory_lock
 from mtkd.logging import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
@@ -180,7 +180,7 @@ def open_checked_cache(
     samples when its data module has read the sources already (``FundusDataModule.train_ids``)."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
     storage = cache.fingerprint["storage"]
-    named = configured_teachers(cfg.kd.teachers, [cfg.kd.teacher] if cfg.kd.teacher else [])
+    named = distill_teachers(cfg.kd)
     if named:
         ensemble = TeacherEnsemble(named, to_container(cfg)["tasks"], cfg.data)
         taught, notes = ensemble.provenance(list(tasks)), ensemble.notes

@@ -63,6 +63,12 @@ def configured_teachers(listed: Any, whole: Sequence[str]) -> list[TeacherEntry]
     return [TeacherEntry(str(p)) for p in whole]
 
 
+def distill_teachers(kd: Any) -> list[TeacherEntry]:
+    """The teachers a distill run's ``kd`` config names: ``kd.teachers``, else ``kd.teacher``
+    (online KD and the cache check; cache-teacher reads ``cache.teacher`` instead)."""
+    return configured_teachers(kd.teachers, [kd.teacher] if kd.teacher else [])
+
+
 class Renormalise(nn.Module):
     """Images normalised with the run's mean/std -> the normalisation a teacher was trained with
     (an exact affine map, so a teacher on [-1, 1] inputs can teach a student on ImageNet ones)."""

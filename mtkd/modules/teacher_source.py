@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mtkd.config import to_container
-from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers
+from mtkd.kd.ensemble import TeacherEnsemble, announce, distill_teachers
 
 
 class TeacherSource:
@@ -92,8 +92,7 @@ class OnlineTeacher(TeacherSource):
     def setup(self, cfg: DictConfig) -> None:
         if self.ensemble is not None:
             return
-        kd = cfg.kd
-        teachers = configured_teachers(kd.teachers, [kd.teacher] if kd.teacher else [])
+        teachers = distill_teachers(cfg.kd)
         if not teachers:
             raise ValueError(
                 "kd.mode=online needs kd.teacher=<path/to/teacher.ckpt> or a kd.teachers list"
