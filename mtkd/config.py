@@ -129,7 +129,13 @@ class KDConfig:
 @dataclass
 class CacheConfig:
     teacher: list[str] = field(default_factory=lambda: ["runs/teacher/checkpoints/best.ckpt"])
-    dense_size: int = 32
+    #: side in pixels of cached dense teacher maps; null: the working size (data.image_size),
+    #: which keeps thin structures such as vessels (a 32 px cache of 96 px vessel maps loses
+    #: them: bench/bench_cache_resolution.py). Smaller saves disk and I/O where structures are
+    #: large; cache-teacher says what each size keeps.
+    dense_size: int | None = None
+    #: per-task side, e.g. {anatomy: 96, lesions: 48}; a task not named takes dense_size
+    task_dense_size: dict[str, int] = field(default_factory=dict)
     dense_dtype: str = "uint8"
     logits_dtype: str = "float16"
     views: int = 0
@@ -384,6 +390,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"kd.tasks names unknown tasks {unknown_kd}; tasks are {sorted(cfg.tasks)}"
         )
+    unknown_cache = sorted(set(cfg.cache.task_dense_size) - set(cfg.tasks))
+    if unknown_cache:
+        raise ConfigError(
+            f"cache.task_dense_size names unknown tasks {unknown_cache}; tasks are "
+            f"{sorted(cfg.tasks)}"
+        )
     for i, entry in enumerate(cfg.kd.teachers):
         if OmegaConf.is_missing(entry, "path"):
             raise ConfigError(f"kd.teachers[{i}] has no path; give {{path: <teacher.ckpt>}}")
@@ -418,10 +430,16 @@ def validate(cfg: DictConfig) -> None:
         "optim.warmup_epochs": at_least(0),
         "optim.encoder_lr_mult": (lambda v: v > 0, "> 0 (freeze with optim.freeze_encoder_epochs)"),
         "optim.freeze_encoder_epochs": at_least(0),
-        "cache.dense_size": at_least(1),
         "cache.views": at_least(0),
         "trainer.max_epochs": at_least(1),
     }
+    maps = (
+        lambda v: 1 <= v <= cfg.data.image_size,
+        f"in [1, data.image_size={cfg.data.image_size}]",
+    )
+    ranges["cache.dense_size"] = maps
+    for name in cfg.cache.task_dense_size:
+        ranges[f"cache.task_dense_size.{name}"] = maps
     for name in cfg.kd.tasks:
         ranges[f"kd.tasks.{name}.alpha"] = ranges["kd.alpha"]
         ranges[f"kd.tasks.{name}.temperature"] = ranges["kd.temperature"]

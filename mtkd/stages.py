@@ -30,6 +30,7 @@ from mtkd.kd.cache import (
     recorded_teachers,
     remove_orphans,
     run_token,
+    stored_storage,
 )
 from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers, distill_teachers
 from mtkd.locks import directory_lock
@@ -179,7 +180,6 @@ def open_checked_cache(
     hashed again. Logs which teachers teach which task. ``train_ids``: the run's training
     samples when its data module has read the sources already (``FundusDataModule.train_ids``)."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
-    storage = cache.fingerprint["storage"]
     named = distill_teachers(cfg.kd)
     if named:
         ensemble = TeacherEnsemble(named, to_container(cfg)["tasks"], cfg.data)
@@ -191,12 +191,23 @@ def open_checked_cache(
         tasks,
         cfg.data,
         FundusDataModule(cfg.data, tasks).train_ids() if train_ids is None else train_ids,
-        CacheStorage(storage["dense_size"], storage["dense_dtype"], storage["logits_dtype"]),
-        int(storage["views"]),
+        stored_storage(cache.fingerprint),
+        int(cache.fingerprint["storage"]["views"]),
     )
     check_fingerprint(cache.fingerprint, expected, cfg.kd.cache_dir)
     announce(expected["task_teachers"], notes)
     return cache
+
+
+def cache_storage(cfg: DictConfig) -> CacheStorage:
+    """How cache-teacher stores this run's teacher outputs: dense maps at ``cache.dense_size``
+    (null: the working size) unless ``cache.task_dense_size`` gives a task its own."""
+    return CacheStorage(
+        int(cfg.cache.dense_size or cfg.data.image_size),
+        cfg.cache.dense_dtype,
+        cfg.cache.logits_dtype,
+        {n: int(s) for n, s in cfg.cache.task_dense_size.items()},
+    )
 
 
 def cache_teacher(cfg: DictConfig) -> Path:
@@ -211,7 +222,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
     tasks = ensemble.tasks
     taught = ensemble.provenance(list(run_tasks))
     announce(taught, ensemble.notes)
-    storage = CacheStorage(cfg.cache.dense_size, cfg.cache.dense_dtype, cfg.cache.logits_dtype)
+    storage = cache_storage(cfg)
     views = int(cfg.cache.views)
     dm = FundusDataModule(cfg.data, tasks, predict_views=views)
     cache_dir = Path(cfg.kd.cache_dir)

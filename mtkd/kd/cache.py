@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
+from mtkd.kd.fidelity import MapFidelity
 from mtkd.tasks import CacheStorage, Task
 
 #: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task
@@ -97,6 +98,14 @@ def fingerprint(
         "split": {"train_samples": len(train_ids), "digest": _digest(sorted(train_ids))},
         "storage": storage,
     }
+
+
+def stored_storage(found: dict[str, Any]) -> CacheStorage:
+    """The storage a cache's fingerprint records (caches written before per-task dense sizes
+    have one size for every task)."""
+    stored = found["storage"]
+    fields = {f.name: stored[f.name] for f in dataclasses.fields(CacheStorage) if f.name in stored}
+    return CacheStorage(**fields)
 
 
 def _taught_by(files: list[dict[str, str]]) -> list[tuple[str, str]]:
@@ -293,6 +302,7 @@ class CacheShardWriter(BasePredictionWriter):
         self.shard_dir = Path(shard_dir)
         self.tasks = tasks
         self.storage = storage
+        self.fidelity = MapFidelity()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Start from an empty shard folder: one left by a crashed run under the same run token
@@ -304,15 +314,18 @@ class CacheShardWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        arrays = {
-            f"task_{n}": self.tasks[n].encode_cache(out, self.storage)
-            for n, out in prediction["outputs"].items()
-        }
+        arrays = {}
+        for n, out in prediction["outputs"].items():
+            arrays[f"task_{n}"] = self.tasks[n].encode_cache(out, self.storage.for_task(n))
+            self.fidelity.update(n, self.tasks[n], out, arrays[f"task_{n}"])
         ids = np.asarray(prediction["sample_id"])
         name = f"rank{trainer.global_rank}-view{dataloader_idx}-batch{batch_idx}.npz"
         buf = io.BytesIO()
         np.savez(buf, sample_id=ids, view=np.asarray(dataloader_idx), **arrays)
         atomic_write_bytes(self.shard_dir / name, buf.getvalue())
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.fidelity.report(self.tasks)
 
 
 def merge_shards(
@@ -329,9 +342,8 @@ def merge_shards(
     is an error, so an incomplete prediction never yields a cache that looks complete.
     """
     shard_dir, cache_dir = Path(shard_dir), Path(cache_dir)
-    stored = dict(fingerprint_data["storage"])
-    views = int(stored["views"])
-    storage = CacheStorage(**{f.name: stored[f.name] for f in dataclasses.fields(CacheStorage)})
+    views = int(fingerprint_data["storage"]["views"])
+    storage = stored_storage(fingerprint_data)
     ids = sorted(set(expected_ids))
     rows = {sid: i for i, sid in enumerate(ids)}
     tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -341,8 +353,8 @@ def merge_shards(
             n: np.lib.format.open_memmap(
                 tmp / f"{n}.npy",
                 mode="w+",
-                dtype=t.cache_dtype(storage),
-                shape=(len(ids), *([views] if views else []), *t.cache_shape(storage)),
+                dtype=t.cache_dtype(storage.for_task(n)),
+                shape=(len(ids), *([views] if views else []), *t.cache_shape(storage.for_task(n))),
             )
             for n, t in tasks.items()
         }

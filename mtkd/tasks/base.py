@@ -40,12 +40,19 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class CacheStorage:
-    """How teacher outputs are stored: dense maps at ``dense_size`` in ``dense_dtype``
-    (uint8-quantised probabilities, float16 or float32), logits in ``logits_dtype``."""
+    """How teacher outputs are stored: dense maps at ``dense_size`` pixels a side (or a task's
+    own size in ``task_dense_size``) in ``dense_dtype`` (uint8-quantised probabilities, float16
+    or float32), logits in ``logits_dtype``."""
 
     dense_size: int = 32
     dense_dtype: str = "uint8"
     logits_dtype: str = "float16"
+    task_dense_size: dict[str, int] = field(default_factory=dict)
+
+    def for_task(self, name: str) -> CacheStorage:
+        """The storage of one task's array: its own dense size where it has one."""
+        size = self.task_dense_size.get(name, self.dense_size)
+        return dataclasses.replace(self, dense_size=size, task_dense_size={})
 
 
 @dataclass
