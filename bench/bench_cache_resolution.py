@@ -8,11 +8,14 @@ teacher, the synthetic ground-truth masks at the working size, goes through the 
 encode / decode / resize path (``MapFidelity``, as ``cache-teacher`` measures it). Printed per
 cache size: the Dice each channel keeps, and bytes per sample (uint8).
 
-``--students E`` also trains, on the same synthetic data, a teacher, then the same student for E
-epochs from a cache at each size and without KD, and prints the students' test Dice: the cost
-of a lossy cache in what the student learns.
+``--students E`` also distils the same student for E epochs from a cache at each size (a third
+of the working size, the old default, and the working size) and trains it without KD, and
+prints the students' test Dice: the cost of a lossy cache in what the student learns. The
+teacher is trained here on 240 images unless ``--teacher CKPT`` names one (e.g. the demo's,
+``runs/teacher/checkpoints/best.ckpt``: the students then train on the default synthetic data,
+as the demo's do).
 
-    .venv/bin/python bench/bench_cache_resolution.py [--size 96] [--students 0]
+    .venv/bin/python bench/bench_cache_resolution.py [--size 96] [--students 0] [--teacher CKPT]
 """
 
 from __future__ import annotations
@@ -76,10 +79,16 @@ def fidelity_table(work: Path, size: int, cache_sizes: list[int]) -> None:
         print(f"| {cache_size} | " + " | ".join(cells) + f" | {nbytes:,} |")
 
 
-def student_table(work: Path, size: int, cache_sizes: list[int], epochs: int) -> None:
-    """Teacher once, then the same student from each cache size and without KD."""
-    base = overrides(work, size)
-    teacher = fit(load_config("teacher", [*base, f"run.dir={work / 'teacher'}"]))
+def student_table(
+    work: Path, size: int, cache_sizes: list[int], epochs: int, teacher: str | None
+) -> None:
+    """The same student from each cache size and without KD, taught by ``teacher`` (trained
+    here when None)."""
+    if teacher is None:
+        base = overrides(work, size)
+        teacher = str(fit(load_config("teacher", [*base, f"run.dir={work / 'teacher'}"])))
+    else:
+        base = [f"data.image_size={size}", "logger=none", "trainer.enable_progress_bar=false"]
     arms = {f"KD, cache {s} px": [f"cache.dense_size={s}"] for s in cache_sizes}
     arms["no KD"] = ["kd=none"]
     rows = {}
@@ -119,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=96, help="working size (data.image_size)")
     parser.add_argument("--students", type=int, default=0, help="student epochs (0: skip)")
+    parser.add_argument("--teacher", default=None, help="a trained teacher for --students")
     args = parser.parse_args()
     cache_sizes = sorted({args.size // 4, args.size // 3, args.size // 2, args.size})
     with tempfile.TemporaryDirectory(prefix="mtkd-bench-") as tmp:
@@ -126,7 +136,7 @@ def main() -> None:
         generate_synthetic(work / "synth", n=240, image_size=256, seed=0, progress=False)
         fidelity_table(work, args.size, cache_sizes)
         if args.students:
-            student_table(work, args.size, [args.size // 3, args.size], args.students)
+            student_table(work, args.size, [args.size // 3, args.size], args.students, args.teacher)
 
 
 if __name__ == "__main__":
