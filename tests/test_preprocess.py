@@ -1,8 +1,10 @@
 """Preprocessing: the FOV box, points that follow the crop, contrast enhancement, and the
-persistent disk cache (hit, stale file, corrupt entry, atomic writes)."""
+persistent disk cache (hit, bit-identical read-back, stale file, other version, corrupt entry,
+atomic writes)."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 import data_modules.io as io_module
 import data_modules.preprocess as preprocess
-from data_modules.preprocess import Preprocessor, enhance, fov_box
+from data_modules.preprocess import ENTRY_SUFFIX, Preprocessor, enhance, fov_box, read_entry
 from data_modules.samples import Sample
 
 pytestmark = pytest.mark.unit
@@ -72,6 +74,7 @@ def same(a: preprocess.Prepared, b: preprocess.Prepared) -> bool:
         np.array_equal(a.image, b.image)
         and a.points == b.points
         and a.pixel_scale == b.pixel_scale
+        and a.box == b.box
         and a.masks.keys() == b.masks.keys()
         and all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
     )
@@ -145,7 +148,7 @@ def test_second_call_reads_the_cache_instead_of_decoding(
     second = Preprocessor(SIZE, cache_dir=str(cache))(photo)  # a new process would do the same
     assert decodes == [photo.image]
     assert same(first, second)
-    assert len(list(cache.rglob("*.npz"))) == 1
+    assert len(list(cache.rglob(f"*{ENTRY_SUFFIX}"))) == 1
 
 
 def test_other_settings_are_another_entry(photo: Sample, tmp_path: Path, decodes: list[str]):
@@ -154,6 +157,16 @@ def test_other_settings_are_another_entry(photo: Sample, tmp_path: Path, decodes
     Preprocessor(SIZE, clahe=True, cache_dir=cache)(photo)
     Preprocessor(SIZE // 2, cache_dir=cache)(photo)
     assert len(decodes) == 3
+
+
+def test_a_setting_changed_on_the_same_preprocessor_is_a_miss(
+    photo: Sample, tmp_path: Path, decodes: list[str]
+):
+    prep = Preprocessor(SIZE, cache_dir=str(tmp_path / "cache"))
+    plain = prep(photo)
+    prep.clahe = True  # the entry path it remembers must not outlive the setting
+    enhanced = prep(photo)
+    assert len(decodes) == 2 and not np.array_equal(plain.image, enhanced.image)
 
 
 def test_an_edited_image_is_a_miss(photo: Sample, tmp_path: Path, decodes: list[str]):
@@ -168,17 +181,68 @@ def test_an_edited_image_is_a_miss(photo: Sample, tmp_path: Path, decodes: list[
     assert same(after, prep(photo)) and len(decodes) == 2
 
 
-def test_a_corrupt_entry_is_rebuilt(photo: Sample, tmp_path: Path, decodes: list[str]):
+def old_npz(entry: bytes) -> bytes:
+    """A version-1 entry (an .npz), as an older checkout wrote at this path."""
+    buf = io.BytesIO()
+    np.savez(buf, image=np.zeros((SIZE, SIZE, 3), np.uint8), box=np.arange(4))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: entry[: len(entry) // 2],  # e.g. a crash mid-copy
+        lambda entry: entry[:-1],  # header whole, last array one byte short
+        lambda entry: entry + b"\0",  # more bytes than the header describes
+        lambda entry: b"",
+        lambda entry: b"[1, 2]\n" + entry,  # a header of another layout
+        old_npz,
+    ],
+    ids=["half", "one-byte-short", "one-byte-long", "empty", "other-header", "old-npz"],
+)
+def test_a_corrupt_entry_is_rebuilt(photo: Sample, tmp_path: Path, decodes: list[str], damage):
     cache = tmp_path / "cache"
     prep = Preprocessor(SIZE, cache_dir=str(cache))
     fresh = prep(photo)
-    (entry,) = cache.rglob("*.npz")
-    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # e.g. a crash mid-copy
+    (entry,) = cache.rglob(f"*{ENTRY_SUFFIX}")
+    entry.write_bytes(damage(entry.read_bytes()))
     rebuilt = prep(photo)
     assert len(decodes) == 2
     assert same(fresh, rebuilt)
-    with np.load(entry) as data:  # the entry on disk is whole again
-        assert np.array_equal(data["image"], fresh.image)
+    arrays, box = read_entry(entry)  # the entry on disk is whole again
+    assert np.array_equal(arrays["image"], fresh.image) and box == fresh.box
+
+
+def test_a_hit_reads_back_the_arrays_bit_identical_and_writable(tmp_path: Path):
+    image = disc_image(90, 120, (60, 45), 40)
+    mask = (image[..., 0] > 100).astype(np.uint8) * 255
+    sample = Sample(
+        "s",
+        "s",
+        str(write_png(tmp_path / "photo.png", image)),
+        "train",
+        masks={"a": str(write_png(tmp_path / "a.png", mask))},
+    )
+    cache = str(tmp_path / "cache")
+    fresh = Preprocessor(SIZE, cache_dir=None)(sample, ["a"])
+    Preprocessor(SIZE, cache_dir=cache)(sample, ["a"])  # fills the cache
+    hit = Preprocessor(SIZE, cache_dir=cache)(sample, ["a"])
+    for a, b in [(fresh.image, hit.image), (fresh.masks["a"], hit.masks["a"])]:
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+        assert b.flags.writeable  # like a fresh array: in-place augmentation must not fail
+    assert hit.box == fresh.box and isinstance(hit.box[0], int)
+
+
+def test_an_entry_of_another_cache_version_is_a_miss(
+    photo: Sample, tmp_path: Path, decodes: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(preprocess, "CACHE_VERSION", preprocess.CACHE_VERSION - 1)
+        Preprocessor(SIZE, cache_dir=str(cache))(photo)
+    Preprocessor(SIZE, cache_dir=str(cache))(photo)
+    assert len(decodes) == 2
+    assert len(list(cache.rglob(f"*{ENTRY_SUFFIX}"))) == 2
 
 
 def test_masks_are_cached_with_the_image(tmp_path: Path, decodes: list[str]):
@@ -203,7 +267,7 @@ def test_entries_are_written_atomically(
 ):
     cache = tmp_path / "cache"
     Preprocessor(SIZE, cache_dir=str(cache))(photo)
-    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [".npz"]
+    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [ENTRY_SUFFIX]
 
     def crash(*args: object) -> None:
         raise OSError("disk full")
@@ -213,4 +277,4 @@ def test_entries_are_written_atomically(
     with pytest.raises(OSError, match="disk full"):
         Preprocessor(SIZE, clahe=True, cache_dir=str(cache))(other)
     # Neither a partial entry nor a temporary file is left behind.
-    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [".npz"]
+    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [ENTRY_SUFFIX]
