@@ -25,15 +25,26 @@ _EPS = 1e-4
 MASK_THRESHOLD = 0.5
 
 
+def _dice_terms(
+    prob: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft Dice's numerator and denominator per sample and class, and each class's weight in
+    the sample's mean (1 / the number of classes the target shows, 0 for the others): one pass
+    over the pixels each, shared by ``_dice_loss`` and the fused KD loss's own gradient."""
+    prob, target = prob.flatten(2), target.flatten(2)
+    num = 2 * torch.linalg.vecdot(prob, target) + 1.0
+    den = prob.sum(-1) + target.sum(-1) + 1.0
+    shown = (target.amax(-1) > 0.5).to(num.dtype)
+    return num, den, shown / shown.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
 def _dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice per sample, averaged over the classes the target shows (some pixel above
     0.5; 0 when none does). On an empty mask soft Dice rewards predicting nothing at all; with
     small lesions absent from half the images that reward won (the synthetic teacher predicted
     no lesion anywhere). BCE / KL still penalise false positives there."""
-    prob, target = prob.flatten(2), target.flatten(2)
-    dice = (2 * (prob * target).sum(-1) + 1.0) / (prob.sum(-1) + target.sum(-1) + 1.0)
-    shown = (target.amax(-1) > 0.5).to(dice.dtype)
-    return ((1.0 - dice) * shown).sum(dim=1) / shown.sum(dim=1).clamp(min=1.0)
+    num, den, weight = _dice_terms(prob, target)
+    return ((1.0 - num / den) * weight).sum(dim=1)
 
 
 @dataclass
@@ -207,6 +218,53 @@ class SegmentationTask(Task):
         return out
 
 
+class _BinaryKLDice(torch.autograd.Function):
+    """``binary_kl_and_dice`` per sample, with its gradient written out. Autograd through the
+    textbook form (BCE with logits minus the teacher's entropy, a second sigmoid for Dice) cost
+    ~10 ms per dense task and step at 96 px on one CPU thread, mostly softplus / log1p (not
+    vectorised on CPU) and fresh pixel-sized buffers; here every pixel op is a fast one
+    (sigmoid, log, products), done in place where the buffer is ours, and the backward is
+    d/dz = T / n (sigmoid(z / T) - q) + s (1 - s) d(dice loss)/ds, s = sigmoid(z)."""
+
+    @staticmethod
+    def forward(
+        ctx, pred: torch.Tensor, teacher: torch.Tensor, temperature: float, dice_weight: float
+    ) -> torch.Tensor:
+        p = teacher.clamp(_EPS, 1 - _EPS)
+        logit = torch.logit(p)
+        if temperature == 1.0:
+            z, q, log_not_q = pred, p, torch.sub(1, p).log_()
+        else:
+            logit = logit.div_(temperature)
+            z, q, log_not_q = pred / temperature, torch.sigmoid(logit), torch.sigmoid(-logit).log_()
+        # q log q + (1 - q) log(1 - q) = q logit(q) + log(1 - q): the teacher's negative entropy
+        neg_entropy = logit.mul_(q).add_(log_not_q).flatten(1).sum(1)
+        s_t = torch.sigmoid(z)
+        # softplus(z) - q z = relu(z) - q z - log sigmoid(|z|); sigmoid(|z|) = max(s_t, 1 - s_t)
+        buf = torch.sub(1, s_t)
+        log_sig_abs = torch.maximum(buf, s_t, out=buf).log_().flatten(1).sum(1)
+        linear = torch.clamp(z, min=0, out=buf).addcmul_(q, z, value=-1).flatten(1).sum(1)
+        n = pred[0].numel()
+        kl = (linear - log_sig_abs + neg_entropy) * (temperature**2 / n)
+        s = s_t if temperature == 1.0 else torch.sigmoid(pred)
+        num, den, weight = _dice_terms(s, teacher)
+        ctx.save_for_backward(s_t, q, s, teacher, num, den, weight)
+        ctx.scale = (temperature / n, dice_weight)
+        return kl + dice_weight * ((1.0 - num / den) * weight).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        s_t, q, s, teacher, num, den, weight = ctx.saved_tensors
+        kl_scale, dice_weight = ctx.scale
+        out = torch.sub(s_t, q).mul_(grad.view(-1, 1, 1, 1) * kl_scale)
+        if dice_weight:
+            # d(1 - num / den)/ds_i = (num / den - 2 m_i) / den, times the class's weight
+            w = (grad[:, None] * dice_weight * weight / den)[..., None, None]
+            dice = torch.add((num / den)[..., None, None], teacher, alpha=-2.0).mul_(w).mul_(s)
+            out.add_(dice).addcmul_(dice, s, value=-1)  # + s (1 - s) * dice
+        return out, None, None, None
+
+
 @register_kd_loss("segmentation", "kl_dice")
 def binary_kl_and_dice(
     task: SegmentationTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
@@ -216,13 +274,6 @@ def binary_kl_and_dice(
     the student's output size, plus the supervised loss's Dice term with m as a soft label
     (``_dice_loss``). The pixel mean alone is too faint for small structures: the distilled
     student lost the optic cup and every haemorrhage (dice 0) that the same student learns from
-    labels alone."""
-    teacher = task.teacher_at(teacher, tuple(pred.shape[-2:]))
-    p = teacher.clamp(_EPS, 1 - _EPS)
-    if temperature != 1.0:
-        p = torch.sigmoid(torch.logit(p) / temperature)
-    z = pred / temperature
-    entropy = -(p * p.log() + (1 - p) * (1 - p).log())
-    kl = F.binary_cross_entropy_with_logits(z, p, reduction="none") - entropy
-    kl = kl.flatten(1).mean(dim=1) * temperature**2
-    return kl + task.spec.dice_weight * _dice_loss(torch.sigmoid(pred), teacher)
+    labels alone. Computed by ``_BinaryKLDice`` (same value and gradient, a third of the time)."""
+    teacher = task.teacher_at(teacher, tuple(pred.shape[-2:])).detach()
+    return _BinaryKLDice.apply(pred, teacher, float(temperature), float(task.spec.dice_weight))
