@@ -1,16 +1,20 @@
 """Distillation benchmarks, measured side by side in one process on this machine.
 
-1. Student training-step time: no KD, cached KD, online KD (same batches, same student).
-2. Cache write throughput (cache-teacher) and read throughput with the join + augmentation,
-   next to the student's consumption rate; bytes per sample.
+1. Student training-step time (forward + backward + optimizer; loader excluded): cached KD
+   over no KD, and "cached_before" (the textbook kl_dice the fused loss replaced) in the same
+   run; online KD in a block of its own.
+2. Cache write throughput (cache-teacher) and the loader's read + join + augmentation rate per
+   process and core, with and without teacher maps; bytes per sample.
 3. Memory: anonymous (heap) memory of reading a cache does not grow with the cache size:
    the same reads against a cache 10x larger.
 
-    .venv/bin/python bench/bench_kd.py [--size 96] [--steps 6] [--rounds 9]
+    flock /tmp/mtkd-cpu.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/bench_kd.py --size 96
+    ... bench/bench_kd.py --io-only --size 512 --images 64 [--dense-size 512 32]
 
-The step-time ratios are taken within each round (the modes interleaved, same batches), so the
-median ratio resolves a 2 % difference where one pass per mode did not (1.18 / 0.95 / 1.06 for
-three runs of the same code).
+Each batch runs every arm back to back (order rotated per batch), and the ratio is taken per
+such pair: the machine's speed drifts over seconds (other jobs on the 2 shared cores), so
+ratios over rounds of several steps per mode still differed by 7 % between two runs; per-pair
+ratios' median, IQR and a ~95 % interval of the median show whether 2 % is resolved.
 
 Prints Markdown tables (copied into bench/RESULTS.md).
 """
@@ -18,7 +22,10 @@ Prints Markdown tables (copied into bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -39,12 +47,15 @@ from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher_source import build_teacher_source  # noqa: E402
 from mtkd.stages import cache_teacher, fit, open_checked_cache  # noqa: E402
+from mtkd.tasks import register_kd_loss  # noqa: E402
+from mtkd.tasks.base import elementwise_loss  # noqa: E402
+from mtkd.tasks.localization import grid, soft_argmax  # noqa: E402
 
 
-def overrides(work: Path, size: int) -> list[str]:
+def overrides(work: Path, size: int, images: int = 200) -> list[str]:
     return [
         f"data.sources.synthetic.root={work / 'synth'}",
-        "data.sources.synthetic.options={n: 200, image_size: 256, seed: 0}",
+        f"data.sources.synthetic.options={{n: {images}, image_size: {max(256, size)}, seed: 0}}",
         f"data.image_size={size}",
         f"data.preprocess.cache_dir={work / 'pre'}",
         f"kd.cache_dir={work / 'cache'}",
@@ -53,7 +64,48 @@ def overrides(work: Path, size: int) -> list[str]:
     ]
 
 
-MODES = ("none", "cached", "online")
+#: the "before" arm: the textbook KD losses the fused ones replaced (value and gradient equal,
+#: tests/test_kd_loss_fused.py), registered here only, so one run measures before and after;
+#: the supervised losses are today's in every arm
+REFERENCE_KD = "reference"
+
+
+@register_kd_loss("segmentation", REFERENCE_KD)
+def reference_kl_dice(task, pred: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    teacher = task.teacher_at(teacher, tuple(pred.shape[-2:]))
+    p = teacher.clamp(1e-4, 1 - 1e-4)
+    if temperature != 1.0:
+        p = torch.sigmoid(torch.logit(p) / temperature)
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+    kl = F.binary_cross_entropy_with_logits(pred / temperature, p, reduction="none") - entropy
+    kl = kl.flatten(1).mean(dim=1) * temperature**2
+    prob, target = torch.sigmoid(pred).flatten(2), teacher.flatten(2)
+    dice = (2 * (prob * target).sum(-1) + 1.0) / (prob.sum(-1) + target.sum(-1) + 1.0)
+    shown = (target.amax(-1) > 0.5).to(dice.dtype)
+    dice_loss = ((1.0 - dice) * shown).sum(dim=1) / shown.sum(dim=1).clamp(min=1.0)
+    return kl + task.spec.dice_weight * dice_loss
+
+
+@register_kd_loss("localization", REFERENCE_KD)
+def reference_heatmap_kd(task, pred: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    if not task.dense:
+        return elementwise_loss(pred, teacher, "mse")
+    b, k, h, w = pred.shape
+    x, y = grid(h, w, pred.device)
+    d2 = (x - teacher[..., :1]) ** 2 + (y - teacher[..., 1:]) ** 2
+    target = (-d2 / (2 * task.spec.sigma**2)).softmax(dim=-1)
+    log_prob = pred.flatten(2).log_softmax(dim=-1)
+    kl = (target * (target.clamp_min(1e-12).log() - log_prob)).sum(-1).mean(dim=1)
+    return elementwise_loss(soft_argmax(pred), teacher, "mse") + task.spec.heatmap_weight * kl
+
+
+#: arm -> (teacher source, KD loss of the dense tasks: None for the kind's default)
+ARMS = {
+    "none": ("none", None),
+    "cached": ("cached", None),
+    "cached_before": ("cached", REFERENCE_KD),
+    "online": ("online", None),
+}
 
 
 def one_step(student: StudentModule, batch: dict, opt) -> float:
@@ -66,55 +118,129 @@ def one_step(student: StudentModule, batch: dict, opt) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_rounds(
-    student: StudentModule, sources: dict, batches: list[dict], opt, rounds: int
+def use_arm(student: StudentModule, sources: dict, arm: str) -> None:
+    mode, loss = ARMS[arm]
+    student.teacher_source = sources[mode]
+    for task in student.tasks.values():
+        if task.kind in ("segmentation", "localization"):
+            task.kd = dataclasses.replace(task.kd, loss=loss)
+
+
+def paired_steps(
+    student: StudentModule,
+    sources: dict,
+    batches: list[dict],
+    opt,
+    arms: tuple,
+    rounds: int,
+    repeats: int,
 ) -> dict[str, list[float]]:
-    """Per mode, the median step time of each round. Every round times each mode on the same
-    batches, in an order rotated each round, so drift in the machine's speed (another job, CPU
-    frequency) lands on all modes alike; one warm-up pass per mode comes first."""
-    for mode in MODES:
-        student.teacher_source = sources[mode]
+    """Per arm, its step time over the first arm's on the same batch: each batch runs every arm
+    in a row ``repeats`` times (the order rotated per batch and round) and each arm keeps its
+    fastest step, since another job on the shared cores only ever adds time; the machine's
+    drift over seconds then cancels in each ratio. Python's cycle collector runs between
+    batches, not inside a timed step. Two warm-up steps per arm first."""
+    for arm in arms:
+        use_arm(student, sources, arm)
         for batch in batches[:2]:
             one_step(student, batch, opt)
-    medians: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for r in range(rounds):
-        for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
-            student.teacher_source = sources[mode]
-            medians[mode].append(statistics.median(one_step(student, b, opt) for b in batches))
-    return medians
+    ratios: dict[str, list[float]] = {arm: [] for arm in arms[1:]}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for i, batch in enumerate(batches):
+                gc.collect()
+                k = (r * len(batches) + i) % len(arms)
+                took: dict[str, float] = {}
+                for _ in range(repeats):
+                    for arm in arms[k:] + arms[:k]:
+                        use_arm(student, sources, arm)
+                        took[arm] = min(took.get(arm, math.inf), one_step(student, batch, opt))
+                for arm in arms:
+                    times[arm].append(took[arm])
+                for arm in arms[1:]:
+                    ratios[arm].append(took[arm] / took[arms[0]])
+    finally:
+        gc.enable()
+    return {"ratios": ratios, "times": times}
 
 
-def step_benchmark(work: Path, size: int, steps: int, rounds: int, teacher_ckpt: str) -> dict:
-    cfg = load_config("distill", [*overrides(work, size), f"kd.teacher={teacher_ckpt}"])
+def step_benchmark(
+    work: Path,
+    size: int,
+    images: int,
+    extra: list[str],
+    steps: int,
+    rounds: int,
+    online_rounds: int,
+    repeats: int,
+    teacher_ckpt: str,
+) -> dict:
+    cfg = load_config(
+        "distill", [*overrides(work, size, images), f"kd.teacher={teacher_ckpt}", *extra]
+    )
     cache = open_checked_cache(cfg, StudentModule(to_container(cfg)).tasks)
     student = StudentModule(to_container(cfg))
     dm = FundusDataModule(cfg.data, student.tasks, teacher=cache)
     loader = dm.train_dataloader()
     batches = [b for _, b in zip(range(steps), loader)]
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    sources = {mode: build_teacher_source(mode) for mode in MODES}
+    sources = {mode: build_teacher_source(mode) for mode in ("none", "cached", "online")}
     for source in sources.values():
         source.setup(cfg)
-    medians = interleaved_rounds(student, sources, batches, opt, rounds)
-    results: dict = {mode: statistics.median(medians[mode]) for mode in MODES}
-    results["ratios"] = {
-        mode: [m / n for m, n in zip(medians[mode], medians["none"])] for mode in MODES
-    }
+    # online KD in its own block: its teacher forward would otherwise sit between the pairs
+    cached = paired_steps(
+        student, sources, batches, opt, ("none", "cached", "cached_before"), rounds, repeats
+    )
+    online = paired_steps(
+        student, sources, batches, opt, ("none", "online"), online_rounds, repeats
+    )
     teacher = sources["online"].ensemble
     x = batches[0]["image"]
     with torch.no_grad():
         t0 = time.perf_counter()
         for _ in range(3):
             teacher(x)
-        results["teacher_forward"] = (time.perf_counter() - t0) / 3
-    results["student_params"] = count_parameters(student.net)
-    results["teacher_params"] = count_parameters(teacher.nets)
-    results["batch_size"] = int(x.shape[0])
-    return results
+        teacher_forward = (time.perf_counter() - t0) / 3
+    return {
+        "ratios": {**cached["ratios"], **online["ratios"]},
+        "seconds": {arm: statistics.median(t) for arm, t in cached["times"].items()}
+        | {"online": statistics.median(online["times"]["online"])},
+        "teacher_forward": teacher_forward,
+        "student_params": count_parameters(student.net),
+        "teacher_params": count_parameters(teacher.nets),
+        "batch_size": int(x.shape[0]),
+    }
 
 
-def io_benchmark(work: Path, size: int, teacher_ckpt: str) -> dict:
-    cfg = load_config("distill", [*overrides(work, size), f"cache.teacher=[{teacher_ckpt}]"])
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles, range, and a distribution-free ~95 % interval of the median (order
+    statistics n/2 -+ 0.98 sqrt(n))."""
+    v = sorted(values)
+    n = len(v)
+    q1, median, q3 = statistics.quantiles(v, n=4, method="inclusive") if n > 1 else (v[0],) * 3
+    half = 0.98 * math.sqrt(n)
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return {
+        "median": statistics.median(v),
+        "q1": q1,
+        "q3": q3,
+        "min": v[0],
+        "max": v[-1],
+        "ci_lo": v[lo],
+        "ci_hi": v[hi],
+        "n": n,
+    }
+
+
+def io_benchmark(work: Path, size: int, images: int, teacher_ckpt: str, extra: list[str]) -> dict:
+    """Cache write, then the training dataset's samples/s in this process (read + join +
+    augmentation; ``--threads`` threads, the loader workers' one by default) with the teacher
+    cache and without it, two passes each after a warm-up sample."""
+    cfg = load_config(
+        "distill", [*overrides(work, size, images), f"cache.teacher=[{teacher_ckpt}]", *extra]
+    )
     start = time.perf_counter()
     cache_teacher(cfg)
     write_seconds = time.perf_counter() - start
@@ -129,11 +255,14 @@ def io_benchmark(work: Path, size: int, teacher_ckpt: str) -> dict:
     timings = {}
     for name, ds in (("read_join_augment", with_cache), ("no_teacher_augment", plain)):
         start = time.perf_counter()
-        for i in range(len(ds)):
-            ds[i]
-        timings[name] = len(ds) / (time.perf_counter() - start)
+        for _ in range(2):
+            for i in range(len(ds)):
+                ds[i]
+        timings[name] = 2 * len(ds) / (time.perf_counter() - start)
     return {
         "samples": n,
+        "train_samples": len(with_cache),
+        "dense_size": cfg.cache.dense_size,
         "write_samples_per_s": n / write_seconds,
         "bytes_per_sample": cache.nbytes_per_sample(),
         **{f"{k}_samples_per_s": v for k, v in timings.items()},
@@ -159,8 +288,9 @@ print(json.dumps({"rss_anon_mb": kb("RssAnon") / 1024, "rss_file_mb": kb("RssFil
 
 
 def memory_benchmark(work: Path, rows: int, reads: int) -> dict:
-    """Read ``reads`` random rows of a cache with ``rows`` and 10x ``rows`` samples (same
-    per-sample layout as the default: 6 x 32 x 32 uint8 maps + fp16 logits)."""
+    """Read ``reads`` random rows of a cache with ``rows`` and 10x ``rows`` samples (6 x 32 x 32
+    uint8 maps + fp16 logits per row: whatever the row size, the process's own memory must
+    not grow with the row count)."""
     out = {}
     for factor in (1, 10):
         root = work / f"mem{factor}"
@@ -184,62 +314,129 @@ def memory_benchmark(work: Path, rows: int, reads: int) -> dict:
     return out
 
 
+def fit_teacher(work: Path, size: int, images: int) -> str:
+    """A teacher trained two batches: its outputs only need the cache's shapes and a forward's
+    cost, not quality."""
+    cfg = load_config(
+        "teacher",
+        [
+            *overrides(work, size, images),
+            f"run.dir={work / 'teacher'}",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+        ],
+    )
+    return str(fit(cfg))
+
+
+def print_io(io: dict, size: int, threads: int, consumption: float | None) -> None:
+    dense = io["dense_size"] or f"null (the working size, {size})"
+    print(
+        f"\n## Cache I/O ({size} px, cache.dense_size={dense}, {io['samples']} "
+        f"samples cached, {io['train_samples']} read per pass; 1 process, {threads} thread(s))\n"
+    )
+    print("| measure | samples/s |\n|---|---|")
+    print(f"| cache-teacher write (teacher forward included) | {io['write_samples_per_s']:.1f} |")
+    cached, plain = io["read_join_augment_samples_per_s"], io["no_teacher_augment_samples_per_s"]
+    print(f"| read + join + augment (loader, per process) | {cached:.1f} |")
+    print(f"| same loader without teacher outputs | {plain:.1f} |")
+    if consumption is not None:
+        print(f"| student consumption (no-KD step, this CPU) | {consumption:.1f} |")
+    print(
+        f"\n15 loader workers (a 16-core GPU machine, one core left to the training process) "
+        f"could feed {15 * cached:.0f} samples/s with teacher maps ({15 * plain:.0f} without), "
+        f"if each worker runs as fast as this one process on one core."
+    )
+    print(
+        f"bytes per sample: {io['bytes_per_sample']} (total {sum(io['bytes_per_sample'].values())})"
+    )
+
+
+def print_ratio_table(steps: dict, arms: tuple[str, ...]) -> None:
+    print(
+        "| arm | s/step (median) | ratio to no-KD: median | IQR | min - max | "
+        "~95 % interval of the median | pairs |\n|---|---|---|---|---|---|---|"
+    )
+    for arm in arms:
+        r = spread(steps["ratios"][arm])
+        print(
+            f"| {arm} | {steps['seconds'][arm]:.3f} | {r['median']:.4f} | "
+            f"{r['q1']:.3f} - {r['q3']:.3f} ({r['q3'] - r['q1']:.3f}) | "
+            f"{r['min']:.3f} - {r['max']:.3f} | {r['ci_lo']:.4f} - {r['ci_hi']:.4f} | {r['n']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=6, help="batches timed per mode and round")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of all modes")
+    parser.add_argument("--steps", type=int, default=8, help="batches, each timed in every arm")
+    parser.add_argument("--rounds", type=int, default=4, help="passes over the batches")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="back-to-back steps per arm and batch (min kept)"
+    )
+    parser.add_argument("--online-rounds", type=int, default=2, help="passes for online KD")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--io-only", action="store_true", help="only the cache I/O section")
+    parser.add_argument("--images", type=int, default=200, help="synthetic images generated")
+    parser.add_argument(
+        "--dense-size",
+        type=int,
+        nargs="*",
+        default=[],
+        help="cache.dense_size values (default: the config's); --io-only measures each, the "
+        "step benchmark the first",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
+    dense_sizes = args.dense_size or [None]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        teacher_cfg = load_config(
-            "teacher",
-            [
-                *overrides(work, args.size),
-                f"run.dir={work / 'teacher'}",
-                "trainer.max_epochs=1",
-                "trainer.limit_train_batches=2",
-                "trainer.limit_val_batches=1",
-            ],
+
+        def extra(dense_size: int | None) -> list[str]:
+            if dense_size is None:
+                return []
+            return [f"cache.dense_size={dense_size}", f"kd.cache_dir={work / f'cache{dense_size}'}"]
+
+        teacher_ckpt = fit_teacher(work, args.size, args.images)
+        torch.set_num_threads(args.threads)  # fit's thread budget may have set another
+        if args.io_only:
+            for dense_size in dense_sizes:
+                io = io_benchmark(work, args.size, args.images, teacher_ckpt, extra(dense_size))
+                print_io(io, args.size, args.threads, None)
+            return
+        io = io_benchmark(work, args.size, args.images, teacher_ckpt, extra(dense_sizes[0]))
+        steps = step_benchmark(
+            work,
+            args.size,
+            args.images,
+            extra(dense_sizes[0]),
+            args.steps,
+            args.rounds,
+            args.online_rounds,
+            args.repeats,
+            teacher_ckpt,
         )
-        teacher_ckpt = str(fit(teacher_cfg))
-        io = io_benchmark(work, args.size, teacher_ckpt)
-        steps = step_benchmark(work, args.size, args.steps, args.rounds, teacher_ckpt)
         memory = memory_benchmark(work, rows=20000, reads=20000)
     b = steps["batch_size"]
     print(
-        f"\n## Student step time ({args.size} px, batch {b}, CPU; {args.rounds} interleaved "
-        f"rounds of {args.steps} steps per mode: median over rounds of each round's median)\n"
+        f"\n## Student step time ({args.size} px, batch {b}, CPU, {args.threads} thread(s); "
+        f"per batch the arms back to back, {args.repeats} times, order rotated; ratio of "
+        f"each arm's fastest step per batch; {args.rounds} rounds of {args.steps} batches)\n"
     )
-    print("| mode | s/step | ratio to no-KD: median | min - max over rounds |\n|---|---|---|---|")
-    for mode in MODES:
-        ratios = steps["ratios"][mode]
-        print(
-            f"| {mode} | {steps[mode]:.3f} | {statistics.median(ratios):.3f} | "
-            f"{min(ratios):.3f} - {max(ratios):.3f} |"
-        )
-    student_fwd_bwd = steps["none"]
-    expected = (steps["teacher_forward"] + student_fwd_bwd) / student_fwd_bwd
+    print_ratio_table(steps, ("cached", "cached_before", "online"))
+    none = steps["seconds"]["none"]
     print(
-        f"\nonline/cached = {steps['online'] / steps['cached']:.2f}; "
-        f"(teacher forward + student step) / student step = {expected:.2f}"
+        f"\nno-KD step {none:.3f} s; cached_before: the textbook KD losses (bench only); "
+        f"online in its own block of {args.online_rounds} rounds; "
+        f"(teacher forward + student step) / student step = "
+        f"{(steps['teacher_forward'] + none) / none:.2f}"
     )
     print(
         f"parameters: teacher {steps['teacher_params']:,}, student {steps['student_params']:,} "
         f"({steps['student_params'] / steps['teacher_params']:.3f} of the teacher)"
     )
-    print(f"\n## Cache I/O ({io['samples']} samples)\n")
-    print("| measure | samples/s |\n|---|---|")
-    print(f"| cache-teacher write (teacher forward included) | {io['write_samples_per_s']:.1f} |")
-    print(
-        f"| read + join + augment (loader, 1 process) | {io['read_join_augment_samples_per_s']:.1f} |"
-    )
-    print(f"| same loader without teacher outputs | {io['no_teacher_augment_samples_per_s']:.1f} |")
-    print(f"| student consumption (no-KD step) | {b / steps['none']:.1f} |")
-    print(
-        f"\nbytes per sample: {io['bytes_per_sample']} (total {sum(io['bytes_per_sample'].values())})"
-    )
+    print_io(io, args.size, args.threads, b / none)
     print("\n## Memory while reading 20,000 random rows\n")
     print(
         "| cache rows | cache MB | anonymous RSS MB | file-backed RSS MB | peak RSS MB |\n|---|---|---|---|---|"
