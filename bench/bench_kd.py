@@ -1,7 +1,7 @@
 """Distillation benchmarks, measured side by side in one process on this machine.
 
 1. Student training-step time (forward + backward + optimizer; loader excluded): cached KD
-   over no KD, and "cached_before" (the textbook kl_dice the fused loss replaced) in the same
+   over no KD, and "cached_before" (the textbook KD losses the fused ones replaced) in the same
    run; online KD in a block of its own.
 2. Cache write throughput (cache-teacher) and the loader's read + join + augmentation rate per
    process and core, with and without teacher maps; bytes per sample.
