@@ -213,16 +213,22 @@ def test_a_corrupt_entry_is_rebuilt(photo: Sample, tmp_path: Path, decodes: list
     assert np.array_equal(arrays["image"], fresh.image) and box == fresh.box
 
 
-def test_a_hit_reads_back_the_arrays_bit_identical_and_writable(tmp_path: Path):
+def masked_photo(tmp_path: Path, name: str) -> Sample:
+    """A disc photograph with one mask ``name`` (a square inside the disc)."""
     image = disc_image(90, 120, (60, 45), 40)
-    mask = (image[..., 0] > 100).astype(np.uint8) * 255
-    sample = Sample(
+    mask = np.zeros((90, 120), np.uint8)
+    mask[30:60, 45:75] = 255
+    return Sample(
         "s",
         "s",
         str(write_png(tmp_path / "photo.png", image)),
         "train",
-        masks={"a": str(write_png(tmp_path / "a.png", mask))},
+        masks={name: str(write_png(tmp_path / f"{name}.png", mask))},
     )
+
+
+def test_a_hit_reads_back_the_arrays_bit_identical_and_writable(tmp_path: Path):
+    sample = masked_photo(tmp_path, "a")
     cache = str(tmp_path / "cache")
     fresh = Preprocessor(SIZE, cache_dir=None)(sample, ["a"])
     Preprocessor(SIZE, cache_dir=cache)(sample, ["a"])  # fills the cache
@@ -246,16 +252,7 @@ def test_an_entry_of_another_cache_version_is_a_miss(
 
 
 def test_masks_are_cached_with_the_image(tmp_path: Path, decodes: list[str]):
-    image = disc_image(90, 120, (60, 45), 40)
-    mask = np.zeros((90, 120), np.uint8)
-    mask[30:60, 45:75] = 255
-    sample = Sample(
-        "s",
-        "s",
-        str(write_png(tmp_path / "photo.png", image)),
-        "train",
-        masks={"disc": str(write_png(tmp_path / "disc.png", mask))},
-    )
+    sample = masked_photo(tmp_path, "disc")
     prep = Preprocessor(SIZE, cache_dir=str(tmp_path / "cache"))
     first, second = prep(sample, ["disc"]), prep(sample, ["disc"])
     assert len(decodes) == 1 and same(first, second)
