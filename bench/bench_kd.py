@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,7 +48,7 @@ from mtkd.modules.teacher_source import build_teacher_source  # noqa: E402
 from mtkd.stages import cache_teacher, fit, open_checked_cache  # noqa: E402
 from mtkd.tasks import register_kd_loss  # noqa: E402
 from mtkd.tasks.base import elementwise_loss  # noqa: E402
-from mtkd.tasks.localization import grid, soft_argmax  # noqa: E402
+from tests.textbook_losses import reference_kl_dice, reference_point_loss  # noqa: E402
 
 
 def overrides(work: Path, size: int, images: int = 200) -> list[str]:
@@ -64,39 +63,23 @@ def overrides(work: Path, size: int, images: int = 200) -> list[str]:
     ]
 
 
-#: the "before" arm: the textbook KD losses the fused ones replaced (value and gradient equal,
-#: tests/test_kd_loss_fused.py), registered here only, so one run measures before and after;
-#: the supervised losses are today's in every arm
+#: the "before" arm: the textbook KD losses the fused ones replaced (tests/textbook_losses.py,
+#: the reference tests/test_kd_loss_fused.py checks value and gradient against), registered here
+#: only, so one run measures before and after; the supervised losses are today's in every arm
 REFERENCE_KD = "reference"
 
 
 @register_kd_loss("segmentation", REFERENCE_KD)
-def reference_kl_dice(task, pred: torch.Tensor, teacher: torch.Tensor, temperature: float):
+def reference_kl_dice_kd(task, pred: torch.Tensor, teacher: torch.Tensor, temperature: float):
     teacher = task.teacher_at(teacher, tuple(pred.shape[-2:]))
-    p = teacher.clamp(1e-4, 1 - 1e-4)
-    if temperature != 1.0:
-        p = torch.sigmoid(torch.logit(p) / temperature)
-    entropy = -(p * p.log() + (1 - p) * (1 - p).log())
-    kl = F.binary_cross_entropy_with_logits(pred / temperature, p, reduction="none") - entropy
-    kl = kl.flatten(1).mean(dim=1) * temperature**2
-    prob, target = torch.sigmoid(pred).flatten(2), teacher.flatten(2)
-    dice = (2 * (prob * target).sum(-1) + 1.0) / (prob.sum(-1) + target.sum(-1) + 1.0)
-    shown = (target.amax(-1) > 0.5).to(dice.dtype)
-    dice_loss = ((1.0 - dice) * shown).sum(dim=1) / shown.sum(dim=1).clamp(min=1.0)
-    return kl + task.spec.dice_weight * dice_loss
+    return reference_kl_dice(pred, teacher, temperature, task.spec.dice_weight)
 
 
 @register_kd_loss("localization", REFERENCE_KD)
 def reference_heatmap_kd(task, pred: torch.Tensor, teacher: torch.Tensor, temperature: float):
     if not task.dense:
         return elementwise_loss(pred, teacher, "mse")
-    b, k, h, w = pred.shape
-    x, y = grid(h, w, pred.device)
-    d2 = (x - teacher[..., :1]) ** 2 + (y - teacher[..., 1:]) ** 2
-    target = (-d2 / (2 * task.spec.sigma**2)).softmax(dim=-1)
-    log_prob = pred.flatten(2).log_softmax(dim=-1)
-    kl = (target * (target.clamp_min(1e-12).log() - log_prob)).sum(-1).mean(dim=1)
-    return elementwise_loss(soft_argmax(pred), teacher, "mse") + task.spec.heatmap_weight * kl
+    return reference_point_loss(pred, teacher, "mse", task.spec.sigma, task.spec.heatmap_weight)
 
 
 #: arm -> (teacher source, KD loss of the dense tasks: None for the kind's default)
