@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.tasks import build_tasks
-from mtkd.tasks.localization import gaussian_targets, soft_argmax
+from mtkd.tasks.localization import gaussian_factors, soft_argmax
 
 POINTS = {"kind": "localization", "points": ["optic_disc", "fovea"], "head": "heatmap"}
 
@@ -28,10 +28,15 @@ def test_soft_argmax_of_hand_made_heatmaps():
 
 @pytest.mark.unit
 def test_gaussian_targets_move_with_a_horizontal_flip():
+    def gaussian(point: torch.Tensor) -> torch.Tensor:
+        """The 2-D Gaussian the heatmap loss fits: the outer product of its two factors."""
+        gx, gy = gaussian_factors(point, 16, 16, 0.05)
+        return gy[0, 0, :, None] * gx[0, 0, None, :]
+
     point = torch.tensor([[[0.2, 0.7]]])
     flipped = torch.tensor([[[0.8, 0.7]]])
-    target = gaussian_targets(point, 16, 16, 0.05).view(16, 16)
-    assert torch.allclose(gaussian_targets(flipped, 16, 16, 0.05).view(16, 16), target.flip(1))
+    target, moved = gaussian(point), gaussian(flipped)
+    assert torch.allclose(moved, target.flip(1))
     assert target.sum().item() == pytest.approx(1.0)
     row, col = divmod(int(target.argmax()), 16)
     assert (col, row) == (3, 11)  # pixel centres (3.5/16, 11.5/16) are nearest (0.2, 0.7)

@@ -79,12 +79,6 @@ def gaussian_factors(
     return gx, gy
 
 
-def gaussian_targets(points: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
-    """[B, K, 2] normalised points -> [B, K, H*W] Gaussian distributions (each sums to 1)."""
-    gx, gy = gaussian_factors(points, h, w, sigma)
-    return (gy[..., :, None] * gx[..., None, :]).flatten(-2)
-
-
 class _HeatmapTerms(torch.autograd.Function):
     """[B, K, H, W] heatmap logits and [B, K, 2] target points -> the soft-argmax points
     [B, K, 2] and the per-sample KL(Gaussian around the target || softmax heatmap), averaged
