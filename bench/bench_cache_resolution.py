@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.synthetic_runs import synthetic_overrides  # noqa: E402
 from data_modules.datamodule import FundusDataModule  # noqa: E402
 from data_modules.synthetic import generate_synthetic  # noqa: E402
 from mtkd.config import load_config  # noqa: E402
@@ -39,21 +40,12 @@ from mtkd.stages import cache_teacher, evaluate, fit  # noqa: E402
 from mtkd.tasks import CacheStorage, build_tasks  # noqa: E402
 
 DENSE = ("anatomy", "lesions")
-
-
-def overrides(work: Path, size: int) -> list[str]:
-    return [
-        f"data.sources.synthetic.root={work / 'synth'}",
-        "data.sources.synthetic.options={n: 240, image_size: 256, seed: 0}",
-        f"data.image_size={size}",
-        f"data.preprocess.cache_dir={work / 'pre'}",
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-    ]
+#: synthetic photographs the fidelity table reads and a teacher trained here learns from
+IMAGES = 240
 
 
 def fidelity_table(work: Path, size: int, cache_sizes: list[int]) -> None:
-    cfg = load_config("distill", overrides(work, size))
+    cfg = load_config("distill", synthetic_overrides(work, size, IMAGES))
     tasks = build_tasks({n: dict(cfg.tasks[n]) for n in DENSE})
     dataset = FundusDataModule(cfg.data, tasks).dataset("train")
     maps = {n: torch.stack([dataset[i]["targets"][n] for i in range(len(dataset))]) for n in DENSE}
@@ -85,7 +77,7 @@ def student_table(
     """The same student from each cache size and without KD, taught by ``teacher`` (trained
     here when None)."""
     if teacher is None:
-        base = overrides(work, size)
+        base = synthetic_overrides(work, size, IMAGES)
         teacher = str(fit(load_config("teacher", [*base, f"run.dir={work / 'teacher'}"])))
     else:
         base = [f"data.image_size={size}", "logger=none", "trainer.enable_progress_bar=false"]
@@ -133,7 +125,7 @@ def main() -> None:
     cache_sizes = sorted({args.size // 4, args.size // 3, args.size // 2, args.size})
     with tempfile.TemporaryDirectory(prefix="mtkd-bench-") as tmp:
         work = Path(tmp)
-        generate_synthetic(work / "synth", n=240, image_size=256, seed=0, progress=False)
+        generate_synthetic(work / "synth", n=IMAGES, image_size=256, seed=0, progress=False)
         fidelity_table(work, args.size, cache_sizes)
         if args.students:
             student_table(work, args.size, [args.size // 3, args.size], args.students, args.teacher)

@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.synthetic_runs import synthetic_overrides  # noqa: E402
 from data_modules.datamodule import FundusDataModule  # noqa: E402
 from mtkd.config import load_config, to_container  # noqa: E402
 from mtkd.kd.cache import TeacherCache  # noqa: E402
@@ -49,19 +50,6 @@ from mtkd.stages import cache_teacher, fit, open_checked_cache  # noqa: E402
 from mtkd.tasks import register_kd_loss  # noqa: E402
 from mtkd.tasks.base import elementwise_loss  # noqa: E402
 from tests.textbook_losses import reference_kl_dice, reference_point_loss  # noqa: E402
-
-
-def overrides(work: Path, size: int, images: int = 200) -> list[str]:
-    return [
-        f"data.sources.synthetic.root={work / 'synth'}",
-        f"data.sources.synthetic.options={{n: {images}, image_size: {max(256, size)}, seed: 0}}",
-        f"data.image_size={size}",
-        f"data.preprocess.cache_dir={work / 'pre'}",
-        f"kd.cache_dir={work / 'cache'}",
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-    ]
-
 
 #: the "before" arm: the textbook KD losses the fused ones replaced (tests/textbook_losses.py,
 #: the reference tests/test_kd_loss_fused.py checks value and gradient against), registered here
@@ -161,7 +149,7 @@ def step_benchmark(
     teacher_ckpt: str,
 ) -> dict:
     cfg = load_config(
-        "distill", [*overrides(work, size, images), f"kd.teacher={teacher_ckpt}", *extra]
+        "distill", [*synthetic_overrides(work, size, images), f"kd.teacher={teacher_ckpt}", *extra]
     )
     cache = open_checked_cache(cfg, StudentModule(to_container(cfg)).tasks)
     student = StudentModule(to_container(cfg))
@@ -222,7 +210,8 @@ def io_benchmark(work: Path, size: int, images: int, teacher_ckpt: str, extra: l
     augmentation; ``--threads`` threads, the loader workers' one by default) with the teacher
     cache and without it, two passes each after a warm-up sample."""
     cfg = load_config(
-        "distill", [*overrides(work, size, images), f"cache.teacher=[{teacher_ckpt}]", *extra]
+        "distill",
+        [*synthetic_overrides(work, size, images), f"cache.teacher=[{teacher_ckpt}]", *extra],
     )
     start = time.perf_counter()
     cache_teacher(cfg)
@@ -303,7 +292,7 @@ def fit_teacher(work: Path, size: int, images: int) -> str:
     cfg = load_config(
         "teacher",
         [
-            *overrides(work, size, images),
+            *synthetic_overrides(work, size, images),
             f"run.dir={work / 'teacher'}",
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=2",
