@@ -25,6 +25,7 @@ from mtkd.kd.cache import (
     CacheShardWriter,
     TeacherCache,
     check_fingerprint,
+    check_replaceable,
     fingerprint,
     merge_shards,
     recorded_teachers,
@@ -226,6 +227,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
     views = int(cfg.cache.views)
     dm = FundusDataModule(cfg.data, tasks, predict_views=views)
     cache_dir = Path(cfg.kd.cache_dir)
+    check_replaceable(cache_dir)  # before the lock creates the folder and before any prediction
     with directory_lock(cache_dir, "mtkd cache-teacher"):
         if rank_zero_only.rank == 0:
             for orphan in remove_orphans(cache_dir):

@@ -342,6 +342,44 @@ def test_orphan_partial_folders_are_removed_by_the_next_cache_teacher(
     assert (cache_dir / "fingerprint.json").exists()
 
 
+@pytest.mark.integration
+def test_cache_teacher_never_replaces_a_folder_it_did_not_write(
+    synth_root, tmp_path, teacher_and_cache
+):
+    teacher, cache_dir = teacher_and_cache
+    run_dir = Path(teacher).parent.parent  # the teacher's own run: its checkpoints, config, logs
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    for target in (run_dir, synth_root):
+        cfg = load_config(
+            "distill",
+            [
+                *tiny_overrides(synth_root, tmp_path),
+                f"cache.teacher=[{teacher}]",
+                f"kd.cache_dir={target}",
+            ],
+        )
+        with pytest.raises(ValueError, match=f"kd.cache_dir={target} is a folder that is not a"):
+            cache_teacher(cfg)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert (synth_root / "manifest.csv").exists()
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    (copy / "notes.txt").write_text("mine")
+    cfg = load_config(
+        "distill",
+        [
+            *tiny_overrides(synth_root, tmp_path),
+            f"cache.teacher=[{teacher}]",
+            f"kd.cache_dir={copy}",
+        ],
+    )
+    with pytest.raises(ValueError, match="did not write \\(notes.txt\\)"):
+        cache_teacher(cfg)
+    (copy / "notes.txt").unlink()
+    cache_teacher(cfg)  # a cache holding only its own files is rebuilt in place
+    assert (copy / "fingerprint.json").exists()
+
+
 # -- predict keeps the good images; resume names the tasks that differ --------------------------
 
 

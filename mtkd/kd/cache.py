@@ -268,6 +268,34 @@ class TeacherCache:
         return {n: int(a[0].nbytes) for n, a in arrays.items()}
 
 
+def check_replaceable(cache_dir: str | Path) -> None:
+    """Refuse to replace ``cache_dir`` unless it is absent, empty, or a teacher cache that holds
+    only what cache-teacher wrote (its fingerprint, its checksums and the files they list): a
+    run, a data set or any other folder named by mistake must never be swapped away."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir() or not any(cache_dir.iterdir()):
+        return
+    fix = f"choose a new or empty folder (e.g. kd.cache_dir={cache_dir / 'teacher_cache'})"
+    try:
+        marker = json.loads((cache_dir / FINGERPRINT).read_text())
+        listed = set(json.loads((cache_dir / CHECKSUMS).read_text()))
+    except (OSError, ValueError, TypeError):
+        marker, listed = None, set()
+    if not isinstance(marker, dict) or "format_version" not in marker:
+        raise ValueError(
+            f"kd.cache_dir={cache_dir} is a folder that is not a teacher cache (no mtkd "
+            f"{FINGERPRINT} and {CHECKSUMS}); cache-teacher would replace it: {fix}"
+        )
+    foreign = sorted(
+        p.name for p in cache_dir.iterdir() if p.name not in listed | {FINGERPRINT, CHECKSUMS}
+    )
+    if foreign:
+        raise ValueError(
+            f"kd.cache_dir={cache_dir} is a teacher cache that also holds files cache-teacher did "
+            f"not write ({', '.join(foreign[:5])}); move them out, or {fix}"
+        )
+
+
 def remove_orphans(cache_dir: str | Path) -> list[Path]:
     """Delete the shard (``.partial-*``), merge (``.tmp-*``) and swap (``.old-*``) folders that
     interrupted writers left beside ``cache_dir``. Call it holding the cache's lock
@@ -342,6 +370,7 @@ def merge_shards(
     is an error, so an incomplete prediction never yields a cache that looks complete.
     """
     shard_dir, cache_dir = Path(shard_dir), Path(cache_dir)
+    check_replaceable(cache_dir)
     views = int(fingerprint_data["storage"]["views"])
     storage = stored_storage(fingerprint_data)
     ids = sorted(set(expected_ids))
