@@ -3,7 +3,8 @@
 A run's config is ``<stage>.yaml`` whose ``defaults`` pick one YAML per group (``data/``,
 ``model/``, ``tasks/``, ``trainer/``, ``logger/``, ``kd/``, ``profile/``), merged onto the schema
 below, then command-line overrides: ``group=option`` swaps a group (``option`` a name or a YAML file
-path), ``a.b=value`` sets a value, ``~a.b`` removes a map entry (e.g. ``~tasks.cdr`` drops a task).
+path), ``a.b=value`` sets a value, ``~a.b`` removes a map entry (e.g. ``~tasks.cdr`` drops a task);
+values and removals apply in the order given, so ``~tasks.cdr tasks.cdr={...}`` replaces a task.
 Files are looked up on the search path: ``config_dir=DIR`` folders, ``MTKD_CONFIG_PATH``, then the
 built-in configs shipped in the package (``mtkd/configs/``). Unknown keys and wrong types fail
 before any work, listing what is valid.
@@ -234,12 +235,12 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
 
 
-def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
-    """-> (group choices, ``a.b=value`` items, ``~a.b`` removals)."""
-    groups, values, removals = {}, [], []
+def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """-> (group choices, the ``a.b=value`` items and ``~a.b`` removals in the order given)."""
+    groups, edits = {}, []
     for item in overrides:
         if item.startswith("~") and "=" not in item:
-            removals.append(item[1:])
+            edits.append(item)
             continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
@@ -247,8 +248,28 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str], l
         if key in GROUPS:
             groups[key] = value
         else:
+            edits.append(item)
+    return groups, edits
+
+
+def _apply_edits(cfg: DictConfig, edits: list[str], schema: DictConfig) -> DictConfig:
+    """Apply ``a.b=value`` items and ``~a.b`` removals in the order given, so that
+    ``~tasks.dr_grade tasks.dr_grade={kind: regression}`` replaces the task instead of removing
+    it (consecutive values are merged at once)."""
+    values: list[str] = []
+    for item in [*edits, None]:
+        if item is not None and not item.startswith("~"):
             values.append(item)
-    return groups, values, removals
+            continue
+        if values:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(values))
+            except OmegaConfBaseException as exc:
+                raise _explain(exc, schema) from None
+            values = []
+        if item is not None:
+            _remove(cfg, item[1:])
+    return cfg
 
 
 def _remove(cfg: DictConfig, key: str) -> None:
@@ -284,7 +305,7 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
     items of ``overrides``, ``MTKD_CONFIG_PATH``, the built-in configs), into a validated config."""
     path, rest = search_path(list(overrides or []))
     base = read_group("", stage, path)
-    group_choice, values, removals = _split_overrides(rest)
+    group_choice, edits = _split_overrides(rest)
     choices = dict(base.pop("defaults", {}) or {})
     if "profile" in group_choice or "profile" in choices:
         profile = read_group("profile", group_choice.get("profile", choices.get("profile")), path)
@@ -297,11 +318,10 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
         OmegaConf.create({g: read_group(g, c, path)}) for g, c in choices.items() if g != "profile"
     ]
     try:
-        cfg = OmegaConf.merge(schema, *layers, base, profile, OmegaConf.from_dotlist(values))
+        cfg = OmegaConf.merge(schema, *layers, base, profile)
     except (ConfigKeyError, OmegaConfBaseException) as exc:
         raise _explain(exc, schema) from None
-    for key in removals:
-        _remove(cfg, key)
+    cfg = _apply_edits(cfg, edits, schema)
     cfg.stage = stage
     resolve_normalisation(cfg)
     validate(cfg)
@@ -332,9 +352,10 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     search path, ``config_dir=`` items included)."""
     schema = OmegaConf.structured(Config)
     path, rest = search_path(list(overrides))
-    groups, values, removals = _split_overrides(rest)
+    groups, edits = _split_overrides(rest)
+    removals = [e for e in edits if e.startswith("~")]
     if removals:
-        raise ConfigError(f"~{removals[0]}: removals are not supported on a saved config")
+        raise ConfigError(f"{removals[0]}: removals are not supported on a saved config")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     for group, choice in groups.items():
         if group not in RUNTIME_GROUPS:
@@ -344,7 +365,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             )
         cfg[group] = read_group(group, choice, path)
     try:
-        merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(values))
+        merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(edits))
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
     validate(merged)

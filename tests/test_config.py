@@ -26,6 +26,15 @@ def test_group_swap_and_value_overrides():
     assert cfg.trainer.max_epochs == 3 and cfg.data.image_size == 64
 
 
+def test_removals_and_values_apply_in_the_order_given():
+    replaced = load_config("teacher", ["~tasks.cdr", "tasks.cdr={kind: regression, weight: 2}"])
+    assert replaced.tasks.cdr.kind == "regression" and replaced.tasks.cdr.weight == 2
+    removed = load_config("teacher", ["tasks.cdr.weight=3", "~tasks.cdr"])
+    assert "cdr" not in removed.tasks
+    again = load_config("teacher", ["~tasks.cdr", "tasks.cdr={kind: regression}", "~tasks.cdr"])
+    assert "cdr" not in again.tasks
+
+
 def test_gpu_profile_sets_full_size():
     cfg = load_config("teacher", ["profile=gpu"])
     assert cfg.data.image_size == 512 and cfg.trainer.accelerator == "gpu"
