@@ -1,12 +1,20 @@
-"""Intra-op threads per process under CPU DDP: torch's default vs mtkd's default.
+"""Threads under contention: intra-op threads per CPU DDP rank, and OpenMP's wait policy.
 
 Why: torch starts one OpenMP thread per core in every process, so two DDP ranks on 2 cores run
 4 spinning threads and each waits on the other's; mtkd's default (``run.threads=null``) gives
-each rank cores / local ranks (``mtkd.threads``). This times the same tiny 2-rank CPU DDP
-``train-teacher`` with each setting, the arms alternated, in subprocesses that do not inherit
-an OMP_NUM_THREADS (which mtkd would respect).
+each rank cores / local ranks (``mtkd.threads``). And with libgomp's default wait policy idle
+threads spin, so any other job on the cores (a second run, a compile) makes a forward pass
+5-10x slower; the CLI sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (``mtkd.cli``).
+
+Default: the same tiny 2-rank CPU DDP ``train-teacher`` with torch's threads and mtkd's, the
+arms alternated. ``--wait-policy``: a one-process ``train-teacher`` (all cores' threads) with
+libgomp's default policy (torch loaded before the CLI runs, so the CLI's choice comes too late,
+as before it existed) and with the CLI's PASSIVE, quiet and beside ``--burners`` CPU-bound
+processes the benchmark starts; loaded times are compared with the fair-share time, the quiet
+time x (threads + burners) / cores. Subprocesses inherit no OMP_NUM_THREADS or OMP_WAIT_POLICY.
 
     .venv/bin/python bench/bench_threads.py [--repeats 2] [--epochs 2]
+    .venv/bin/python bench/bench_threads.py --wait-policy [--burners 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -28,12 +36,27 @@ CORES = len(os.sched_getaffinity(0))
 ARMS = {f"torch default ({CORES} threads per rank)": str(CORES), "mtkd default": "null"}
 
 
-def timed_run(work: Path, threads: str, epochs: int, name: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+#: the environment the arms choose themselves
+CHOSEN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+#: runs the CLI after torch has loaded, so OpenMP keeps its default wait policy (the "before")
+CLI_AFTER_TORCH = [
+    sys.executable,
+    "-c",
+    "import sys, torch; from mtkd.cli import main; sys.exit(main(sys.argv[1:]))",
+]
+#: wait-policy arm -> how train-teacher is started
+POLICIES = {"libgomp default (spinning)": CLI_AFTER_TORCH, "mtkd CLI (PASSIVE)": [MTKD]}
+BURN = "while True: pass"
+
+
+def timed_run(
+    work: Path, threads: str, epochs: int, name: str, launcher: list[str], *extra: str
+) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in CHOSEN}
     args = [
-        MTKD,
+        *launcher,
         "train-teacher",
-        "trainer=ddp_cpu",
+        *extra,
         "model=student",
         f"run.threads={threads}",
         f"run.dir={work / name}",
@@ -53,18 +76,14 @@ def timed_run(work: Path, threads: str, epochs: int, name: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs per arm, alternated")
-    parser.add_argument("--epochs", type=int, default=2)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mtkd-bench-") as tmp:
-        work = Path(tmp)
-        timed_run(work, "null", 1, "warmup")  # generates the data and the preprocessing cache
-        times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-        for r in range(args.repeats):
-            for i, (arm, threads) in enumerate(ARMS.items()):
-                times[arm].append(timed_run(work, threads, args.epochs, f"r{r}a{i}"))
+def ddp_threads(args: argparse.Namespace, work: Path) -> None:
+    timed_run(work, "null", 1, "warmup", [MTKD], "trainer=ddp_cpu")  # data + preprocessing cache
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for r in range(args.repeats):
+        for i, (arm, threads) in enumerate(ARMS.items()):
+            times[arm].append(
+                timed_run(work, threads, args.epochs, f"r{r}a{i}", [MTKD], "trainer=ddp_cpu")
+            )
     print(
         f"\n## CPU DDP, 2 ranks on {CORES} cores: tiny train-teacher ({args.epochs} epochs, "
         f"64 px, 64 synthetic images), wall time per run incl. start-up, {args.repeats} runs "
@@ -76,6 +95,57 @@ def main() -> None:
         print(f"| {arm} | {statistics.median(values):.1f} | {runs} |")
     before, after = (statistics.median(v) for v in times.values())
     print(f"\ntorch default / mtkd default = {before / after:.2f}x")
+
+
+def wait_policy(args: argparse.Namespace, work: Path) -> None:
+    timed_run(work, "null", 1, "warmup", [MTKD])  # data + preprocessing cache
+    times = {(arm, load): [] for arm in POLICIES for load in ("quiet", "loaded")}
+    for r in range(args.repeats):
+        for load in ("quiet", "loaded"):
+            burners = [
+                subprocess.Popen([sys.executable, "-c", BURN])
+                for _ in range(args.burners if load == "loaded" else 0)
+            ]
+            try:
+                for i, (arm, launcher) in enumerate(POLICIES.items()):
+                    name = f"r{r}{load}{i}"
+                    times[arm, load].append(timed_run(work, "null", args.epochs, name, launcher))
+            finally:
+                for proc in burners:
+                    proc.kill()
+                    proc.wait()
+    share = max(1.0, (CORES + args.burners) / CORES)
+    print(
+        f"\n## OpenMP wait policy: tiny train-teacher, one process, {CORES} threads on {CORES} "
+        f"cores ({args.epochs} epochs, 64 px, 64 synthetic images), quiet and beside "
+        f"{args.burners} CPU-bound processes; wall time per run incl. start-up, {args.repeats} "
+        f"runs per cell alternated; fair share = quiet x {share:.1f}\n"
+    )
+    print("| wait policy | quiet s | loaded s | loaded / fair share | runs (quiet; loaded) |")
+    print("|---|---|---|---|---|")
+    for arm in POLICIES:
+        quiet, loaded = (statistics.median(times[arm, x]) for x in ("quiet", "loaded"))
+        runs = "; ".join(", ".join(f"{v:.1f}" for v in times[arm, x]) for x in ("quiet", "loaded"))
+        print(f"| {arm} | {quiet:.1f} | {loaded:.1f} | {loaded / (quiet * share):.2f} | {runs} |")
+    (before_q, before_l), (after_q, after_l) = (
+        [statistics.median(times[arm, x]) for x in ("quiet", "loaded")] for arm in POLICIES
+    )
+    print(
+        f"\nPASSIVE / default: quiet {after_q / before_q:.3f}x (target <= 1.03), "
+        f"loaded {after_l / before_l:.3f}x; PASSIVE loaded / fair share "
+        f"{after_l / (after_q * share):.2f} (target <= 1.5)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per arm, alternated")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--wait-policy", action="store_true", help="time OMP_WAIT_POLICY instead")
+    parser.add_argument("--burners", type=int, default=2, help="CPU-bound processes (loaded)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mtkd-bench-") as tmp:
+        (wait_policy if args.wait_policy else ddp_threads)(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Before torch (and its OpenMP runtime, which reads this once) loads: with the default policy
+# libgomp's idle threads spin, and with any other job on the cores a forward pass got 5-10x
+# slower (bench/bench_threads.py --wait-policy). A policy the user set is left alone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

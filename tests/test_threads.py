@@ -4,6 +4,9 @@ a user's OMP_NUM_THREADS is left alone, and every stage's Trainer applies the ch
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,3 +134,39 @@ def test_a_run_leaves_the_users_omp_num_threads_alone(
     monkeypatch.setattr(threads, "available_cores", lambda: 6)
     torch.set_num_threads(1)
     assert toy_run(tmp_path).seen == [1, 1]
+
+
+#: records OMP_WAIT_POLICY at the moment torch is first imported, then loads the CLI and a stage
+_WAIT_POLICY_AT_TORCH_IMPORT = """
+import builtins, os, sys
+seen = []
+real_import = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name.split(".")[0] == "torch" and "torch" not in sys.modules and not seen:
+        seen.append(os.environ.get("OMP_WAIT_POLICY"))
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = spy
+import mtkd.cli
+import mtkd.stages
+print(seen[0] if seen else "torch not loaded")
+"""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_cli_makes_openmp_threads_wait_passively_unless_the_user_chose(
+    given: str | None, expected: str
+) -> None:
+    """Idle OpenMP threads that spin collapse a run sharing its cores with another job; the
+    policy only counts if it is in the environment before torch loads its OpenMP runtime."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", _WAIT_POLICY_AT_TORCH_IMPORT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[-1] == expected
