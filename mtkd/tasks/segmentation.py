@@ -277,3 +277,22 @@ def binary_kl_and_dice(
     labels alone. Computed by ``_BinaryKLDice`` (same value and gradient, a third of the time)."""
     teacher = task.teacher_at(teacher, tuple(pred.shape[-2:])).detach()
     return _BinaryKLDice.apply(pred, teacher, float(temperature), float(task.spec.dice_weight))
+
+
+@register_kd_loss("segmentation", "cwd")
+def channel_wise_divergence(
+    task: SegmentationTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021): T^2 / C * sum_c KL(phi(y_t,c) ||
+    phi(y_s,c)), phi(y_c) = softmax(y_c / T) over the H * W positions of channel c, with
+    y_t = logit(m) of the teacher's map m clamped to [1e-4, 1 - 1e-4] (exact 0 and 1 would be
+    infinite logits), at the student's output size. Each channel becomes a distribution over
+    *where* the class lies, blind to a per-channel shift of the logits: it says nothing about
+    *whether* the class is present (an empty teacher map asks for a flat student map), which is
+    left to the supervised loss."""
+    teacher = task.teacher_at(teacher, tuple(pred.shape[-2:])).detach()
+    logits = torch.logit(teacher.clamp(_EPS, 1 - _EPS))
+    log_q_t = F.log_softmax(logits.flatten(2) / temperature, dim=-1)
+    log_q_s = F.log_softmax(pred.flatten(2) / temperature, dim=-1)
+    kl = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=-1)
+    return kl.mean(dim=1) * temperature**2
