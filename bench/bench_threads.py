@@ -37,26 +37,36 @@ ARMS = {f"torch default ({CORES} threads per rank)": str(CORES), "mtkd default":
 
 
 #: the environment the arms choose themselves
-CHOSEN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+CHOSEN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 #: runs the CLI after torch has loaded, so OpenMP keeps its default wait policy (the "before")
 CLI_AFTER_TORCH = [
     sys.executable,
     "-c",
     "import sys, torch; from mtkd.cli import main; sys.exit(main(sys.argv[1:]))",
 ]
-#: wait-policy arm -> how train-teacher is started
-POLICIES = {"libgomp default (spinning)": CLI_AFTER_TORCH, "mtkd CLI (PASSIVE)": [MTKD]}
+#: wait-policy arm -> how train-teacher is started, and the environment it adds
+POLICIES = {
+    "libgomp default (spin 300k)": (CLI_AFTER_TORCH, {}),
+    "PASSIVE": (CLI_AFTER_TORCH, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "spin 10k (GOMP_SPINCOUNT)": (CLI_AFTER_TORCH, {"GOMP_SPINCOUNT": "10000"}),
+    "mtkd CLI": ([MTKD], {}),
+}
 BURN = "while True: pass"
 
 
 def timed_run(
-    work: Path, threads: str, epochs: int, name: str, launcher: list[str], *extra: str
+    work: Path,
+    threads: str,
+    epochs: int,
+    name: str,
+    launcher: list[str],
+    *extra: str,
+    env_extra: dict[str, str] | None = None,
 ) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in CHOSEN}
+    env = {k: v for k, v in os.environ.items() if k not in CHOSEN} | (env_extra or {})
     args = [
         *launcher,
         "train-teacher",
-        *extra,
         "model=student",
         f"run.threads={threads}",
         f"run.dir={work / name}",
@@ -68,6 +78,7 @@ def timed_run(
         f"trainer.max_epochs={epochs}",
         "trainer.enable_progress_bar=false",
         "logger=none",
+        *extra,
     ]
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
@@ -98,7 +109,8 @@ def ddp_threads(args: argparse.Namespace, work: Path) -> None:
 
 
 def wait_policy(args: argparse.Namespace, work: Path) -> None:
-    timed_run(work, "null", 1, "warmup", [MTKD])  # data + preprocessing cache
+    size = [f"data.image_size={args.size}", "data.batch_size=16"]
+    timed_run(work, "null", 1, "warmup", [MTKD], *size)  # data + preprocessing cache
     times = {(arm, load): [] for arm in POLICIES for load in ("quiet", "loaded")}
     for r in range(args.repeats):
         for load in ("quiet", "loaded"):
@@ -107,9 +119,11 @@ def wait_policy(args: argparse.Namespace, work: Path) -> None:
                 for _ in range(args.burners if load == "loaded" else 0)
             ]
             try:
-                for i, (arm, launcher) in enumerate(POLICIES.items()):
+                for i, (arm, (launcher, env)) in enumerate(POLICIES.items()):
                     name = f"r{r}{load}{i}"
-                    times[arm, load].append(timed_run(work, "null", args.epochs, name, launcher))
+                    times[arm, load].append(
+                        timed_run(work, "null", args.epochs, name, launcher, *size, env_extra=env)
+                    )
             finally:
                 for proc in burners:
                     proc.kill()
@@ -117,7 +131,7 @@ def wait_policy(args: argparse.Namespace, work: Path) -> None:
     share = max(1.0, (CORES + args.burners) / CORES)
     print(
         f"\n## OpenMP wait policy: tiny train-teacher, one process, {CORES} threads on {CORES} "
-        f"cores ({args.epochs} epochs, 64 px, 64 synthetic images), quiet and beside "
+        f"cores ({args.epochs} epochs, {args.size} px, batch 16, 64 synthetic images), quiet and beside "
         f"{args.burners} CPU-bound processes; wall time per run incl. start-up, {args.repeats} "
         f"runs per cell alternated; fair share = quiet x {share:.1f}\n"
     )
@@ -127,14 +141,14 @@ def wait_policy(args: argparse.Namespace, work: Path) -> None:
         quiet, loaded = (statistics.median(times[arm, x]) for x in ("quiet", "loaded"))
         runs = "; ".join(", ".join(f"{v:.1f}" for v in times[arm, x]) for x in ("quiet", "loaded"))
         print(f"| {arm} | {quiet:.1f} | {loaded:.1f} | {loaded / (quiet * share):.2f} | {runs} |")
-    (before_q, before_l), (after_q, after_l) = (
-        [statistics.median(times[arm, x]) for x in ("quiet", "loaded")] for arm in POLICIES
-    )
-    print(
-        f"\nPASSIVE / default: quiet {after_q / before_q:.3f}x (target <= 1.03), "
-        f"loaded {after_l / before_l:.3f}x; PASSIVE loaded / fair share "
-        f"{after_l / (after_q * share):.2f} (target <= 1.5)"
-    )
+    before = [statistics.median(times[next(iter(POLICIES)), x]) for x in ("quiet", "loaded")]
+    for arm in list(POLICIES)[1:]:
+        quiet, loaded = (statistics.median(times[arm, x]) for x in ("quiet", "loaded"))
+        print(
+            f"\n{arm} / default: quiet {quiet / before[0]:.3f}x (target <= 1.03), loaded "
+            f"{loaded / before[1]:.3f}x; loaded / fair share {loaded / (quiet * share):.2f} "
+            "(target <= 1.5)"
+        )
 
 
 def main() -> None:
@@ -143,6 +157,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--wait-policy", action="store_true", help="time OMP_WAIT_POLICY instead")
     parser.add_argument("--burners", type=int, default=2, help="CPU-bound processes (loaded)")
+    parser.add_argument("--size", type=int, default=96, help="--wait-policy: working size (px)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mtkd-bench-") as tmp:
         (wait_policy if args.wait_policy else ddp_threads)(args, Path(tmp))
