@@ -18,7 +18,10 @@ from mtkd.config import import_plugins
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.optim import build_optimizer, build_schedule
 from mtkd.modules.weighting import build_weighting
-from mtkd.tasks import build_tasks, masked_mean
+from mtkd.status import status_logger
+from mtkd.tasks import Task, build_tasks, masked_mean
+
+log = status_logger(__name__)
 
 EVAL_STAGES = ("val", "test")
 
@@ -55,6 +58,11 @@ class MultiTaskModule(L.LightningModule):
         self.eval_totals = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
         self._labeled = {s: torch.zeros(len(self.tasks)) for s in EVAL_STAGES}
         self._epoch_losses: dict[str, list[float]] = {}
+        # What Task.stuck_hint reads beyond the logged metrics, filled in one validation pass.
+        self.health = nn.ModuleDict(
+            {n: h for n, t in self.tasks.items() if (h := t.health_metrics()) is not None}
+        )
+        self._stuck_checked = False
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.model.channels_last:
@@ -106,20 +114,36 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_losses.clear()
 
     # -- evaluation ----------------------------------------------------------------------------
+    def _checks_stuck_heads(self, stage: str) -> bool:
+        """Once per run, in the first validation after a quarter of the epochs."""
+        trainer = self.trainer
+        return (
+            stage == "val"
+            and not self._stuck_checked
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and (self.current_epoch + 1) * 4 >= max(trainer.max_epochs or 1, 1)
+        )
+
     def _eval_step(self, batch: dict, stage: str) -> None:
         outputs = self(batch["image"])
         losses = self.supervised_losses(outputs, batch)
         size = batch["image"].shape[0]
+        checks = self._checks_stuck_heads(stage)
         for i, (name, task) in enumerate(self.tasks.items()):
             has = batch["has"][name]
             if has.any():
                 self._labeled[stage][i] += has.sum().cpu()
-                task.update_metrics(
-                    self.metrics[stage][name],
-                    outputs[name][has],
-                    batch["targets"][name][has],
-                    {"pixel_scale": batch["pixel_scale"][has]},
-                )
+                collections = [self.metrics[stage][name]]
+                if checks and name in self.health:
+                    collections.append(self.health[name])
+                for collection in collections:
+                    task.update_metrics(
+                        collection,
+                        outputs[name][has],
+                        batch["targets"][name][has],
+                        {"pixel_scale": batch["pixel_scale"][has]},
+                    )
                 self.eval_losses[stage][name].update(losses[name].detach(), weight=has.sum())
         total = self.weighting.fixed_total(losses)  # the same scale under every strategy
         self.eval_totals[stage].update(total.detach(), weight=size)
@@ -128,18 +152,33 @@ class MultiTaskModule(L.LightningModule):
         labeled = self.trainer.strategy.reduce(
             self._labeled[stage].to(self.device), reduce_op="sum"
         )
-        for i, name in enumerate(self.tasks):
+        checks = self._checks_stuck_heads(stage)
+        for i, (name, task) in enumerate(self.tasks.items()):
             collection = self.metrics[stage][name]
             if labeled[i] > 0:
                 values = {**collection.compute(), "loss": self.eval_losses[stage][name].compute()}
                 self.log_dict(
                     {f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False
                 )
+                if checks:
+                    self._warn_if_stuck(task, values)
             collection.reset()
             self.eval_losses[stage][name].reset()
         self._labeled[stage].zero_()
         self.log(f"{stage}/loss", self.eval_totals[stage].compute(), prog_bar=stage == "val")
         self.eval_totals[stage].reset()
+
+    def _warn_if_stuck(self, task: Task, values: dict[str, torch.Tensor]) -> None:
+        self._stuck_checked = True
+        if task.name in self.health:
+            values = {**values, **self.health[task.name].compute()}
+            self.health[task.name].reset()
+        hint = task.stuck_hint(values)
+        if hint is not None:
+            log.warning(
+                f"task {task.name!r} after {self.current_epoch + 1} of "
+                f"{self.trainer.max_epochs} epochs: {hint}"
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

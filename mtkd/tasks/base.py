@@ -286,6 +286,17 @@ class Task(abc.ABC):
     ) -> None:
         metrics.update(pred.float(), target)
 
+    def health_metrics(self) -> MetricCollection | None:
+        """Validation-only metrics that ``stuck_hint`` reads and nobody logs (the classes a
+        global head predicts, a dense head's highest probability and pixel ranking)."""
+        return None
+
+    def stuck_hint(self, values: dict[str, torch.Tensor]) -> str | None:
+        """Why this head looks stuck, from its validation ``values`` (its metrics and health
+        metrics), with what to try; None while it learns. Asked once, after a quarter of the
+        epochs (``MultiTaskModule``), so a stuck head is named while the run can be stopped."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """The spec as a plain dict (for checkpoints and exports)."""
         return dataclasses.asdict(self.spec)

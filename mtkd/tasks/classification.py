@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassCohenKappa
 
 from mtkd.tasks.base import Annotation, Frame, Task, TaskSpec, global_head, register_task
@@ -121,6 +121,38 @@ class ClassificationTask(Task):
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         metrics.update(pred.float().softmax(dim=1), target)
+
+    def health_metrics(self) -> MetricCollection:
+        return MetricCollection({"predicted": PredictedClasses(self.spec.num_classes)})
+
+    def stuck_hint(self, values: dict[str, torch.Tensor]) -> str | None:
+        """At the class prior: one class predicted for every validation image, so kappa is 0
+        (a 10-epoch student's DR head stayed so in 1 of 3 seeds)."""
+        predicted = values["predicted"]
+        if int((predicted > 0).sum()) != 1:
+            return None
+        only = self.channel_names()[int(predicted.argmax())]
+        return (
+            f"predicts class {only} for every one of its {int(predicted.sum())} validation "
+            "images (kappa 0): the head is at its class prior. Try optim.warmup_epochs=1 or 2, a "
+            f"lower optim.lr, more epochs, or a larger tasks.{self.name}.weight"
+        )
+
+
+class PredictedClasses(Metric):
+    """How many images each class was predicted for (the argmax)."""
+
+    full_state_update = False
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.add_state("counts", torch.zeros(classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.counts += torch.bincount(preds.argmax(dim=1), minlength=len(self.counts))
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
 
 
 @register_kd_loss("classification", "kl")

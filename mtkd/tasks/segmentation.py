@@ -9,10 +9,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import ClasswiseWrapper, MetricCollection
+from torchmetrics import ClasswiseWrapper, Metric, MetricCollection
 from torchmetrics.classification import (
+    BinaryAUROC,
     BinaryF1Score,
     BinaryJaccardIndex,
+    MultilabelAUROC,
     MultilabelF1Score,
     MultilabelJaccardIndex,
 )
@@ -23,6 +25,26 @@ from mtkd.tasks.kd_losses import register_kd_loss
 _EPS = 1e-4
 #: a pixel belongs to a class when its sigmoid probability reaches this (predict, overlays)
 MASK_THRESHOLD = 0.5
+
+
+#: a class whose pixels rank this well is learning, even with every probability below 0.5
+STUCK_AUROC = 0.75
+
+
+class ChannelMax(Metric):
+    """The highest probability each channel reaches over every pixel of every image."""
+
+    full_state_update = False
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.add_state("value", torch.full((channels,), -torch.inf), dist_reduce_fx="max")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.value = torch.maximum(self.value, preds.transpose(0, 1).flatten(1).amax(dim=1))
+
+    def compute(self) -> torch.Tensor:
+        return self.value
 
 
 def _dice_terms(
@@ -195,6 +217,28 @@ class SegmentationTask(Task):
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         metrics.update(torch.sigmoid(pred.float()), target.long())
+
+    def health_metrics(self) -> MetricCollection:
+        n = self.out_channels
+        auroc = MultilabelAUROC(n, average="none", thresholds=64) if n > 1 else BinaryAUROC(64)
+        return MetricCollection({"max_prob": ChannelMax(n), "auroc": auroc}, compute_groups=False)
+
+    def stuck_hint(self, values: dict[str, torch.Tensor]) -> str | None:
+        """Below the threshold everywhere: pixels ranked well (AUROC >= ``STUCK_AUROC``) but no
+        probability reaching 0.5, so Dice is 0 (public disc/cup and vessel runs ended so)."""
+        highest, auroc = values["max_prob"].flatten(), values["auroc"].flatten()
+        stuck = [
+            f"{c} (highest probability {float(p):.3f}, pixel AUROC {float(a):.2f})"
+            for c, p, a in zip(self.spec.classes, highest, auroc)
+            if p < MASK_THRESHOLD and a >= STUCK_AUROC
+        ]
+        if not stuck:
+            return None
+        return (
+            f"no validation pixel reaches {MASK_THRESHOLD} for {', '.join(stuck)}: the ranking is "
+            "learned, the masks are empty (Dice 0). Try more epochs, a larger "
+            f"tasks.{self.name}.pos_weight, or optim.warmup_epochs=1 with a lower optim.lr"
+        )
 
     def resampled_metrics(self, pred, target, extras, draws) -> dict[str, torch.Tensor]:
         """Dice and IoU pooled over each resample's pixels, as ``metrics()`` computes them
