@@ -79,6 +79,9 @@ class ModelConfig:
     encoder_depth: int = 5
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 16])
     head_dropout: float = 0.0
+    #: standardise the pooled features the global heads read (BatchNorm, ``PooledNorm``); false
+    #: for checkpoints from before it existed, true in the built-in student configs
+    pooled_norm: bool = False
     channels_last: bool = False
 
 

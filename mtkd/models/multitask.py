@@ -10,6 +10,7 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtkd.models.pretrained import (
@@ -64,6 +65,7 @@ class MultiTaskNet(nn.Module):
         )
         self.dense_tasks = [n for n, t in tasks.items() if t.dense]
         self.head_dropout = nn.Dropout(float(model_cfg.head_dropout))
+        self.pooled_norm = PooledNorm(pooled) if model_cfg.get("pooled_norm") else None
 
     @staticmethod
     def pooled(deepest: torch.Tensor, decoded: torch.Tensor | None) -> torch.Tensor:
@@ -83,11 +85,29 @@ class MultiTaskNet(nn.Module):
         features = self.encoder(image)
         decoded = self.decoder(features) if self.decoder is not None else None
         outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
-        pooled = self.head_dropout(self.pooled(features[-1], decoded))
+        pooled = self.pooled(features[-1], decoded)
+        if self.pooled_norm is not None:
+            pooled = self.pooled_norm(pooled)
+        pooled = self.head_dropout(pooled)
         for name, head in self.heads.items():
             if name not in outputs:
                 outputs[name] = head(pooled)
         return outputs
+
+
+class PooledNorm(nn.BatchNorm1d):
+    """BatchNorm of the pooled features. Mean-pooled activations are positive and nearly the
+    same for every image, so a linear head on them sees mostly a constant: its logits moved
+    like a bias and a random-init student's DR/DME heads stayed at the class prior for whole
+    runs. Standardised per feature, what differs between images is what the head sees. A
+    training batch of one sample (an epoch's odd last one) uses the running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
 
 
 def count_parameters(module: nn.Module) -> int:

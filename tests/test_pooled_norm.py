@@ -1,0 +1,45 @@
+"""PooledNorm: the global heads see standardised pooled features, also for a one-sample batch;
+networks built without it keep the parameter names of older checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mtkd.config import load_config
+from mtkd.models.multitask import MultiTaskNet, PooledNorm
+from mtkd.tasks import build_tasks
+
+pytestmark = pytest.mark.unit
+
+
+def test_pooled_features_sharing_a_large_offset_come_out_standardised() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pooled = 5.0 + 0.1 * torch.randn(32, 6, generator=gen)  # what differs is small
+    out = PooledNorm(6).train()(pooled)
+    assert out.mean(dim=0).abs().max() < 1e-4
+    assert (out.std(dim=0, unbiased=False) - 1).abs().max() < 1e-2
+
+
+def test_a_one_sample_training_batch_uses_the_running_statistics() -> None:
+    norm = PooledNorm(3).train()
+    norm(torch.randn(8, 3) * 2 + 5)  # running statistics move towards mean 5, var 4
+    before = (norm.running_mean.clone(), norm.running_var.clone())
+    one = torch.tensor([[5.0, 5.0, 5.0]])
+    out = norm(one)
+    expected = (one - before[0]) / torch.sqrt(before[1] + norm.eps)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+
+
+def test_the_student_config_turns_it_on_and_older_configs_build_without_it() -> None:
+    cfg = load_config("distill")
+    tasks = build_tasks(OmegaConf.to_container(cfg.tasks))
+    assert cfg.model.pooled_norm is True
+    assert isinstance(MultiTaskNet(tasks, cfg.model).pooled_norm, PooledNorm)
+    older = OmegaConf.to_container(cfg.model)
+    del older["pooled_norm"]  # a checkpoint's saved model config from before the option
+    net = MultiTaskNet(tasks, OmegaConf.create(older))
+    assert net.pooled_norm is None
+    assert not any(k.startswith("pooled_norm") for k in net.state_dict())
