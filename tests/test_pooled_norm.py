@@ -43,3 +43,14 @@ def test_the_student_config_turns_it_on_and_older_configs_build_without_it() -> 
     net = MultiTaskNet(tasks, OmegaConf.create(older))
     assert net.pooled_norm is None
     assert not any(k.startswith("pooled_norm") for k in net.state_dict())
+
+
+def test_the_encoder_gets_the_gradient_it_would_get_without_the_norm() -> None:
+    """Straight through: d(out)/d(x) is the identity, so the 1 / std of nearly constant features
+    does not amplify the global heads' gradient into the shared encoder."""
+    x = (5.0 + 0.01 * torch.randn(16, 4)).requires_grad_()
+    weights = torch.randn(16, 4)
+    norm = PooledNorm(4).train()
+    (norm(x) * weights).sum().backward()
+    assert torch.allclose(x.grad, weights)
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0  # affine still learns
