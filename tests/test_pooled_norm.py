@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from mtkd.config import load_config
 from mtkd.models.multitask import MultiTaskNet, PooledNorm
@@ -25,12 +26,13 @@ def test_pooled_features_sharing_a_large_offset_come_out_standardised() -> None:
 def test_a_one_sample_training_batch_uses_the_running_statistics() -> None:
     norm = PooledNorm(3).train()
     norm(torch.randn(8, 3) * 2 + 5)  # running statistics move towards mean 5, var 4
-    before = (norm.running_mean.clone(), norm.running_var.clone())
+    before = (norm.norm.running_mean.clone(), norm.norm.running_var.clone())
     one = torch.tensor([[5.0, 5.0, 5.0]])
     out = norm(one)
-    expected = (one - before[0]) / torch.sqrt(before[1] + norm.eps)
+    expected = (one - before[0]) / torch.sqrt(before[1] + norm.norm.eps)
     assert torch.allclose(out, expected, atol=1e-6)
-    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    stats = norm.norm
+    assert torch.equal(stats.running_mean, before[0]) and torch.equal(stats.running_var, before[1])
 
 
 def test_the_student_config_turns_it_on_and_older_configs_build_without_it() -> None:
@@ -53,4 +55,12 @@ def test_the_encoder_gets_the_gradient_it_would_get_without_the_norm() -> None:
     norm = PooledNorm(4).train()
     (norm(x) * weights).sum().backward()
     assert torch.allclose(x.grad, weights)
-    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0  # affine still learns
+    assert norm.norm.weight.grad.abs().sum() > 0  # its affine part still learns
+
+
+def test_sync_batchnorm_syncs_the_statistics_and_keeps_the_straight_through_path() -> None:
+    from timm.layers import convert_sync_batchnorm
+
+    converted = convert_sync_batchnorm(nn.Sequential(PooledNorm(4)))
+    assert isinstance(converted[0], PooledNorm)
+    assert isinstance(converted[0].norm, nn.SyncBatchNorm)

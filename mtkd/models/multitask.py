@@ -95,7 +95,7 @@ class MultiTaskNet(nn.Module):
         return outputs
 
 
-class PooledNorm(nn.BatchNorm1d):
+class PooledNorm(nn.Module):
     """BatchNorm of the pooled features, passing the gradient straight through.
 
     Mean-pooled activations are positive and nearly alike across images, so a linear head on
@@ -105,23 +105,28 @@ class PooledNorm(nn.BatchNorm1d):
     the gradient it would get without the norm: through 1 / std, the global heads' gradient
     swamped the dense tasks' (the no-KD student's lesion Dice fell from 0.07 to 0 in 3 of 3
     seeds). A training batch of one sample (an epoch's odd last one) uses the running
-    statistics."""
+    statistics. The BatchNorm is a child module, so ``trainer.sync_batchnorm`` syncs its
+    statistics and keeps the straight-through path."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        free = x.detach()
+        free, norm = x.detach(), self.norm
         if self.training and x.shape[0] == 1:
             standardised = F.batch_norm(
                 free,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
+                norm.running_mean,
+                norm.running_var,
+                norm.weight,
+                norm.bias,
                 False,
                 0.0,
-                self.eps,
+                norm.eps,
             )
         else:
-            standardised = super().forward(free)
+            standardised = norm(free)
         return standardised + (x - free)
 
 
