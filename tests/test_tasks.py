@@ -278,3 +278,17 @@ def test_a_kind_with_an_unknown_activation_is_refused_at_registration():
 
     with pytest.raises(ValueError, match=r"activation='softplus' is not one of \['none', "):
         register_task("softplus_kind")(Softplus)
+
+
+def test_regression_metrics_of_one_labeled_sample_give_nan_r2_not_an_error():
+    """A validation split with a single labeled image of a regression task must not end the run
+    (torchmetrics' R2Score raises "Needs at least two samples")."""
+    task = build_tasks({"cdr": {"kind": "regression"}})["cdr"]
+    metrics = task.metrics()
+    task.update_metrics(metrics, torch.tensor([[0.5]]), torch.tensor([[0.4]]), {})
+    values = metrics.compute()
+    assert math.isnan(float(values["r2"]))
+    assert float(values["mae"]) == pytest.approx(0.1)
+    task.update_metrics(metrics, torch.tensor([[0.2]]), torch.tensor([[0.3]]), {})
+    r2 = float(metrics.compute()["r2"])
+    assert r2 == pytest.approx(1 - 0.02 / 0.005, abs=1e-4)  # two samples: the real R²

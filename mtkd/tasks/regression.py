@@ -22,6 +22,17 @@ from mtkd.tasks.base import (
 from mtkd.tasks.kd_losses import register_kd_loss
 
 
+class R2OrNaN(R2Score):
+    """R², NaN while fewer than two samples were seen: torchmetrics raises "Needs at least two
+    samples" instead, which ended a run whose validation split had one labeled image of the
+    task, naming neither task nor cause."""
+
+    def compute(self) -> torch.Tensor:
+        if self.total < 2:
+            return torch.tensor(float("nan"))
+        return super().compute()
+
+
 @dataclass
 class RegressionSpec(TaskSpec):
     #: source labels to predict; defaults to the task's own name
@@ -87,7 +98,7 @@ class RegressionTask(Task):
             {
                 "mae": MeanAbsoluteError(),
                 "rmse": MeanSquaredError(squared=False),
-                "r2": R2Score(),
+                "r2": R2OrNaN(),
             }
         )
 
