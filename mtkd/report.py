@@ -167,6 +167,34 @@ def bootstrap_comparison(
     return markdown_table(header, rows), data
 
 
+def kd_verdict(tasks: dict[str, Task], paired: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Each task under won, lost or tied by its main metric's paired interval of KD − no KD
+    (``paired``, as ``paired_differences`` gives it): won where the whole interval lies on the
+    better side of 0, lost where it lies on the worse side, tied where it spans 0."""
+    verdict: dict[str, list[str]] = {"won": [], "lost": [], "tied": []}
+    for name, task in tasks.items():
+        metric, mode = task.monitor
+        diff = paired.get(f"{name}/{metric}")
+        if diff is None:
+            continue
+        better = diff["lo"] > 0 if mode == "max" else diff["hi"] < 0
+        worse = diff["hi"] < 0 if mode == "max" else diff["lo"] > 0
+        verdict["won" if better else "lost" if worse else "tied"].append(name)
+    return verdict
+
+
+def verdict_line(verdict: dict[str, list[str]]) -> str:
+    """``KD vs no KD (95 % paired intervals): won 5 of 7 (a, b, ...); lost ...; tied ...``."""
+    total = sum(len(v) for v in verdict.values())
+    parts = [
+        f"{outcome} {len(names)} of {total}" + (f" ({', '.join(names)})" if names else "")
+        for outcome, names in verdict.items()
+    ]
+    return f"KD vs no KD ({LEVEL:.0%} paired intervals of each task's main metric): " + "; ".join(
+        parts
+    )
+
+
 def ratios(teacher: Profile, student: Profile) -> dict[str, float]:
     """How much smaller and faster the student is (teacher / student; > 1 favours the student)."""
     return {
@@ -207,7 +235,8 @@ def efficiency_table(teacher: Profile, student: Profile) -> str:
             f"{r['throughput_speedup']:.2f}x",
         ],
     ]
-    return markdown_table(["", "teacher", "student", "teacher / student"], rows)
+    header = [f"teacher at {teacher.image_size} px", f"student at {student.image_size} px"]
+    return markdown_table(["", *header, "teacher / student"], rows)
 
 
 def _png(fig: Any) -> bytes:
@@ -306,11 +335,18 @@ def build_report(
     loaded = {r.role: load_net(r.checkpoint) for r in results}
     nets = {role: net for role, (net, _, _) in loaded.items()}
     tasks, cfg = loaded["student"][1], loaded["student"][2]
-    size = int(cfg.data.image_size)
-    profiles = {role: profile_net(nets[role], size, repeats) for role in ("teacher", "student")}
+    # Each model at its own working size: a student distilled at 96 px from a 128 px teacher
+    # runs at 96 px, and that is the speed it is deployed with.
+    profiles = {
+        role: profile_net(nets[role], int(loaded[role][2].data.image_size), repeats)
+        for role in ("teacher", "student")
+    }
     rows = metric_rows(tasks, results)
     table = markdown_table(["task", "metric", *(ROLES[r.role] for r in results)], rows)
     comparison, bootstrap = bootstrap_comparison(tasks, results, loaded)
+    if "student - baseline" in bootstrap["paired"]:
+        bootstrap["verdict"] = kd_verdict(tasks, bootstrap["paired"]["student - baseline"])
+        comparison += f"\n\n{verdict_line(bootstrap['verdict'])}"
     figures = {
         "metrics.png": metrics_figure(tasks, results),
         "predictions.png": predictions_figure(tasks, nets, cfg.data, n_images),
@@ -348,6 +384,7 @@ def render_markdown(
 ) -> str:
     cfg = loaded["student"][2]
     sources = ", ".join(f"{n} ({s.kind})" for n, s in cfg.data.sources.items())
+    sizes = ", ".join(f"{ROLES[r.role]} {loaded[r.role][2].data.image_size} px" for r in results)
     models = markdown_table(
         ["", "run", "checkpoint", "encoder", "KD"],
         [
@@ -363,7 +400,7 @@ def render_markdown(
     )
     return f"""# mtkd report: teacher vs distilled student
 
-Test split of {sources}, {teacher.image_size} x {teacher.image_size} px.
+Test split of {sources}, each model at its own working size: {sizes}.
 
 ## Models
 
@@ -386,7 +423,8 @@ Test split of {sources}, {teacher.image_size} x {teacher.image_size} px.
 ## Size and CPU speed
 
 Median of timed forward passes after warm-up, {teacher.threads} torch thread(s),
-random {teacher.image_size} px input. The no-KD baseline has the student's architecture.
+random input at each model's working size (in the header). The no-KD baseline has the student's
+architecture.
 
 {efficiency}
 

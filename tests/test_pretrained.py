@@ -13,7 +13,7 @@ from PIL import Image
 from mtkd.config import load_config, to_container
 from mtkd.kd.ensemble import Renormalise
 from mtkd.models import pretrained
-from mtkd.models.multitask import MultiTaskNet
+from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.models.pretrained import (
     IMAGENET_MEAN,
     lukemelas_to_timm,
@@ -209,3 +209,32 @@ def test_a_checkpoint_is_rebuilt_without_fetching_its_pretrained_weights_again(t
     assert cfg.model.encoder_weights == "packaged"  # the saved config still says where from
     metrics = evaluate(str(best), "test", [], bootstrap=0)
     assert "test/dr_grade/kappa" in metrics
+
+
+@pytest.mark.unit
+def test_student_pretrained_builds_offline_from_packaged_lite0_at_half_the_teachers_size(
+    monkeypatch,
+):
+    """model=student_pretrained: every encoder tensor from the packaged ImageNet file (none
+    random, nothing fetched), 3.0-4.5 M parameters on the synthetic tasks, and at least 1.5x
+    smaller than model=teacher_pretrained on the same tasks."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("model=student_pretrained tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    cfg = load_config("distill", ["model=student_pretrained"])
+    tasks = build_tasks(to_container(cfg)["tasks"])
+    student = MultiTaskNet(tasks, cfg.model)
+    packaged = lukemelas_to_timm(
+        read_state(packaged_weights(cfg.model.encoder).path()), "tf_efficientnet_lite0"
+    )
+    for key, value in student.encoder.state_dict().items():
+        assert torch.equal(value, packaged[key]), key
+    # The teacher's size does not depend on its weights: counted on a random encoder.
+    teacher_cfg = load_config("teacher", ["model=teacher_pretrained", "model.encoder_weights=null"])
+    teacher = MultiTaskNet(build_tasks(to_container(teacher_cfg)["tasks"]), teacher_cfg.model)
+    params = count_parameters(student)
+    assert 3.0e6 <= params <= 4.5e6
+    assert params < count_parameters(teacher) / 1.5

@@ -14,7 +14,17 @@ from torch import nn
 from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.profiling import Profile, count_macs, profile_net
-from mtkd.report import ROLES, build_report, load_result, main, markdown_table, ratios
+from mtkd.report import (
+    ROLES,
+    build_report,
+    kd_verdict,
+    load_result,
+    main,
+    markdown_table,
+    ratios,
+    verdict_line,
+)
+from mtkd.tasks import build_tasks
 from tests.conftest import PNG_MAGIC, TinyRuns
 
 
@@ -41,6 +51,31 @@ def test_ratios_and_markdown_table() -> None:
         "throughput_speedup": 8.0,
     }
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
+
+
+@pytest.mark.unit
+def test_the_verdict_follows_each_main_metrics_direction_and_interval() -> None:
+    tasks = build_tasks(
+        {
+            "grade": {"kind": "classification", "num_classes": 3},  # kappa: higher is better
+            "ratio": {"kind": "regression"},  # mae: lower is better
+            "spots": {"kind": "segmentation", "classes": ["a"]},  # dice: higher is better
+            "points": {"kind": "localization", "points": ["p"]},  # dist: lower is better
+            "other": {"kind": "classification", "num_classes": 2},  # not compared: left out
+        }
+    )
+    paired = {
+        "grade/kappa": {"lo": 0.02, "hi": 0.30},  # KD higher: won
+        "ratio/mae": {"lo": 0.01, "hi": 0.05},  # KD's error higher: lost
+        "spots/dice": {"lo": -0.01, "hi": 0.04},  # spans 0: tied
+        "points/dist": {"lo": -0.3, "hi": -0.1},  # KD's distance lower: won
+        "grade/acc": {"lo": -0.5, "hi": -0.4},  # not the main metric: ignored
+    }
+    verdict = kd_verdict(tasks, paired)
+    assert verdict == {"won": ["grade", "points"], "lost": ["ratio"], "tied": ["spots"]}
+    assert verdict_line(verdict).endswith(
+        "won 2 of 4 (grade, points); lost 1 of 4 (ratio); tied 1 of 4 (spots)"
+    )
 
 
 @pytest.mark.unit

@@ -5,6 +5,8 @@ Teachers may be specialists: each has its own task set, encoder, image size and 
 Each task of the run is taught by the teachers that have it (averaged by
 ``Task.combine_teachers``); each teacher sees the images at its own size and normalisation, and its
 outputs come back at the run's geometry, so the cache and the loader never know it was several.
+So a student can be distilled at a lower working size than its teacher (cross-resolution
+distillation): the teacher still sees its own size, the cache holds its outputs at the student's.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class TeacherEnsemble(L.LightningModule):
         given = [(tuple(data.mean), tuple(data.std)) if data is not None else o for o in own]
         self.inputs = nn.ModuleList([Renormalise(g, o) for g, o in zip(given, own)])
         if data is not None:
+            self.notes += size_notes(self.entries, self.sizes, int(data.image_size))
             self.notes += preprocessing_notes(self.entries, [c for _, _, c in loaded], data)
         for p in self.parameters():
             p.requires_grad_(False)
@@ -214,6 +217,17 @@ class TeacherEnsemble(L.LightningModule):
             ]
             for name in run_tasks
         }
+
+
+def size_notes(entries: Sequence[TeacherEntry], sizes: Sequence[int], run: int) -> list[str]:
+    """For each teacher trained at another working size than the run's, the size it is fed and the
+    one its outputs come back at (a student distilled at 96 px from a 128 px teacher)."""
+    return [
+        f"teacher {entry.path}: fed {size} px images (its own working size, resized from the "
+        f"run's {run} px); outputs brought back to {run} px (the run's data.image_size)"
+        for entry, size in zip(entries, sizes)
+        if size != run
+    ]
 
 
 def preprocessing_notes(
