@@ -44,6 +44,11 @@ def test_demo_trains_evaluates_and_reports_all_three_models(
     baseline_cfg = (runs / "student_nokd" / "checkpoints" / "config.yaml").read_text()
     assert "mode: cached" in student_cfg and "mode: none" in baseline_cfg
     assert "max_epochs: 1" in student_cfg and "max_epochs: 1" in baseline_cfg  # same budget
+    # Scarce labels for both students, every label for the teacher.
+    assert "label_fraction: 0.25" in student_cfg and "label_fraction: 0.25" in baseline_cfg
+    teacher_cfg = (runs / "teacher" / "checkpoints" / "config.yaml").read_text()
+    assert "label_fraction: 1.0" in teacher_cfg
+    assert "KD vs no KD (95% paired intervals of each task's main metric): won " in printed
     assert (runs / "teacher_cache" / "fingerprint.json").is_file()
     for name in ("report.md", "report.json", "metrics.png", "predictions.png"):
         assert (runs / "report" / name).is_file()
