@@ -115,7 +115,7 @@ def main(args: list[str]) -> None:
     total = time.perf_counter() - start
     print(f"\n{'=' * 72}\n== demo: test metrics (* = each task's main metric)\n{'=' * 72}")
     print(report.table)
-    print(f"\n{INTERVALS_NOTE}\n\n{report.intervals}")
+    print(f"\n{INTERVALS_NOTE}\n\n{report.intervals}\n\n{report.verdict}")
     print(f"\n{report.efficiency}\n\nwall time per stage:")
     for title, seconds in timings.items():
         print(f"  {title:<52} {seconds:7.1f} s")

@@ -76,6 +76,8 @@ class Report:
     data: dict[str, Any]
     #: each task's main metric with 95 % intervals and paired differences (Markdown table)
     intervals: str
+    #: the tasks KD won, lost and tied against no KD (``verdict_line``); empty without a baseline
+    verdict: str = ""
 
 
 def load_result(role: str, run_dir: str | Path) -> RunResult:
@@ -344,9 +346,10 @@ def build_report(
     rows = metric_rows(tasks, results)
     table = markdown_table(["task", "metric", *(ROLES[r.role] for r in results)], rows)
     comparison, bootstrap = bootstrap_comparison(tasks, results, loaded)
+    verdict = ""
     if "student - baseline" in bootstrap["paired"]:
         bootstrap["verdict"] = kd_verdict(tasks, bootstrap["paired"]["student - baseline"])
-        comparison += f"\n\n{verdict_line(bootstrap['verdict'])}"
+        verdict = verdict_line(bootstrap["verdict"])
     figures = {
         "metrics.png": metrics_figure(tasks, results),
         "predictions.png": predictions_figure(tasks, nets, cfg.data, n_images),
@@ -368,10 +371,12 @@ def build_report(
         "bootstrap": bootstrap,
     }
     efficiency = efficiency_table(profiles["teacher"], profiles["student"])
-    markdown = render_markdown(results, loaded, profiles["teacher"], table, efficiency, comparison)
+    markdown = render_markdown(
+        results, loaded, profiles["teacher"], table, efficiency, f"{comparison}\n\n{verdict}"
+    )
     atomic_write_bytes(out / "report.md", markdown.encode())
     atomic_write_bytes(out / "report.json", json.dumps(data, indent=1).encode())
-    return Report(out / "report.md", table, efficiency, data, comparison)
+    return Report(out / "report.md", table, efficiency, data, comparison, verdict)
 
 
 def render_markdown(
@@ -448,5 +453,5 @@ def main(args: list[str]) -> None:
     opts, _ = parse_args("report", COMMAND_ARGS, args)
     runs: dict[str, str | Path] = {role: opts[role] for role in DEFAULT_RUNS}
     report = build_report(runs, opts["out"])
-    print(f"\n{report.table}\n\n{INTERVALS_NOTE}\n\n{report.intervals}")
+    print(f"\n{report.table}\n\n{INTERVALS_NOTE}\n\n{report.intervals}\n\n{report.verdict}")
     print(f"\n{report.efficiency}\n\nreport written to {report.path}")

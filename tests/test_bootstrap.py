@@ -213,3 +213,6 @@ def test_report_pairs_models_on_the_same_resamples(runs: TinyRuns, tmp_path: Pat
     teacher = json.loads((runs.teacher_dir / "metrics_test.json").read_text())["metrics"]
     assert kappa[2].startswith(f"{teacher['test/dr_grade/kappa']:.3f} [")
     assert report.intervals in (tmp_path / "report" / "report.md").read_text()
+    n = len(rows)  # the same model twice: every task tied
+    assert f": won 0 of {n}; lost 0 of {n}; tied {n} of {n} (dr_grade, " in report.verdict
+    assert report.verdict in (tmp_path / "report" / "report.md").read_text()
