@@ -91,3 +91,14 @@ def test_a_run_warns_once_naming_a_head_stuck_at_its_prior(
     assert [m for m in stuck if m.startswith("task 'dr_grade'")] == [
         next(m for m in stuck if m.startswith("task 'dr_grade' after 1 of 2 epochs"))
     ]
+
+
+@pytest.mark.unit
+def test_a_one_class_dense_head_below_threshold_is_named() -> None:
+    task = build_tasks({"disc": {"kind": "segmentation", "classes": ["optic_disc"]}})["disc"]
+    target = (torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.7).long()
+    logits = torch.logit(0.1 + 0.3 * target.float())  # ranked perfectly, all below 0.5
+    health = task.health_metrics()
+    task.update_metrics(health, logits, target, {})
+    hint = task.stuck_hint(health.compute())
+    assert hint is not None and "optic_disc (highest probability 0.400, pixel AUROC 1.00)" in hint

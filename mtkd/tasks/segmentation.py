@@ -220,7 +220,11 @@ class SegmentationTask(Task):
 
     def health_metrics(self) -> MetricCollection:
         n = self.out_channels
-        auroc = MultilabelAUROC(n, average="none", thresholds=64) if n > 1 else BinaryAUROC(64)
+        auroc = (
+            MultilabelAUROC(n, average="none", thresholds=64)
+            if n > 1
+            else BinaryAUROC(thresholds=64)
+        )
         return MetricCollection({"max_prob": ChannelMax(n), "auroc": auroc}, compute_groups=False)
 
     def stuck_hint(self, values: dict[str, torch.Tensor]) -> str | None:
