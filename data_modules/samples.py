@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_modules.registry import Registry
+
 SPLITS = ("train", "val", "test")
 
 
@@ -49,8 +51,10 @@ class Sample:
 
 SourceReader = Callable[..., list[Sample]]
 #: the registry; the built-in sources register from the package ``__init__``, so this module
-#: imports none of its plugins
-_SOURCES: dict[str, SourceReader] = {}
+#: imports none of its plugins. A reader is called with the source's root, then its options.
+SOURCES: Registry[SourceReader] = Registry(
+    "data.sources.<s>.kind", "data source", "@register_source(kind)", given=1
+)
 _GENERATED: set[str] = set()
 
 
@@ -61,9 +65,7 @@ def register_source(kind: str, generates: bool = False) -> Callable[[SourceReade
     """
 
     def decorate(fn: SourceReader) -> SourceReader:
-        if kind in _SOURCES:
-            raise ValueError(f"data source kind {kind!r} is registered twice")
-        _SOURCES[kind] = fn
+        SOURCES.register(kind, fn)
         if generates:
             _GENERATED.add(kind)
         return fn
@@ -72,22 +74,20 @@ def register_source(kind: str, generates: bool = False) -> Callable[[SourceReade
 
 
 def source_kinds() -> list[str]:
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
 def read_source(kind: str, root: str | Path, options: dict[str, Any] | None = None) -> list[Sample]:
     """Read one configured source, with errors that name the fix."""
-    if kind not in _SOURCES:
-        raise ValueError(
-            f"unknown data source kind {kind!r}; valid kinds: {', '.join(sorted(_SOURCES))}"
-        )
+    reader = SOURCES.get(kind)
+    options = SOURCES.check_options(kind, options or {})
     root = Path(root).expanduser()
     if not root.exists() and kind not in _GENERATED:
         raise FileNotFoundError(
             f"data source {kind!r}: folder {root} does not exist. Point the source's `root` at "
             "the dataset as downloaded (for the shared real data set MTKD_DATA_DIR)."
         )
-    samples = _SOURCES[kind](root, **(options or {}))
+    samples = reader(root, **options)
     if not samples:
         raise ValueError(f"data source {kind!r} at {root} produced no samples; check the layout")
     ids = [s.sample_id for s in samples]

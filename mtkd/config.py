@@ -90,7 +90,8 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    scheduler: str = "cosine"
+    #: a registered schedule: a name or {name: ..., **options} (mtkd.modules.optim)
+    scheduler: Any = "cosine"
     warmup_epochs: int = 0
     #: learning rate of the encoder relative to optim.lr (e.g. 0.1 for a pretrained encoder)
     encoder_lr_mult: float = 1.0
@@ -100,7 +101,8 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = "csv"
+    #: a registered logger: a name or {name: ..., **options} (mtkd.logging)
+    kind: Any = "csv"
     project: str = "mtkd"
     group: str | None = None
     name: str | None = None
@@ -119,7 +121,8 @@ class TeacherConfig:
 
 @dataclass
 class KDConfig:
-    mode: str = "cached"
+    #: a registered teacher source: a name or {name: ..., **options} (mtkd.modules.teacher_source)
+    mode: Any = "cached"
     cache_dir: str = "runs/teacher_cache"
     #: one teacher with all its tasks (shorthand for kd.teachers=[{path: ...}])
     teacher: str | None = None
@@ -150,7 +153,8 @@ class RunConfig:
     dir: str = "runs/teacher"
     seed: int = 0
     monitor: str | None = None
-    weighting: str = "fixed"
+    #: a registered strategy: a name or {name: ..., **options} (mtkd.modules.weighting)
+    weighting: Any = "fixed"
     #: checkpoint to resume training from (continues the same W&B run)
     resume: str | None = None
     #: intra-op threads per process; null: the cores divided among the node's processes, or
@@ -376,8 +380,8 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: Trainer flags, task specs, choices (those of a swappable
-    part from its registry, so a plugin's registration is a valid choice)."""
+    """Checks the schema cannot express: Trainer flags, task specs, choices (a swappable part's
+    name and options from its registry, so a plugin's registration is a valid choice)."""
     from lightning.pytorch import Trainer
 
     from mtkd.logging import LOGGERS
@@ -396,14 +400,21 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.tasks:
         raise ConfigError("no tasks configured; pick a task set, e.g. tasks=synthetic")
     build_tasks(to_container(cfg.tasks), to_container(cfg.kd.tasks))
+    parts = [
+        (TEACHER_SOURCES, cfg.kd.mode),
+        (WEIGHTINGS, cfg.run.weighting),
+        (LOGGERS, cfg.logger.kind),
+        (SCHEDULES, cfg.optim.scheduler),
+    ]
+    for registry, choice in parts:
+        try:
+            registry.resolve(choice)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     choices = {
-        "kd.mode": (cfg.kd.mode, sorted(TEACHER_SOURCES)),
-        "run.weighting": (cfg.run.weighting, sorted(WEIGHTINGS)),
         "cache.dense_dtype": (cfg.cache.dense_dtype, ["uint8", "float16", "float32"]),
         "cache.logits_dtype": (cfg.cache.logits_dtype, ["float16", "float32"]),
-        "logger.kind": (cfg.logger.kind, sorted(LOGGERS)),
         "optim.name": (cfg.optim.name, optimizer_names()),
-        "optim.scheduler": (cfg.optim.scheduler, sorted(SCHEDULES)),
         "data.on_bad_image": (cfg.data.on_bad_image, ["error", "skip"]),
     }
     for key, (value, allowed) in choices.items():

@@ -1,5 +1,6 @@
-"""Loggers from the ``logger`` config group, a registry (``logger.kind``): W&B (online/offline)
-through Lightning's WandbLogger, CSV, or none (``@register_logger`` adds one); and the callbacks that keep a W&B run useful to researchers."""
+"""Loggers from the ``logger`` config group, a registry (``logger.kind``, a name or
+``{name: ..., **options}``): W&B (online/offline) through Lightning's WandbLogger, CSV, or none
+(``@register_logger`` adds one); and the callbacks that keep a W&B run useful to researchers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from data_modules.registry import Registry, parse_choice
 from mtkd.config import to_container
 from mtkd.modules.checkpoint import read_checkpoint
 from mtkd.status import status_logger
@@ -40,31 +42,28 @@ def logger_callbacks(cfg: DictConfig, logger: Any) -> list[Callback]:
     return callbacks
 
 
-#: (config, run folder, job type, checkpoint whose W&B run to continue) -> Lightning logger
-LoggerFactory = Callable[[DictConfig, Path, str, "str | None"], Any]
+#: (config, run folder, job type, checkpoint whose W&B run to continue, **options) -> Lightning
+#: logger (or False for none)
+LoggerFactory = Callable[..., Any]
 
-#: ``logger.kind`` -> factory
-LOGGERS: dict[str, LoggerFactory] = {}
+#: ``logger.kind`` -> factory, called with those four arguments and the choice's options
+LOGGERS: Registry[LoggerFactory] = Registry(
+    "logger.kind", "logger", "@register_logger(name)", given=4
+)
 
 
 def register_logger(name: str) -> Callable[[LoggerFactory], LoggerFactory]:
-    """Function decorator: ``logger.kind=name`` builds the run's logger with this factory."""
-
-    def decorate(factory: LoggerFactory) -> LoggerFactory:
-        LOGGERS[name] = factory
-        return factory
-
-    return decorate
+    """Function decorator: ``logger.kind=name`` builds the run's logger with this factory; its
+    keyword parameters after the four above are its options
+    (``logger.kind={name: ..., option: value}``)."""
+    return LOGGERS.register(name)
 
 
 def make_logger(
     cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None = None
 ) -> Any:
     """The configured Lightning logger; ``resume_from`` continues that checkpoint's W&B run."""
-    kind = cfg.logger.kind
-    if kind not in LOGGERS:
-        raise ValueError(f"logger.kind={kind!r} is unknown; choose one of {sorted(LOGGERS)}")
-    return LOGGERS[kind](cfg, Path(run_dir), job_type, resume_from)
+    return LOGGERS.create(cfg.logger.kind, cfg, Path(run_dir), job_type, resume_from)
 
 
 @register_logger("none")
@@ -88,7 +87,7 @@ def wandb_logger(
     if wandb.run is not None:
         # Left open by an earlier stage in this process (e.g. `mtkd demo`): one run per stage.
         wandb.finish()
-    offline_reason = wandb_offline_reason(cfg.logger.kind)
+    offline_reason = wandb_offline_reason(parse_choice("logger.kind", cfg.logger.kind)[0])
     logger = WandbLogger(
         project=cfg.logger.project,
         group=cfg.logger.group or run_dir.resolve().parent.name,

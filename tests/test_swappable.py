@@ -72,7 +72,7 @@ def test_teacher_sources_by_name():
     assert isinstance(build_teacher_source("cached"), CachedTeacher)
     with pytest.raises(ValueError, match="no teacher outputs; set kd.cache_dir"):
         CachedTeacher().outputs({"image": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"kd.mode='x' is unknown; choose one of \['cached'"):
+    with pytest.raises(ValueError, match=r"kd.mode='x' is unknown; choose one of: cached, none"):
         build_teacher_source("x")
 
 
@@ -140,8 +140,8 @@ def test_cosine_schedule_warms_up_then_decays_each_group_to_zero():
     assert [lr for _, lr in seen] == pytest.approx(expected)
     assert [lr for lr, _ in seen] == pytest.approx([0.1 * m for m in expected])
     assert build_schedule("none", opt, 10, 2) is None
-    with pytest.raises(ValueError, match=r"optim.scheduler='step' is unknown; choose one of"):
-        build_schedule("step", opt, 10, 2)
+    with pytest.raises(ValueError, match=r"optim.scheduler='nope' is unknown; choose one of: "):
+        build_schedule("nope", opt, 10, 2)
 
 
 @pytest.mark.unit

@@ -56,7 +56,7 @@ def test_loss_balance_plugin_trains_logs_its_weights_and_reloads_by_name(
 
     # a fresh process: the plugin is imported only when the user names it
     monkeypatch.delitem(sys.modules, "weighting")
-    monkeypatch.delitem(WEIGHTINGS, "loss_balance")
+    WEIGHTINGS.unregister("loss_balance")
     with pytest.raises(ConfigError, match="MTKD_PLUGINS=weighting mtkd"):
         evaluate(str(best), "val", [])
     monkeypatch.setenv("MTKD_PLUGINS", "weighting")

@@ -1,26 +1,32 @@
 """Optimisers and learning-rate schedules (``optim.name``, ``optim.scheduler``).
 
 Optimisers are timm's (``create_optimizer_v2``: ``adamw``, ``adam``, ``sgd`` with Nesterov
-momentum 0.9, and every other name of ``timm.optim.list_optimizers()``). Schedules are a small
-registry of per-step multipliers of each parameter group's own rate: timm's schedulers start
-warm-up from one absolute rate for every group, which would change the encoder group's warm-up
-under ``optim.encoder_lr_mult``, and Lightning does not step them without a custom hook.
+momentum 0.9, and every other name of ``timm.optim.list_optimizers()``). Schedules are a
+registry (``@register_schedule``) of per-step multipliers of each parameter group's own rate:
+timm's schedulers start warm-up from one absolute rate for every group, which would change the
+encoder group's warm-up under ``optim.encoder_lr_mult``, and Lightning does not step them
+without a custom hook.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2, list_optimizers
 
-#: (total steps, warm-up steps) -> (step -> multiplier of each parameter group's rate)
-Schedule = Callable[[int, int], Callable[[int], float]]
+from data_modules.registry import Registry
 
-#: schedule name -> factory; "none": a constant rate, no scheduler
-SCHEDULES: dict[str, Schedule | None] = {"none": None}
+#: (total steps, warm-up steps, **options) -> (step -> multiplier of each parameter group's
+#: rate), or None for a constant rate
+Schedule = Callable[..., Callable[[int], float] | None]
+
+#: ``optim.scheduler`` -> factory, called with (total, warmup) and the choice's options
+SCHEDULES: Registry[Schedule] = Registry(
+    "optim.scheduler", "schedule", "@register_schedule(name)", given=2
+)
 
 
 def optimizer_names() -> list[str]:
@@ -38,13 +44,16 @@ def build_optimizer(params: list[dict[str, Any]], optim: Any) -> torch.optim.Opt
 
 
 def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
-    """Function decorator: ``optim.scheduler=name`` selects this multiplier factory."""
+    """Function decorator: ``optim.scheduler=name`` selects this multiplier factory; its keyword
+    parameters after ``total`` and ``warmup`` are its options
+    (``optim.scheduler={name: ..., option: value}``)."""
+    return SCHEDULES.register(name)
 
-    def decorate(factory: Schedule) -> Schedule:
-        SCHEDULES[name] = factory
-        return factory
 
-    return decorate
+@register_schedule("none")
+def constant(total: int, warmup: int) -> None:
+    """A constant rate: no scheduler (and no warm-up)."""
+    return None
 
 
 @register_schedule("cosine")
@@ -61,12 +70,11 @@ def cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 
 def build_schedule(
-    name: str, optimizer: torch.optim.Optimizer, total: int, warmup: int
+    choice: str | Mapping[str, Any], optimizer: torch.optim.Optimizer, total: int, warmup: int
 ) -> torch.optim.lr_scheduler.LambdaLR | None:
-    """The per-step schedule ``optim.scheduler=name`` (None for a constant rate)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"optim.scheduler={name!r} is unknown; choose one of {sorted(SCHEDULES)}")
-    factory = SCHEDULES[name]
-    if factory is None:
+    """The per-step schedule ``optim.scheduler`` (a name or ``{name: ..., **options}``); None
+    for a constant rate."""
+    multiplier = SCHEDULES.create(choice, total, warmup)
+    if multiplier is None:
         return None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factory(total, warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -3,18 +3,20 @@
 
 A source is a small object injected into ``StudentModule``; it is not an ``nn.Module``, so
 Lightning neither trains, checkpoints nor counts the teacher it holds. A new source is one class
-decorated with ``@register_teacher_source("name")`` in a plugin module.
+decorated with ``@register_teacher_source("name")`` in a plugin module; the keyword parameters of
+its ``__init__`` are the options ``kd.mode={name: ..., option: value}`` sets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from data_modules.registry import Registry
 from mtkd.config import to_container
 from mtkd.kd.ensemble import TeacherEnsemble, announce, distill_teachers
 
@@ -37,25 +39,27 @@ class TeacherSource:
         raise NotImplementedError
 
 
-TEACHER_SOURCES: dict[str, type[TeacherSource]] = {}
+#: ``kd.mode`` -> source class, built with the choice's options
+TEACHER_SOURCES: Registry[type[TeacherSource]] = Registry(
+    "kd.mode", "teacher source", "@register_teacher_source(name)"
+)
 
 
 def register_teacher_source(name: str) -> Callable[[type[TeacherSource]], type[TeacherSource]]:
-    """Class decorator: ``kd.mode=name`` selects this teacher source."""
+    """Class decorator: ``kd.mode=name`` selects this teacher source; the keyword parameters of
+    its ``__init__`` are its options (``kd.mode={name: ..., option: value}``)."""
 
     def decorate(cls: type[TeacherSource]) -> type[TeacherSource]:
+        TEACHER_SOURCES.register(name, cls)
         cls.name = name
-        TEACHER_SOURCES[name] = cls
         return cls
 
     return decorate
 
 
-def build_teacher_source(mode: str) -> TeacherSource:
-    """A fresh source for ``kd.mode=mode``, with an error naming the valid modes."""
-    if mode not in TEACHER_SOURCES:
-        raise ValueError(f"kd.mode={mode!r} is unknown; choose one of {sorted(TEACHER_SOURCES)}")
-    return TEACHER_SOURCES[mode]()
+def build_teacher_source(choice: str | Mapping[str, Any]) -> TeacherSource:
+    """A fresh source for ``kd.mode`` (a name or ``{name: ..., **options}``)."""
+    return TEACHER_SOURCES.create(choice)
 
 
 @register_teacher_source("none")
@@ -84,9 +88,10 @@ class CachedTeacher(TeacherSource):
 class OnlineTeacher(TeacherSource):
     """The frozen teachers (``kd.teacher`` or ``kd.teachers``) run on the student's own view;
     ``ensemble`` given (a ``TeacherEnsemble`` or any frozen module mapping images to teacher
-    outputs): that one, else a ``TeacherEnsemble`` built from the run config at setup."""
+    outputs): that one, else a ``TeacherEnsemble`` built from the run config at setup.
+    ``ensemble`` is positional only: an object passed in code, not a ``kd.mode`` option."""
 
-    def __init__(self, ensemble: nn.Module | None = None) -> None:
+    def __init__(self, ensemble: nn.Module | None = None, /) -> None:
         self.ensemble = ensemble
 
     def setup(self, cfg: DictConfig) -> None:

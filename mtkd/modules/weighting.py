@@ -1,7 +1,8 @@
 """Task weighting strategies (``run.weighting``): how per-task losses combine into the training
 loss. Built in: fixed weights, homoscedastic uncertainty (Kendall et al. 2018), dynamic weight
 averaging (Liu et al. 2019). A new strategy is one ``Weighting`` subclass decorated with
-``@register_weighting("name")`` in a plugin module (``plugins=[...]`` or ``MTKD_PLUGINS``).
+``@register_weighting("name")`` in a plugin module (``plugins=[...]`` or ``MTKD_PLUGINS``);
+``run.weighting={name: dwa, temperature: 4}`` passes options to its ``__init__``.
 
 Every strategy multiplies task t's term by its configured weight ``w_t`` (``tasks.<t>.weight``).
 The evaluation loss ``val/loss`` (the default checkpoint monitor) is ``sum_t w_t L_t`` under
@@ -11,11 +12,13 @@ every strategy, so checkpoints of runs with different strategies are selected on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from data_modules.registry import Registry
 
 
 class Weighting(nn.Module):
@@ -65,28 +68,28 @@ class Weighting(nn.Module):
         return {n: float(self.fixed[i] * scale[i]) for i, n in enumerate(self.names)}
 
 
-WEIGHTINGS: dict[str, type[Weighting]] = {}
+#: ``run.weighting`` -> strategy, built with the configured task weights and the choice's options
+WEIGHTINGS: Registry[type[Weighting]] = Registry(
+    "run.weighting", "weighting strategy", "@register_weighting(name)", given=1
+)
 
 
 def register_weighting(name: str) -> Callable[[type[Weighting]], type[Weighting]]:
-    """Class decorator: ``run.weighting=name`` selects this strategy."""
+    """Class decorator: ``run.weighting=name`` selects this strategy; the keyword parameters of
+    its ``__init__`` after ``weights`` are its options (``run.weighting={name: ..., option: v}``)."""
 
     def decorate(cls: type[Weighting]) -> type[Weighting]:
+        WEIGHTINGS.register(name, cls)
         cls.name = name
-        WEIGHTINGS[name] = cls
         return cls
 
     return decorate
 
 
-def build_weighting(name: str, weights: dict[str, float]) -> Weighting:
-    """The strategy ``run.weighting=name`` over tasks with configured ``weights``."""
-    if name not in WEIGHTINGS:
-        raise ValueError(
-            f"run.weighting={name!r} is unknown; choose one of {sorted(WEIGHTINGS)} (or register "
-            "one with @register_weighting in a plugin module)"
-        )
-    return WEIGHTINGS[name](weights)
+def build_weighting(choice: str | Mapping[str, Any], weights: dict[str, float]) -> Weighting:
+    """The strategy ``run.weighting`` (a name or ``{name: ..., **options}``) over tasks with
+    configured ``weights``."""
+    return WEIGHTINGS.create(choice, weights)
 
 
 @register_weighting("fixed")
@@ -112,13 +115,14 @@ class UncertaintyWeighting(Weighting):
 @register_weighting("dwa")
 class DynamicWeightAveraging(Weighting):
     """``L = sum_t w_t d_t L_t`` with ``d = K softmax(r / T)``, ``r_t`` the ratio of task t's
-    last two epoch-mean losses (slowly falling losses weigh more), T = 2, K tasks."""
+    last two epoch-mean losses (slowly falling losses weigh more), T = ``temperature`` (2 in
+    Liu et al.; larger evens the weights out), K tasks."""
 
     needs_epoch_means = True
-    temperature: ClassVar[float] = 2.0
 
-    def __init__(self, weights: dict[str, float]) -> None:
+    def __init__(self, weights: dict[str, float], temperature: float = 2.0) -> None:
         super().__init__(weights)
+        self.temperature = float(temperature)
         self.register_buffer("dwa_weights", torch.ones(len(self.names)))
         self.history: list[list[float]] = []
 

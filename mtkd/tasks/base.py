@@ -22,9 +22,10 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from data_modules.contract import Annotation
+from data_modules.registry import Registry
 from mtkd.tasks.kd_losses import TaskKD, kd_loss_function, parse_task_kd
 
-_TASK_KINDS: dict[str, type[Task]] = {}
+TASK_KINDS: Registry[type[Task]] = Registry("tasks.<t>.kind", "task kind", "@register_task(kind)")
 
 
 @dataclass
@@ -84,21 +85,15 @@ def register_task(kind: str) -> Callable[[type[Task]], type[Task]]:
                 f"task kind {kind!r}: activation={cls.activation!r} is not one of "
                 f"{sorted(ACTIVATIONS)}"
             )
-        known = _TASK_KINDS.get(kind)
-        if known is not None and (known.__module__, known.__qualname__) != (
-            cls.__module__,
-            cls.__qualname__,
-        ):
-            raise ValueError(f"task kind {kind!r} is already registered by {known}")
+        TASK_KINDS.register(kind, cls)
         cls.kind = kind
-        _TASK_KINDS[kind] = cls
         return cls
 
     return decorate
 
 
 def task_kinds() -> list[str]:
-    return sorted(_TASK_KINDS)
+    return TASK_KINDS.names()
 
 
 def parse_spec(spec_cls: type, name: str, raw: dict[str, Any]) -> Any:
@@ -375,12 +370,8 @@ def build_tasks(
     tasks = {}
     for name, raw in specs.items():
         raw = dict(raw or {})
-        kind = raw.get("kind")
-        if kind not in _TASK_KINDS:
-            raise ValueError(
-                f"task {name!r}: unknown kind {kind!r}; registered kinds: {', '.join(task_kinds())}"
-            )
-        tasks[name] = _TASK_KINDS[kind](name, raw)
+        task_class = TASK_KINDS.get(raw.get("kind"), key=f"tasks.{name}.kind")
+        tasks[name] = task_class(name, raw)
     if kd is not None:
         for name, task in tasks.items():
             task.configure_kd(parse_task_kd(name, kd.get(name)))

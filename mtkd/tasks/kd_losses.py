@@ -19,46 +19,38 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from data_modules.registry import Registry
+
 if TYPE_CHECKING:
     from mtkd.tasks.base import Task
 
 KDLoss = Callable[["Task", torch.Tensor, torch.Tensor, float], torch.Tensor]
 
-_KD_LOSSES: dict[str, dict[str, KDLoss]] = {}
+#: task kind -> that kind's KD-loss registry
+_KD_LOSSES: dict[str, Registry[KDLoss]] = {}
+
+
+def kd_losses(kind: str) -> Registry[KDLoss]:
+    """The KD losses of task kind ``kind`` (empty until one registers for it)."""
+    if kind not in _KD_LOSSES:
+        how = f"@register_kd_loss({kind!r}, name)"
+        _KD_LOSSES[kind] = Registry("kd.tasks.<t>.loss", f"{kind} KD loss", how)
+    return _KD_LOSSES[kind]
 
 
 def register_kd_loss(kind: str, name: str) -> Callable[[KDLoss], KDLoss]:
     """Function decorator: make ``name`` a KD loss of task kind ``kind``."""
-
-    def decorate(fn: KDLoss) -> KDLoss:
-        known = _KD_LOSSES.get(kind, {}).get(name)
-        if known is not None and (known.__module__, known.__qualname__) != (
-            fn.__module__,
-            fn.__qualname__,
-        ):
-            raise ValueError(f"KD loss {name!r} of kind {kind!r} is already registered by {known}")
-        _KD_LOSSES.setdefault(kind, {})[name] = fn
-        return fn
-
-    return decorate
+    return kd_losses(kind).register(name)
 
 
 def kd_loss_names(kind: str) -> list[str]:
     """The KD losses registered for a task kind."""
-    return sorted(_KD_LOSSES.get(kind, {}))
+    return kd_losses(kind).names()
 
 
 def kd_loss_function(task_name: str, kind: str, name: str | None) -> KDLoss:
     """The registered KD loss ``name`` of ``kind``, with an error naming the valid ones."""
-    found = _KD_LOSSES.get(kind, {}).get(name) if name is not None else None
-    if found is None:
-        valid = ", ".join(kd_loss_names(kind)) or "none registered"
-        wanted = "no KD loss is selected" if name is None else f"KD loss {name!r} is unknown"
-        raise ValueError(
-            f"task {task_name!r} ({kind}): {wanted}; valid kd.tasks.{task_name}.loss values for "
-            f"{kind}: {valid} (register one with @register_kd_loss({kind!r}, name))"
-        )
-    return found
+    return kd_losses(kind).get(name, key=f"kd.tasks.{task_name}.loss")
 
 
 @dataclass
