@@ -120,6 +120,15 @@ class TeacherConfig:
 
 
 @dataclass
+class FeatureKDConfig:
+    #: weight of the embedding loss mean_b ||a(f_s)/|a(f_s)| - f_t/|f_t|||^2 per teacher (Li &
+    #: Bilen 2020, global pooled vector only); 0: off (cache-teacher then stores no embeddings)
+    weight: float = 0.0
+    #: each teacher's embedding length; null: read from the cache (then kept in the checkpoint)
+    dims: list[int] | None = None
+
+
+@dataclass
 class KDConfig:
     #: a registered teacher source: a name or {name: ..., **options} (mtkd.modules.teacher_source)
     mode: Any = "cached"
@@ -131,6 +140,9 @@ class KDConfig:
     alpha: float = 0.5
     temperature: float | None = None
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: feature-level KD: a learned adaptor per teacher maps the student's pooled features to
+    #: that teacher's cached ones (mtkd.modules.student)
+    features: FeatureKDConfig = field(default_factory=FeatureKDConfig)
 
 
 @dataclass

@@ -22,10 +22,12 @@ from data_modules.io import atomic_write_bytes
 from data_modules.transforms import view_seed
 from mtkd.config import ConfigError, save_config, to_container
 from mtkd.kd.cache import (
+    FEATURE_DTYPE,
     CacheShardWriter,
     TeacherCache,
     check_fingerprint,
     check_replaceable,
+    file_sha256,
     fingerprint,
     merge_shards,
     recorded_teachers,
@@ -211,11 +213,30 @@ def cache_storage(cfg: DictConfig) -> CacheStorage:
     )
 
 
+def cached_features(cfg: DictConfig, ensemble: TeacherEnsemble) -> dict[str, Any] | None:
+    """What the cache records of the teacher embeddings it stores (``kd.features.weight`` > 0),
+    else None. Views are refused: a batch does not say which cached view it drew, so a view's
+    embedding could not be matched to it."""
+    if float(cfg.kd.features.weight) <= 0:
+        return None
+    if int(cfg.cache.views):
+        raise ConfigError(
+            f"kd.features.weight={cfg.kd.features.weight} needs cache.views=0: the embedding of a "
+            "replayed view cannot be matched to the view a batch drew"
+        )
+    return {
+        "dims": ensemble.feature_dims,
+        "dtype": FEATURE_DTYPE,
+        "teachers": [file_sha256(e.path) for e in ensemble.entries],
+    }
+
+
 def cache_teacher(cfg: DictConfig) -> Path:
     """Predict every training sample (labeled and unlabeled) with the teachers (kd.teachers, else
     cache.teacher) and write the cache: per task, the teachers that have it; a task none has is
     left out (the student trains it on labels only). Under DDP each rank writes shards; rank 0
-    merges after a barrier."""
+    merges after a barrier. With ``kd.features.weight`` > 0 it also stores each teacher's image
+    embedding (``features_<i>.npy``) for feature-level KD."""
     run_tasks = to_container(cfg)["tasks"]
     ensemble = TeacherEnsemble(
         configured_teachers(cfg.kd.teachers, cfg.cache.teacher), run_tasks, cfg.data
@@ -225,6 +246,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
     announce(taught, ensemble.notes)
     storage = cache_storage(cfg)
     views = int(cfg.cache.views)
+    features = cached_features(cfg, ensemble)
     dm = FundusDataModule(cfg.data, tasks, predict_views=views)
     cache_dir = Path(cfg.kd.cache_dir)
     check_replaceable(cache_dir)  # before the lock creates the folder and before any prediction
@@ -233,13 +255,15 @@ def cache_teacher(cfg: DictConfig) -> Path:
             for orphan in remove_orphans(cache_dir):
                 log.info(f"removed {orphan}, left by an interrupted cache-teacher")
         shard_dir = cache_dir.parent / f".{cache_dir.name}.partial-{run_token()}"
-        writer = CacheShardWriter(shard_dir, tasks, storage)
+        writer = CacheShardWriter(shard_dir, tasks, storage, features is not None)
         trainer = make_trainer(cfg, None, [writer], logger=False)
         trainer.predict(ensemble, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             train_ids = [s.sample_id for s in dm.split("train")]
-            fp = fingerprint(taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views)
+            fp = fingerprint(
+                taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views, features
+            )
             merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
             summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
             sizes = "".join(f"\n  {n:<16} {b:>8} bytes/sample" for n, b in summary.items())

@@ -8,6 +8,8 @@ and renamed into place; ``fingerprint.json`` is written last)::
     checksums.json     sha256 and size of every other file, verified whenever the cache is opened
     index.json         sample ids; position = row in every array
     <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
+    features_<i>.npy   teacher i's image embedding [N, D_i] float16 (only with kd.features.weight
+                       > 0: feature-level KD; see ``MultiTaskNet.forward_with_pooled``)
     view_seeds.npy     [N, views] augmentation seeds of the cached views (exact multi-view mode)
 
 Rows are keyed by sample_id, never by dataset or batch index, so sampler padding and worker
@@ -41,6 +43,8 @@ FINGERPRINT = "fingerprint.json"
 CHECKSUMS = "checksums.json"
 INDEX = "index.json"
 SEEDS = "view_seeds.npy"
+#: teacher embeddings are stored in half precision: 2 bytes per dimension and sample
+FEATURE_DTYPE = "float16"
 #: storage parts that say how cached views were drawn (cache.views > 0) -> what they name
 REPLAYED = {"augment": "data.augment", "albumentations": "albumentations version"}
 
@@ -57,6 +61,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def feature_file(teacher: int) -> str:
+    """The array holding teacher ``teacher``'s (its index in the ensemble) embeddings."""
+    return f"features_{teacher}.npy"
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -68,12 +77,15 @@ def fingerprint(
     train_ids: list[str],
     storage: CacheStorage,
     views: int,
+    features: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a cached output depends on, compared part by part by ``check_fingerprint``.
     ``task_teachers`` names, for each of the run's ``tasks``, the teacher files that produce it
     ([{path, sha256, task}], empty when no teacher covers it): a changed teacher invalidates the
     tasks it taught, and the paths let a later ``distill`` re-hash the files and notice a
-    retrained teacher even when the run names none."""
+    retrained teacher even when the run names none. ``features``: the cached teacher embeddings,
+    {dims, dtype, teachers (file hashes)} in teacher order; None: none cached (left out, so a
+    cache without them is written as before)."""
     pp = data_cfg.preprocess
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
@@ -81,7 +93,7 @@ def fingerprint(
         storage["augment"] = _digest(OmegaConf.to_container(data_cfg.augment, resolve=True))
         storage["albumentations"] = albumentations.__version__
     files = {f["path"]: f["sha256"] for taught in task_teachers.values() for f in taught}
-    return {
+    found = {
         "format_version": FORMAT_VERSION,
         "teachers": sorted(set(files.values())),
         "teacher_files": dict(sorted(files.items())),
@@ -98,6 +110,9 @@ def fingerprint(
         "split": {"train_samples": len(train_ids), "digest": _digest(sorted(train_ids))},
         "storage": storage,
     }
+    if features is not None:
+        found["features"] = features
+    return found
 
 
 def stored_storage(found: dict[str, Any]) -> CacheStorage:
@@ -198,11 +213,14 @@ class TeacherCache:
         #: the tasks some teacher covers (the others have no array and train on labels only)
         self.tasks = {n: t for n, t in tasks.items() if taught.get(n)}
         self.views = int(self.fingerprint["storage"]["views"])
+        #: each teacher's embedding length, None when the cache holds no embeddings
+        self.feature_dims: list[int] | None = self.fingerprint.get("features", {}).get("dims")
         self._verify()
         ids = json.loads((self.dir / INDEX).read_text())
         self.rows = {sid: i for i, sid in enumerate(ids)}
         self._arrays: dict[str, np.ndarray] | None = None
         self._seeds: np.ndarray | None = None
+        self._features: list[np.ndarray] = []
         self._pid = -1
 
     def _verify(self) -> None:
@@ -232,7 +250,7 @@ class TeacherCache:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_arrays=None, _seeds=None, _pid=-1)
+        state.update(_arrays=None, _seeds=None, _features=[], _pid=-1)
         return state
 
     def _open(self) -> dict[str, np.ndarray]:
@@ -240,6 +258,10 @@ class TeacherCache:
             self._arrays = {n: np.load(self.dir / f"{n}.npy", mmap_mode="r") for n in self.tasks}
             if self.views:
                 self._seeds = np.load(self.dir / SEEDS, mmap_mode="r")
+            self._features = [
+                np.load(self.dir / feature_file(i), mmap_mode="r")
+                for i in range(len(self.feature_dims or []))
+            ]
             self._pid = os.getpid()
         return self._arrays
 
@@ -259,13 +281,21 @@ class TeacherCache:
             for n in self.tasks
         }
 
+    def features(self, sample_ids: list[str]) -> list[np.ndarray]:
+        """Each teacher's embeddings of ``sample_ids`` (B x D_i float32), in teacher order."""
+        self._open()
+        rows = [self.row(sid) for sid in sample_ids]
+        return [np.asarray(array[rows], dtype=np.float32) for array in self._features]
+
     def view_seed(self, sample_id: str, view: int) -> int:
         self._open()
         return int(self._seeds[self.row(sample_id), view])
 
     def nbytes_per_sample(self) -> dict[str, int]:
         arrays = self._open()
-        return {n: int(a[0].nbytes) for n, a in arrays.items()}
+        sizes = {n: int(a[0].nbytes) for n, a in arrays.items()}
+        sizes.update({f"features_{i}": int(a[0].nbytes) for i, a in enumerate(self._features)})
+        return sizes
 
 
 def check_replaceable(cache_dir: str | Path) -> None:
@@ -323,13 +353,21 @@ def run_token() -> str:
 
 class CacheShardWriter(BasePredictionWriter):
     """Each rank writes every predicted batch as its own shard file (temp name, then rename).
-    ``merge_shards`` on rank 0 then assembles the cache."""
+    ``merge_shards`` on rank 0 then assembles the cache. ``features``: also write each teacher's
+    embeddings (``TeacherEnsemble.predict_with_features``)."""
 
-    def __init__(self, shard_dir: str | Path, tasks: dict[str, Task], storage: CacheStorage):
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        tasks: dict[str, Task],
+        storage: CacheStorage,
+        features: bool = False,
+    ):
         super().__init__(write_interval="batch")
         self.shard_dir = Path(shard_dir)
         self.tasks = tasks
         self.storage = storage
+        self.features = features
         self.fidelity = MapFidelity()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -346,6 +384,15 @@ class CacheShardWriter(BasePredictionWriter):
         for n, out in prediction["outputs"].items():
             arrays[f"task_{n}"] = self.tasks[n].encode_cache(out, self.storage.for_task(n))
             self.fidelity.update(n, self.tasks[n], out, arrays[f"task_{n}"])
+        if self.features:
+            for i, pooled in enumerate(prediction["features"]):
+                stored = pooled.float().cpu().numpy().astype(FEATURE_DTYPE)
+                if not np.isfinite(stored).all():
+                    raise ValueError(
+                        f"teacher {i}'s embedding does not fit {FEATURE_DTYPE} (values "
+                        "beyond 65504); feature-level KD cannot cache this teacher"
+                    )
+                arrays[f"features_{i}"] = stored
         ids = np.asarray(prediction["sample_id"])
         name = f"rank{trainer.global_rank}-view{dataloader_idx}-batch{batch_idx}.npz"
         buf = io.BytesIO()
@@ -387,6 +434,13 @@ def merge_shards(
             )
             for n, t in tasks.items()
         }
+        dims = fingerprint_data.get("features", {}).get("dims", [])
+        embeddings = [
+            np.lib.format.open_memmap(
+                tmp / feature_file(i), mode="w+", dtype=FEATURE_DTYPE, shape=(len(ids), dim)
+            )
+            for i, dim in enumerate(dims)
+        ]
         seen = np.zeros((len(ids), max(views, 1)), dtype=bool)
         for shard in sorted(shard_dir.glob("*.npz")):
             with np.load(shard) as data:
@@ -398,6 +452,8 @@ def merge_shards(
                     for n in tasks:
                         target = arrays[n][row, view] if views else arrays[n][row]
                         target[...] = data[f"task_{n}"][j]
+                    for i, embedding in enumerate(embeddings):
+                        embedding[row] = data[f"features_{i}"][j]
                     seen[row, view] = True
         missing = [ids[i] for i in np.flatnonzero(~seen.all(axis=1))]
         if missing:
@@ -405,9 +461,9 @@ def merge_shards(
                 f"teacher predictions are missing for {len(missing)} samples (e.g. {missing[:3]}); "
                 "the cache was not written. Rerun cache-teacher."
             )
-        for array in arrays.values():
+        for array in [*arrays.values(), *embeddings]:
             array.flush()
-        del arrays
+        del arrays, embeddings
         if views:
             seeds = np.array(
                 [[seed_fn(sid, k) for k in range(views)] for sid in ids], dtype=np.int64

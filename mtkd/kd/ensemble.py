@@ -183,11 +183,25 @@ class TeacherEnsemble(L.LightningModule):
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher outputs for the run's covered tasks, dense maps at the input's size."""
+        return self.predict_with_features(image)[0]
+
+    @property
+    def feature_dims(self) -> list[int]:
+        """Each teacher's embedding length (its net's pooled vector), in teacher order."""
+        return [net.pooled_dim for net in self.nets]
+
+    @torch.no_grad()
+    def predict_with_features(
+        self, image: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """``forward``'s outputs and each teacher's embedding of the image (B x its
+        ``pooled_dim``), in teacher order: what feature-level KD (``kd.features``) matches."""
         size = tuple(image.shape[-2:])
-        raw = [
-            net(resize(renorm(image), (s, s)))
+        ran = [
+            net.forward_with_pooled(resize(renorm(image), (s, s)))
             for net, renorm, s in zip(self.nets, self.inputs, self.sizes)
         ]
+        raw = [outputs for outputs, _ in ran]
         outputs = {}
         for ours, taught in self.sources.items():
             task = self.tasks[ours]
@@ -196,10 +210,11 @@ class TeacherEnsemble(L.LightningModule):
                 for i, theirs in taught
             ]
             outputs[ours] = task.combine_teachers(each)
-        return outputs
+        return outputs, [pooled for _, pooled in ran]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        return {"sample_id": batch["sample_id"], "outputs": self(batch["image"])}
+        outputs, features = self.predict_with_features(batch["image"])
+        return {"sample_id": batch["sample_id"], "outputs": outputs, "features": features}
 
     def provenance(self, run_tasks: Sequence[str]) -> dict[str, list[dict[str, str]]]:
         """For each of ``run_tasks``: the teacher files that produce it, [{path, sha256, task

@@ -64,6 +64,8 @@ class MultiTaskNet(nn.Module):
             {n: t.build_head(channels[-1] if t.dense else pooled) for n, t in tasks.items()}
         )
         self.dense_tasks = [n for n, t in tasks.items() if t.dense]
+        #: length of the pooled vector (``forward_with_pooled``): a teacher embedding's size
+        self.pooled_dim = pooled
         self.head_dropout = nn.Dropout(float(model_cfg.head_dropout))
         self.pooled_norm = PooledNorm(pooled) if model_cfg.get("pooled_norm") else None
 
@@ -82,17 +84,24 @@ class MultiTaskNet(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_with_pooled(image)[0]
+
+    def forward_with_pooled(
+        self, image: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The outputs and the global heads' input before dropout (B x ``pooled_dim``): the
+        image embedding that feature-level KD matches (``kd.features``)."""
         features = self.encoder(image)
         decoded = self.decoder(features) if self.decoder is not None else None
         outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
         pooled = self.pooled(features[-1], decoded)
         if self.pooled_norm is not None:
             pooled = self.pooled_norm(pooled)
-        pooled = self.head_dropout(pooled)
+        dropped = self.head_dropout(pooled)
         for name, head in self.heads.items():
             if name not in outputs:
-                outputs[name] = head(pooled)
-        return outputs
+                outputs[name] = head(dropped)
+        return outputs, pooled
 
 
 class PooledNorm(nn.Module):

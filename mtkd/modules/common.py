@@ -65,9 +65,13 @@ class MultiTaskModule(L.LightningModule):
         self._stuck_checked = False
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(self.net_input(image))
+
+    def net_input(self, image: torch.Tensor) -> torch.Tensor:
+        """The image in the memory format the network runs in (``model.channels_last``)."""
         if self.cfg.model.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return self.net(image)
+            return image.contiguous(memory_format=torch.channels_last)
+        return image
 
     # -- losses ------------------------------------------------------------------------------
     def supervised_losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:

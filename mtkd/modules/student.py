@@ -4,22 +4,57 @@ Supervised terms average over labeled samples; KD terms over every sample with a
 output, so unlabeled images contribute KD only; a task no teacher covers trains on labels only.
 Teacher outputs come from the injected ``TeacherSource`` (``mtkd.modules.teacher_source``): the
 cache, the frozen teacher on the same view, or none (no KD: every task on labels only).
+
+Feature-level KD (``kd.features.weight`` > 0; Li & Bilen, ECCV 2020, on the global pooled vector
+only): per teacher i a linear adaptor a_i maps the student's pooled vector f_s to that teacher's
+embedding space, and ``weight * mean_i mean_b ||a_i(f_s)/|a_i(f_s)| - f_i/|f_i|||^2`` joins the
+loss (``train/features/kd``). The embeddings come from the teacher cache; the adaptors train with
+the student and are left out of the exported network (``net`` only).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from mtkd.kd.cache import FINGERPRINT, TeacherCache
 from mtkd.modules.common import MultiTaskModule, fp32
 from mtkd.modules.teacher_source import TeacherSource, build_teacher_source
+
+
+def feature_kd_loss(adapted: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per sample ||a/|a| - t/|t|||^2 (= 2 - 2 cos(a, t)): only the direction is matched, so
+    the student need not reproduce the teacher's feature scale."""
+    return (F.normalize(adapted, dim=1) - F.normalize(teacher, dim=1)).pow(2).sum(dim=1)
+
+
+def with_feature_dims(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``kd.features.dims`` read from the teacher cache when feature KD is on
+    and they are not given; the checkpoint saves them, so evaluating or resuming needs no cache."""
+    kd = config.get("kd", {})
+    features = kd.get("features", {})
+    if float(features.get("weight", 0.0)) <= 0 or features.get("dims") is not None:
+        return config
+    meta = Path(kd["cache_dir"]) / FINGERPRINT
+    dims = json.loads(meta.read_text()).get("features", {}).get("dims") if meta.is_file() else None
+    if dims is None:
+        raise ValueError(
+            f"kd.features.weight={features['weight']} reads the teacher embeddings from the "
+            f"teacher cache, and {kd['cache_dir']} has none; build it with `mtkd cache-teacher "
+            f"kd.features.weight={features['weight']} kd.cache_dir={kd['cache_dir']}`"
+        )
+    return {**config, "kd": {**kd, "features": {**features, "dims": dims}}}
 
 
 class StudentModule(MultiTaskModule):
     def __init__(self, config: dict[str, Any], teacher_source: TeacherSource | None = None) -> None:
         """``teacher_source``: where teacher outputs come from; None builds ``kd.mode``'s source."""
-        super().__init__(config)
+        super().__init__(with_feature_dims(config))
         kd = self.cfg.kd
         self.teacher_source = (
             build_teacher_source(kd.mode) if teacher_source is None else teacher_source
@@ -32,9 +67,39 @@ class StudentModule(MultiTaskModule):
             n: float(t.kd.temperature or kd.temperature or t.default_temperature)
             for n, t in self.tasks.items()
         }
+        features = kd.get("features", {})
+        self.feature_weight = float(features.get("weight", 0.0))
+        dims = features.get("dims") if self.feature_weight > 0 else None
+        #: per teacher, the student's pooled vector -> that teacher's embedding (empty when off)
+        self.feature_adaptors = nn.ModuleList(
+            [nn.Linear(self.net.pooled_dim, int(d)) for d in dims or []]
+        )
+        self.feature_cache: TeacherCache | None = None
 
     def setup(self, stage: str) -> None:
         self.teacher_source.setup(self.cfg)
+        if stage == "fit" and self.feature_adaptors:
+            self.feature_cache = self.checked_feature_cache()
+
+    def checked_feature_cache(self) -> TeacherCache:
+        """The data module's (checked) teacher cache, refused unless it holds one embedding per
+        adaptor of the lengths they map to."""
+        cache = getattr(self.trainer.datamodule, "teacher", None)
+        weight = self.feature_weight
+        if not self.teacher_source.reads_cache or cache is None:
+            raise ValueError(
+                f"kd.features.weight={weight} reads the teacher embeddings from the teacher cache: "
+                "use kd.mode=cached (or kd.features.weight=0)"
+            )
+        want = [a.out_features for a in self.feature_adaptors]
+        if cache.feature_dims != want:
+            raise ValueError(
+                f"teacher cache {cache.dir} holds teacher embeddings of lengths "
+                f"{cache.feature_dims}, this run's adaptors map to {want} (kd.features.dims); "
+                f"rebuild it: `mtkd cache-teacher kd.features.weight={weight} "
+                f"kd.cache_dir={cache.dir}`"
+            )
+        return cache
 
     def on_fit_start(self) -> None:
         self.teacher_source.to(self.device)
@@ -51,9 +116,25 @@ class StudentModule(MultiTaskModule):
             if n in teacher
         }
 
+    def outputs_and_pooled(self, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """``forward``'s outputs and the pooled vector the feature adaptors read."""
+        return self.net.forward_with_pooled(self.net_input(image))
+
+    def feature_loss(self, pooled: torch.Tensor, sample_ids: list[str]) -> torch.Tensor:
+        """``feature_kd_loss`` of each adaptor against its teacher's cached embeddings,
+        averaged over the batch and then over the teachers."""
+        cached = [
+            torch.from_numpy(c).to(pooled.device) for c in self.feature_cache.features(sample_ids)
+        ]
+        losses = [
+            fp32(lambda s, t, a=adaptor: feature_kd_loss(a(s), t), pooled, target).mean()
+            for adaptor, target in zip(self.feature_adaptors, cached)
+        ]
+        return torch.stack(losses).mean()
+
     def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and every logged term of one training batch."""
-        outputs = self(batch["image"])
+        outputs, pooled = self.outputs_and_pooled(batch["image"])
         sup = self.supervised_losses(outputs, batch)
         terms = {f"{n}/sup": v for n, v in sup.items()}
         kd = self.kd_losses(outputs, self.teacher_source.outputs(batch))
@@ -64,7 +145,11 @@ class StudentModule(MultiTaskModule):
             for n in self.tasks
         }
         terms.update({f"{n}/loss": v for n, v in per_task.items()})
-        return self.weighting(per_task), terms
+        total = self.weighting(per_task)
+        if self.feature_adaptors:
+            terms["features/kd"] = self.feature_loss(pooled, batch["sample_id"])
+            total = total + self.feature_weight * terms["features/kd"]
+        return total, terms
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         total, terms = self.step_losses(batch)
