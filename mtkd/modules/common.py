@@ -57,6 +57,7 @@ class MultiTaskModule(L.LightningModule):
         # gloo ((4 + 3) / 2 -> 3), which skews the epoch mean when the ranks' sizes differ.
         self.eval_totals = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
         self._labeled = {s: torch.zeros(len(self.tasks)) for s in EVAL_STAGES}
+        #: per logged term, (sum of value x batch size, samples) over the epoch's batches
         self._epoch_losses: dict[str, list[float]] = {}
         # What Task.stuck_hint reads beyond the logged metrics, filled in one validation pass.
         self.health = nn.ModuleDict(
@@ -96,7 +97,11 @@ class MultiTaskModule(L.LightningModule):
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), on_epoch=True, batch_size=batch_size)
             if self.weighting.needs_epoch_means:
-                self._epoch_losses.setdefault(key, []).append(float(value.detach()))
+                # Weighted by batch size, as Lightning's train/<task>/loss_epoch: an epoch's odd
+                # last batch must not count as much as a full one.
+                running = self._epoch_losses.setdefault(key, [0.0, 0.0])
+                running[0] += float(value.detach()) * batch_size
+                running[1] += batch_size
         self.log(
             "train/loss",
             total.detach(),
@@ -108,8 +113,8 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         means = {
-            k.split("/")[0]: sum(v) / len(v)
-            for k, v in self._epoch_losses.items()
+            k.split("/")[0]: weighted / samples
+            for k, (weighted, samples) in self._epoch_losses.items()
             if k.endswith("/loss")
         }
         self.weighting.end_epoch(means)
