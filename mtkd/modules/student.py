@@ -134,7 +134,10 @@ class StudentModule(MultiTaskModule):
 
     def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and every logged term of one training batch."""
-        outputs, pooled = self.outputs_and_pooled(batch["image"])
+        if self.feature_adaptors:
+            outputs, pooled = self.outputs_and_pooled(batch["image"])
+        else:  # the network's own forward, as a wrapper around it (DDP) expects
+            outputs = self(batch["image"])
         sup = self.supervised_losses(outputs, batch)
         terms = {f"{n}/sup": v for n, v in sup.items()}
         kd = self.kd_losses(outputs, self.teacher_source.outputs(batch))
