@@ -80,7 +80,7 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 16])
     head_dropout: float = 0.0
     #: standardise the pooled features the global heads read (BatchNorm, ``PooledNorm``); false
-    #: for checkpoints from before it existed, true in the built-in student configs
+    #: for checkpoints from before it existed, true in model=student
     pooled_norm: bool = False
     channels_last: bool = False
 
