@@ -30,8 +30,19 @@ def _resolve(base: Path, value: str) -> str:
     return str(base / value)
 
 
-def read_manifest(path: str | Path) -> list[Sample]:
-    """Read a manifest CSV into Sample records, with row numbers in every error."""
+def _climbing(base: Path, value: str) -> bool:
+    """A relative path that leads out of the manifest's folder (``../../x.jpg``): most often a
+    manifest copied to another folder, whose rows then name other files than the author meant."""
+    if "#" in value or Path(value).is_absolute():
+        return False
+    resolved = base.resolve()
+    return not (resolved / value).resolve().is_relative_to(resolved)
+
+
+def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sample]:
+    """Read a manifest CSV into Sample records, with row numbers in every error. A relative
+    image or mask path that climbs out of the manifest's folder is refused, listing every such
+    row, unless ``allow_outside_root`` (absolute paths are taken as they are)."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -45,7 +56,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
         if missing:
             raise ValueError(f"manifest {path} lacks columns {missing}; it has {header}")
         rows = list(reader)
-    samples = []
+    samples, outside = [], []
     for line, raw in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         labels, masks, points = {}, {}, {}
@@ -57,6 +68,8 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 labels[name] = _number(value, path, line, col)
             elif kind == "mask":
                 masks[name] = _resolve(base, value)
+                if _climbing(base, value):
+                    outside.append(f"  line {line}: {col}={value!r}")
             elif kind == "point":
                 pname, _, axis = name.rpartition(":")
                 if axis not in ("x", "y"):
@@ -70,6 +83,8 @@ def read_manifest(path: str | Path) -> list[Sample]:
         for pname, xy in points.items():
             if set(xy) != {"x", "y"}:
                 raise ValueError(f"manifest {path} line {line}: point {pname!r} needs both x and y")
+        if _climbing(base, row["image"]):
+            outside.append(f"  line {line}: image={row['image']!r}")
         split = row["split"].lower()
         if split and split not in SPLIT_NAMES:
             raise ValueError(
@@ -87,6 +102,14 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 points={k: (v["x"], v["y"]) for k, v in points.items()},
                 origin=f"{path} line {line}",
             )
+        )
+    if outside and not allow_outside_root:
+        shown = "\n".join(outside[:20]) + (
+            f"\n  ... {len(outside) - 20} more" if len(outside) > 20 else ""
+        )
+        raise ValueError(
+            f"manifest {path}: {len(outside)} path(s) lead out of its folder {base}; fix them, or "
+            "allow it with data.sources.<source>.options.allow_outside_root=true:\n" + shown
         )
     return samples
 
@@ -143,6 +166,9 @@ def _fmt(value: float | None) -> str:
 
 
 @register_source("manifest")
-def manifest_source(root: Path, file: str = MANIFEST_NAME) -> list[Sample]:
-    """Source kind ``manifest``: ``root`` is the folder holding the CSV (or the CSV itself)."""
-    return read_manifest(root if root.is_file() else root / file)
+def manifest_source(
+    root: Path, file: str = MANIFEST_NAME, allow_outside_root: bool = False
+) -> list[Sample]:
+    """Source kind ``manifest``: ``root`` is the folder holding the CSV (or the CSV itself);
+    ``allow_outside_root`` takes relative paths that climb out of it (``read_manifest``)."""
+    return read_manifest(root if root.is_file() else root / file, allow_outside_root)

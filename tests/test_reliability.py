@@ -50,6 +50,24 @@ def test_manifest_split_variants_are_accepted_and_others_refused(tmp_path):
         read_manifest(_manifest(tmp_path, ["a,a,train,a.png,1,", "b,b,holdout,b.png,1,"]))
 
 
+@pytest.mark.unit
+def test_manifest_paths_that_climb_out_of_its_folder_are_refused_unless_allowed(tmp_path):
+    inside = tmp_path / "set"
+    inside.mkdir()
+    rows = ["a,a,train,a.png,1,", "b,b,train,../../b.png,1,", "c,c,train,sub/../c.png,1,"]
+    manifest = _manifest(inside, rows)
+    with pytest.raises(ValueError, match=r"1 path\(s\) lead out of its folder.*\n  line 3: image="):
+        read_manifest(manifest)
+    allowed = read_manifest(manifest, allow_outside_root=True)
+    assert Path(allowed[1].image) == manifest.parent / "../../b.png"
+    from data_modules.manifest import manifest_source
+
+    assert len(manifest_source(manifest, allow_outside_root=True)) == 3
+    (tmp_path / "abs").mkdir()
+    absolute = _manifest(tmp_path / "abs", [f"a,a,train,{tmp_path / 'elsewhere.png'},1,"])
+    assert read_manifest(absolute)[0].image == str(tmp_path / "elsewhere.png")  # taken as is
+
+
 # -- 2. labels validated when samples are loaded ------------------------------------------------
 
 
