@@ -61,9 +61,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def feature_file(teacher: int) -> str:
-    """The array holding teacher ``teacher``'s (its index in the ensemble) embeddings."""
-    return f"features_{teacher}.npy"
+def feature_name(teacher: int) -> str:
+    """The name of teacher ``teacher``'s (its index in the ensemble) embeddings: their shard key,
+    their array (``<name>.npy``) and their line in ``nbytes_per_sample``."""
+    return f"features_{teacher}"
 
 
 def _digest(value: Any) -> str:
@@ -259,7 +260,7 @@ class TeacherCache:
             if self.views:
                 self._seeds = np.load(self.dir / SEEDS, mmap_mode="r")
             self._features = [
-                np.load(self.dir / feature_file(i), mmap_mode="r")
+                np.load(self.dir / f"{feature_name(i)}.npy", mmap_mode="r")
                 for i in range(len(self.feature_dims or []))
             ]
             self._pid = os.getpid()
@@ -294,7 +295,7 @@ class TeacherCache:
     def nbytes_per_sample(self) -> dict[str, int]:
         arrays = self._open()
         sizes = {n: int(a[0].nbytes) for n, a in arrays.items()}
-        sizes.update({f"features_{i}": int(a[0].nbytes) for i, a in enumerate(self._features)})
+        sizes.update({feature_name(i): int(a[0].nbytes) for i, a in enumerate(self._features)})
         return sizes
 
 
@@ -392,7 +393,7 @@ class CacheShardWriter(BasePredictionWriter):
                         f"teacher {i}'s embedding does not fit {FEATURE_DTYPE} (values "
                         "beyond 65504); feature-level KD cannot cache this teacher"
                     )
-                arrays[f"features_{i}"] = stored
+                arrays[feature_name(i)] = stored
         ids = np.asarray(prediction["sample_id"])
         name = f"rank{trainer.global_rank}-view{dataloader_idx}-batch{batch_idx}.npz"
         buf = io.BytesIO()
@@ -437,7 +438,10 @@ def merge_shards(
         dims = fingerprint_data.get("features", {}).get("dims", [])
         embeddings = [
             np.lib.format.open_memmap(
-                tmp / feature_file(i), mode="w+", dtype=FEATURE_DTYPE, shape=(len(ids), dim)
+                tmp / f"{feature_name(i)}.npy",
+                mode="w+",
+                dtype=FEATURE_DTYPE,
+                shape=(len(ids), dim),
             )
             for i, dim in enumerate(dims)
         ]
@@ -453,7 +457,7 @@ def merge_shards(
                         target = arrays[n][row, view] if views else arrays[n][row]
                         target[...] = data[f"task_{n}"][j]
                     for i, embedding in enumerate(embeddings):
-                        embedding[row] = data[f"features_{i}"][j]
+                        embedding[row] = data[feature_name(i)][j]
                     seen[row, view] = True
         missing = [ids[i] for i in np.flatnonzero(~seen.all(axis=1))]
         if missing:

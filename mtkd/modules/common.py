@@ -173,12 +173,12 @@ class MultiTaskModule(L.LightningModule):
                     self._warn_if_stuck(task, values)
             collection.reset()
             self.eval_losses[stage][name].reset()
+        self._stuck_checked |= checks
         self._labeled[stage].zero_()
         self.log(f"{stage}/loss", self.eval_totals[stage].compute(), prog_bar=stage == "val")
         self.eval_totals[stage].reset()
 
     def _warn_if_stuck(self, task: Task, values: dict[str, torch.Tensor]) -> None:
-        self._stuck_checked = True
         if task.name in self.health:
             values = {**values, **self.health[task.name].compute()}
             self.health[task.name].reset()
