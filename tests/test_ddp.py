@@ -19,9 +19,6 @@ a subprocess. The teacher checkpoint they share is itself trained under DDP (mod
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
 from mtkd.config import load_config, to_container
-from tests.conftest import EXACT, REPO, tiny_overrides
-
-#: the console script beside this interpreter (``.venv/bin/mtkd``), else ``python -m mtkd.cli``
-_SCRIPT = Path(sys.executable).with_name("mtkd")
-MTKD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mtkd.cli"]
-#: keeps the subprocess runs single-threaded: 2 ranks on a shared 2-core machine
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*MTKD, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, (
-        f"mtkd {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    return proc
-
+from tests.conftest import EXACT, tiny_overrides
+from tests.ddp_helpers import odd_split_file, run_cli
 
 # -- 1. one DDP step == one single-process step on the 2x batch -------------------------------
 
@@ -224,27 +205,12 @@ def test_ddp_step_equals_single_process_2b_step(synth_root, tmp_path):
 # -- 2-4. the Lightning stages under trainer=ddp_cpu (CLI subprocesses) -----------------------
 
 
-def _odd_split_file(synth_root: Path, work: Path) -> Path:
-    """The usual carved splits with one training sample moved to test: 33 train, 8 val and 7 test
-    images. With 2 ranks an odd split is where a padding sampler would repeat a sample."""
-    from data_modules.datamodule import load_samples
-
-    cfg = load_config("teacher", tiny_overrides(synth_root, work))
-    samples = load_samples(cfg.data)
-    mapping = {s.sample_id: s.split for s in samples}
-    moved = sorted(s.sample_id for s in samples if s.split == "train")[0]
-    mapping[moved] = "test"
-    path = work / "splits_odd.json"
-    path.write_text(json.dumps(mapping, indent=1))
-    return path
-
-
 @pytest.fixture(scope="module")
 def ddp_teacher(synth_root, tmp_path_factory) -> dict:
     """A tiny teacher trained by ``mtkd train-teacher trainer=ddp_cpu logger=csv`` (2 ranks);
     its run directory is what test_ddp_only_rank_zero_writes inspects."""
     work = tmp_path_factory.mktemp("ddp")
-    split_file = _odd_split_file(synth_root, work)
+    split_file = odd_split_file(synth_root, work)
     run_dir = work / "teacher"
     base = tiny_overrides(synth_root, work, **{"data.split_file": str(split_file)})
     args = [a for a in base if not a.startswith(("run.dir=", "logger="))]
