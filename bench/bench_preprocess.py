@@ -1,4 +1,4 @@
-"""Preprocessing-cache benchmark on real IDRiD photographs (4288x2848 JPEG).
+"""Preprocessing-cache benchmark on real IDRiD photographs (4288x2848 JPEG) or the synthetic set.
 
 Why: every epoch reads every photograph. Decoding a full IDRiD JPEG costs ~0.15 s, so without
 help the loader, not the network, bounds a CPU run. Two things help: JPEG draft mode (libjpeg
@@ -13,15 +13,20 @@ resized image is stored once, uncompressed). This measures loader samples/s for 
   collation only), the best a cache can do; warm and ceiling passes alternate, so a change
   of machine load shifts both alike;
 
-plus the decode alone with and without draft mode. Prints a Markdown table.
+plus the decode alone with and without draft mode, and the bad-image pre-scan every run
+starts with: cold (decodes and hashes every image) and warm (hashes every image: the cache and
+the pre-scan key on file content, so a file rewritten in place is never served stale; as a new
+run, with no digest remembered). Prints a Markdown table.
 
     MTKD_DATA_DIR=../shared/data .venv/bin/python bench/bench_preprocess.py [--images 32]
+    .venv/bin/python bench/bench_preprocess.py --source synthetic [--images 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,10 +37,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+import data_modules.io as io_module
 from data_modules.datamodule import FundusDataModule, FundusDataset
-from data_modules.io import load_image
+from data_modules.io import NPZ_SEPARATOR, load_image
 from data_modules.preprocess import ENTRY_SUFFIX, Prepared, Preprocessor
 from data_modules.samples import Sample, read_source
+from data_modules.synthetic import generate_synthetic
 from mtkd.config import load_config
 from mtkd.tasks import build_tasks
 
@@ -69,9 +76,36 @@ def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def pre_scan(samples: list[Sample], size: int, cache_dir: str) -> float:
+    """Seconds of one run's bad-image pre-scan, as a new run: no file digest remembered."""
+    io_module._DIGESTS.clear()
+    return seconds(lambda: Preprocessor(size, cache_dir=cache_dir).bad_images(samples))
+
+
+def bench_samples(source: str, images: int, work: Path) -> tuple[list[str], list[Sample]]:
+    """The overrides and the first ``images`` training samples of ``source``: the official
+    IDRiD training set, or a synthetic set (256 px JPEGs) generated under ``work``."""
+    if source == "synthetic":
+        root = work / "synthetic"
+        options = {"n": 2 * images, "image_size": 256, "seed": 0}
+        generate_synthetic(root, **options, progress=False)
+        opts = "{" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"
+        overrides = [
+            f"data.sources.synthetic.root={root}",
+            f"data.sources.synthetic.options={opts}",
+        ]
+        official = read_source("synthetic", root, options)
+    else:
+        data_dir = Path(os.environ.get("MTKD_DATA_DIR", REPO.parent / "shared" / "data"))
+        overrides = ["data=idrid", "tasks=idrid", f"data.sources.idrid.root={data_dir / 'idrid'}"]
+        official = read_source("idrid", data_dir / "idrid", {"parts": ["B", "C"]})
+    return overrides, [s for s in official if s.split == "train"][:images]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=32, help="first N official training images")
+    parser.add_argument("--source", choices=["idrid", "synthetic"], default="idrid")
+    parser.add_argument("--images", type=int, default=32, help="first N training images")
     parser.add_argument("--passes", type=int, default=3, help="timed passes without the cache")
     parser.add_argument(
         "--fast-passes", type=int, default=30, help="timed passes each, warm cache and ceiling"
@@ -79,16 +113,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="working size (default: config)")
     args = parser.parse_args()
 
-    data_dir = Path(os.environ.get("MTKD_DATA_DIR", REPO.parent / "shared" / "data"))
-    overrides = ["data=idrid", "tasks=idrid", f"data.sources.idrid.root={data_dir / 'idrid'}"]
+    work = Path(tempfile.mkdtemp(prefix="mtkd-bench-"))
+    overrides, samples = bench_samples(args.source, args.images, work)
     if args.size:
         overrides.append(f"data.image_size={args.size}")
     cfg = load_config("teacher", overrides)
     size, batch_size = int(cfg.data.image_size), int(cfg.data.batch_size)
     tasks = build_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
     transform = FundusDataModule(cfg.data, tasks).eval_transform()
-    official = read_source("idrid", cfg.data.sources.idrid.root, {"parts": ["B", "C"]})
-    samples: list[Sample] = [s for s in official if s.split == "train"][: args.images]
     n = len(samples)
 
     def dataset(cache_dir: str | None) -> FundusDataset:
@@ -108,6 +140,14 @@ def main() -> None:
     reference = drain(uncached, batch_size)
 
     with tempfile.TemporaryDirectory(prefix="mtkd-bench-") as cache_dir:
+        rows.append(
+            (
+                "image pre-scan, cold (decode + hash each image)",
+                pre_scan(samples, size, cache_dir) / n,
+            )
+        )
+        warm_scans = [pre_scan(samples, size, cache_dir) for _ in range(args.passes)]
+        rows.append(("image pre-scan, warm (hash each image)", statistics.median(warm_scans) / n))
         cold = seconds(lambda: drain(dataset(cache_dir), batch_size))
         rows.append(("loader, persistent cache, cold pass (fills it)", cold / n))
         warm_set = dataset(cache_dir)
@@ -125,11 +165,14 @@ def main() -> None:
         entry_kib = sum(p.stat().st_size for p in entries) / len(entries) / 1024
     if not all(torch.equal(a, b) for a, b in zip(reference * 2, cached)):
         raise AssertionError("cached and uncached loaders disagree: the cache is not transparent")
+    files = {s.image.split(NPZ_SEPARATOR)[0] for s in samples}
+    image_kib = sum(Path(f).stat().st_size for f in files) / len(files) / 1024
+    shutil.rmtree(work)
 
     print(
-        f"\nIDRiD preprocessing, {n} training images (4288x2848 JPEG) -> {size}x{size}, "
-        f"FOV crop, batch {batch_size}, num_workers=0, torch threads {torch.get_num_threads()}; "
-        f"cache entries {entry_kib:.1f} KiB each\n"
+        f"\n{args.source} preprocessing, {n} training images ({image_kib:.0f} KiB each on "
+        f"average) -> {size}x{size}, batch {batch_size}, num_workers=0, torch threads "
+        f"{torch.get_num_threads()}; cache entries {entry_kib:.1f} KiB each\n"
     )
     print("| mode | samples/s | ms/sample | speed-up vs no cache |")
     print("|---|---:|---:|---:|")

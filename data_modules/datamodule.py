@@ -20,8 +20,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.contract import Annotation, DatasetTask, TeacherOutputs
+from data_modules.io import ref_digest
 from data_modules.pack import augment, carriers, teacher_needs
-from data_modules.preprocess import Preprocessor, original_size
+from data_modules.preprocess import Preprocessor, mask_problems, original_size
 from data_modules.samples import Sample, read_source
 from data_modules.splits import assign_splits, load_splits, rank, save_splits
 from data_modules.transforms import Augmentation, build_transform, view_seed
@@ -71,7 +72,8 @@ def load_samples(
     a caller that has read them already), each label checked against ``tasks``
     (``check_labels``; ``teacher_covers`` says a teacher cache supervises every training sample,
     so a task without labels is KD-only instead of an error), the split file applied or written,
-    bad images handled and the label fraction applied."""
+    bad images handled, the label fraction applied and the masks ``tasks`` read checked against
+    their images' sizes (``check_masks``)."""
     reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
     samples = read_sources(data_cfg) if read is None else read
     if tasks is not None:
@@ -86,6 +88,8 @@ def load_samples(
         save_splits(samples, Path(run_dir) / "splits.json")
     if data_cfg.label_fraction < 1.0:
         samples = [_maybe_unlabel(s, data_cfg.label_fraction, data_cfg.split_seed) for s in samples]
+    if tasks is not None:
+        check_masks(samples, tasks)
     return samples
 
 
@@ -129,6 +133,26 @@ def check_labels(
             f"task at one of these names, rename with data.sources.<source>.label_map, or drop "
             f"it with ~tasks.{name}"
         )
+
+
+def check_masks(samples: list[Sample], tasks: dict[str, DatasetTask]) -> None:
+    """Refuse the masks ``tasks`` read that do not match their image's size (or cannot be read),
+    every one listed at once with its sample, instead of failing mid-epoch (``mask_problems``,
+    from the file headers)."""
+    names = sorted({m for t in tasks.values() for m in t.required_masks()})
+    bad = mask_problems(samples, names)
+    if not bad:
+        return
+    lines = [
+        f"  {s.sample_id}{f' ({s.origin})' if s.origin else ''}: {bad[s.sample_id]}"
+        for s in samples
+        if s.sample_id in bad
+    ]
+    shown = "\n".join(lines[:20]) + (f"\n  ... {len(lines) - 20} more" if len(lines) > 20 else "")
+    raise ValueError(
+        f"{len(bad)} sample(s) have masks that do not match their image (a mask must have its "
+        f"image's size); replace those masks or remove their samples from the source:\n{shown}"
+    )
 
 
 def drop_bad_images(samples: list[Sample], data_cfg: Any) -> list[Sample]:
@@ -280,9 +304,14 @@ class FundusDataModule(L.LightningDataModule):
 
     def train_ids(self) -> list[str]:
         """The training sample ids, as a teacher cache is keyed (labels unchecked)."""
-        return [
-            s.sample_id for s in load_samples(self.cfg, read=self.sources()) if s.split == "train"
-        ]
+        return list(self.train_digests())
+
+    def train_digests(self) -> dict[str, str]:
+        """Each training sample id -> its image's content digest (``ref_digest``, hashed by the
+        image pre-scan already): what a teacher cache records, so an image replaced in place
+        after caching makes the cache stale."""
+        samples = load_samples(self.cfg, read=self.sources())
+        return {s.sample_id: ref_digest(s.image) for s in samples if s.split == "train"}
 
     def setup(self, stage: str | None = None) -> None:
         if self.samples is None:

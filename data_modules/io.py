@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -13,11 +14,44 @@ from PIL import Image, UnidentifiedImageError
 NPZ_SEPARATOR = "#"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+#: (path, device, inode, size, modification and inode change times) -> ``file_digest``
+_DIGESTS: dict[tuple[str | int, ...], str] = {}
 
 
 def npz_ref(path: str | Path, key: str, index: int) -> str:
     """Reference to image ``index`` of array ``key`` inside an ``.npz`` file."""
     return f"{path}{NPZ_SEPARATOR}{key}/{index}"
+
+
+def is_npz_ref(ref: str) -> bool:
+    """Whether ``ref`` names an image inside an ``.npz`` file (``npz_ref``), not a file."""
+    return NPZ_SEPARATOR in ref and ref.split(NPZ_SEPARATOR, 1)[0].endswith(".npz")
+
+
+def file_digest(path: str | Path) -> str:
+    """blake2b digest (128 bit) of a file's bytes. The preprocessing cache, the image pre-scan
+    and the teacher cache key on it: a file rewritten in place with the same size and a restored
+    modification time is new content, which no ``os.stat`` field shows except the inode change
+    time. So each file version (its stat, inode change time included) is hashed once per
+    process, and never trusted across processes. Raises OSError for a missing file."""
+    st = os.stat(path)
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def ref_digest(ref: str) -> str:
+    """``file_digest`` of the file holding image reference ``ref``, plus, for an image inside an
+    ``.npz`` file, its array and index (any change of that file counts for all its images)."""
+    if is_npz_ref(ref):
+        path, inner = ref.split(NPZ_SEPARATOR, 1)
+        return f"{file_digest(path)}{NPZ_SEPARATOR}{inner}"
+    return file_digest(ref)
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,7 +104,7 @@ def _load_tiff(ref: str) -> np.ndarray:
 
 
 def _read(ref: str, draft_size: int | None) -> np.ndarray:
-    if NPZ_SEPARATOR in ref and ref.split(NPZ_SEPARATOR, 1)[0].endswith(".npz"):
+    if is_npz_ref(ref):
         return _load_npz(ref)
     if ref.lower().endswith((".tif", ".tiff")):
         try:

@@ -16,15 +16,23 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data_modules.io import NPZ_SEPARATOR, atomic_write_bytes, load_image, load_mask
+from data_modules.io import (
+    NPZ_SEPARATOR,
+    atomic_write_bytes,
+    is_npz_ref,
+    load_image,
+    load_mask,
+    ref_digest,
+)
 from data_modules.samples import Sample
 
 #: version of the cache entries' content and layout: a new one makes every old entry a miss
 CACHE_VERSION = 2
 #: pixels darker than this (0-255, max over channels) are outside the field of view
 FOV_THRESHOLD = 20
-#: version of ``Preprocessor.bad_images``'s check: a new one redoes every image
-IMAGE_CHECK = 1
+#: version of ``Preprocessor.bad_images``'s check: a new one redoes every image (2: keyed on
+#: the file's content, not its path, size and modification time)
+IMAGE_CHECK = 2
 #: file in the cache folder listing the keys of the images that passed the check
 CHECKED_IMAGES = "checked_images.json"
 #: file name ending of a cache entry (``write_entry``); version-1 entries were ``.npz`` files
@@ -46,11 +54,50 @@ class Prepared:
 
 def original_size(ref: str) -> tuple[int, int]:
     """(width, height) of the stored image without decoding its pixels."""
-    if NPZ_SEPARATOR in ref and ref.split(NPZ_SEPARATOR, 1)[0].endswith(".npz"):
+    if is_npz_ref(ref):
         arr = load_image(ref)
         return arr.shape[1], arr.shape[0]
     with Image.open(ref) as img:
         return img.size
+
+
+def _mask_size(ref: str) -> tuple[int, int]:
+    """(width, height) of a mask: from its header, else decoded (a TIFF only tifffile reads)."""
+    try:
+        return original_size(ref)
+    except (OSError, ValueError):
+        mask = load_mask(ref)
+        return mask.shape[1], mask.shape[0]
+
+
+def mask_problems(samples: list[Sample], names: list[str]) -> dict[str, str]:
+    """sample_id -> how its masks among ``names`` fail to cover its image pixel for pixel (a
+    size differing from the image's, an unreadable file), from the file headers: every such
+    sample is named before any work instead of failing mid-epoch when it is first read. An
+    image that cannot be read is left to ``Preprocessor.bad_images``."""
+    found = {}
+    for sample in samples:
+        wanted = [n for n in names if n in sample.masks]
+        if not wanted:
+            continue
+        try:
+            width, height = original_size(sample.image)
+        except (OSError, ValueError):
+            continue
+        problems = []
+        for name in wanted:
+            try:
+                w, h = _mask_size(sample.masks[name])
+            except (OSError, ValueError) as exc:
+                problems.append(
+                    f"mask {name!r} cannot be read ({exc.args[0] if exc.args else exc})"
+                )
+                continue
+            if (w, h) != (width, height):
+                problems.append(f"mask {name!r} is {w}x{h}, the image {width}x{height}")
+        if problems:
+            found[sample.sample_id] = "; ".join(problems)
+    return found
 
 
 def fov_region(image: np.ndarray) -> np.ndarray:
@@ -111,28 +158,18 @@ def uncrop(maps: np.ndarray, box: tuple[int, int, int, int], width: int, height:
     )
 
 
-def _file_stats(files: list[list[str]]) -> tuple[tuple[str | int, ...], ...]:
-    """Each of ``files`` ([path, *parts inside it]: an .npz image's array and index) with the
-    path's size and modification time, which change when the file is edited."""
-    stats = []
-    for parts in files:
-        st = os.stat(parts[0])
-        stats.append((*parts, st.st_size, st.st_mtime_ns))
-    return tuple(stats)
-
-
-def _file_key(stats: tuple[tuple[str | int, ...], ...], settings: dict[str, Any]) -> str:
-    """Digest of files' paths, sizes and modification times (``_file_stats``) plus
-    ``settings``, the key of everything cached here: an edited file or a changed setting is a
-    miss."""
-    key = json.dumps({"files": stats, **settings}, sort_keys=True)
+def _file_key(digests: tuple[str, ...], settings: dict[str, Any]) -> str:
+    """Digest of files' contents (``ref_digest``) plus ``settings``, the key of everything
+    cached here: an edited file (even one rewritten with the same size and a restored
+    modification time) or a changed setting is a miss; a moved file still hits."""
+    key = json.dumps({"files": digests, **settings}, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()
 
 
 def _image_problem(ref: str, draft_size: int) -> str | None:
     """Why the image ``ref`` cannot be used, or None. The pixels are decoded: only a decode
     finds a truncated file, whose header reads fine."""
-    if os.path.getsize(ref.split(NPZ_SEPARATOR, 1)[0]) == 0:
+    if os.path.getsize(ref.split(NPZ_SEPARATOR, 1)[0] if is_npz_ref(ref) else ref) == 0:
         return f"image file {ref} is empty (0 bytes)"
     try:
         load_image(ref, draft_size=draft_size)
@@ -186,8 +223,8 @@ def read_entry(path: Path) -> tuple[dict[str, np.ndarray], tuple[int, int, int, 
 class Preprocessor:
     """Turns Samples into ``Prepared`` arrays, through a persistent cache when ``cache_dir`` is set.
 
-    Cache key: the image's and masks' path, size and modification time plus the preprocessing
-    settings, so an edited file or changed setting is a miss. Entries are written atomically;
+    Cache key: the image's and masks' content digests (``data_modules.io.ref_digest``) plus the
+    preprocessing settings, so an edited file or changed setting is a miss. Entries are written atomically;
     an unreadable entry is rebuilt. Each entry is one file, uncompressed: a JSON header line
     (the box, each array's name, dtype and shape) and the arrays' raw bytes. A warm epoch reads
     every entry, and parsing one small header costs ~0.02 ms where an .npz's zip directory and
@@ -266,22 +303,25 @@ class Preprocessor:
         return image, masks, box
 
     def _entry_path(self, sample: Sample, names: list[str]) -> Path:
-        """The entry's file. Its digest is remembered per file state and settings: a warm epoch
-        asks once per sample, and hashing the key cost as much as reading the entry."""
-        files = [sample.image.split(NPZ_SEPARATOR)] + [[sample.masks[n]] for n in names]
+        """The entry's file. Its digest is remembered per file contents and settings: a warm
+        epoch asks once per sample, and hashing the key cost as much as reading the entry (the
+        files' own digests are hashed once per process, ``file_digest``)."""
+        digests = tuple(
+            ref_digest(ref) for ref in [sample.image, *(sample.masks[n] for n in names)]
+        )
         settings = self.settings()
-        stats = _file_stats(files)
-        memo = (stats, tuple(names), *settings.values())
+        memo = (digests, tuple(names), *settings.values())
         if memo not in self._paths:
-            digest = _file_key(stats, {"masks": names, **settings})
+            digest = _file_key(digests, {"masks": names, **settings})
             self._paths[memo] = self.cache_dir / digest[:2] / f"{digest}{ENTRY_SUFFIX}"
         return self._paths[memo]
 
     def bad_images(self, samples: list[Sample]) -> dict[str, str]:
         """sample_id -> why its image cannot be used (missing, empty, not decodable), for every
         sample at once: a bad file is named before any work instead of failing mid-epoch. JPEGs
-        decode at reduced scale, which is cheap; with a cache folder, the keys of the images that
-        passed are kept in it (keyed like the entries), so an unchanged file is decoded once."""
+        decode at reduced scale, which is cheap; with a cache folder, the content digests of the
+        images that passed are kept in it (keyed like the entries), so an unchanged file is
+        decoded once and only hashed after that."""
         record = self.cache_dir / CHECKED_IMAGES if self.cache_dir else None
         try:
             passed = set(json.loads(record.read_text())) if record else set()
@@ -291,9 +331,7 @@ class Preprocessor:
         new = set()
         for sample in samples:
             try:
-                key = _file_key(
-                    _file_stats([sample.image.split(NPZ_SEPARATOR)]), {"check": IMAGE_CHECK}
-                )
+                key = _file_key((ref_digest(sample.image),), {"check": IMAGE_CHECK})
             except OSError as exc:
                 bad[sample.sample_id] = f"image file {sample.image}: {exc.strerror or exc}"
                 continue

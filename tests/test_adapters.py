@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from data_modules.adapters._common import read_csv
+from data_modules.adapters._common import cache_dir, read_csv
 from data_modules.io import load_image, load_mask
 from data_modules.samples import Sample, read_source, source_kinds
 
@@ -32,6 +31,19 @@ ADAPTER_KINDS = {
     "refuge",
     "retinamnist",
 }
+
+
+@pytest.fixture(autouse=True)
+def derived(tmp_path, monkeypatch) -> Path:
+    """The folder mtkd owns for derived masks (``MTKD_CACHE_DIR``), under this test's tmp_path."""
+    folder = tmp_path / "mtkd-cache"
+    monkeypatch.setenv("MTKD_CACHE_DIR", str(folder))
+    return folder
+
+
+def files_under(folder: Path) -> list[tuple[str, int]]:
+    """Every file below ``folder`` with its size: what a read must leave as it was."""
+    return sorted((str(p), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
 def photo(path: Path, value: int = 90, size: tuple[int, int] = SIZE) -> Path:
@@ -341,7 +353,7 @@ def expected_fov() -> np.ndarray:
 
 def test_chase_db1_samples_patients_and_derived_fov(chase_root):
     samples = read_source("chase_db1", chase_root)
-    fov_dir = chase_root.parent / ".mtkd_fov" / "chase_db1"
+    fov_dir = cache_dir(chase_root, None, "fov", "chase_db1")
     assert [(s.sample_id, s.patient_id, s.split) for s in samples] == [
         ("chase_db1/Image_01L", "chase_db1/01", None),
         ("chase_db1/Image_01R", "chase_db1/01", None),
@@ -373,11 +385,52 @@ def test_chase_db1_fov_is_written_once(chase_root, tmp_path):
     assert cached.stat().st_mtime_ns == stamp
 
 
-def test_chase_db1_fov_falls_back_to_temp_dir(chase_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    fov = Path(read_source("chase_db1", chase_root)[0].masks["fov"])
-    assert fov.is_relative_to(tmp_path / "tmp" / "mtkd_fov") and fov.is_file()
+def test_a_photo_rewritten_in_place_has_its_fov_derived_again(chase_root, monkeypatch):
+    import data_modules.io as io_module
+
+    first = read_source("chase_db1", chase_root)[0]
+    photo_path, fov = Path(first.image), Path(first.masks["fov"])
+    before = photo_path.stat()
+    pixels = np.asarray(Image.open(photo_path)).copy()
+    pixels[:, 20:] = 0  # the right of the disc is gone: a smaller FOV
+    Image.fromarray(pixels).save(photo_path, format="PNG")
+    os.utime(photo_path, ns=(before.st_atime_ns, before.st_mtime_ns))  # restored: no newer
+    monkeypatch.setattr(io_module, "_DIGESTS", {})  # as a new run, which hashes files afresh
+    read_source("chase_db1", chase_root)
+    assert fov.stat().st_mtime_ns > before.st_mtime_ns
+    np.testing.assert_array_equal(load_mask(str(fov)), expected_fov() * (np.arange(SIZE[0]) < 20))
+
+
+def test_derived_masks_go_to_mtkds_cache_folder_never_beside_read_only_data(
+    chase_root, refuge_root, drishti_root, derived, tmp_path
+):
+    data = tmp_path / "readonly"
+    for root in (chase_root, refuge_root, drishti_root):
+        shutil.copytree(root, data / root.name)
+    before = files_under(tmp_path)
+    for path in [data, *data.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)  # chmod -w, like a read-only data mount
+    try:
+        read = {
+            kind: read_source(kind, data / name)
+            for kind, name in [
+                ("chase_db1", chase_root.name),
+                ("refuge", refuge_root.name),
+                ("drishti_gs1", drishti_root.name),
+            ]
+        }
+    finally:
+        for path in [data, *data.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    masks = [Path(m) for samples in read.values() for s in samples for m in s.masks.values()]
+    derived_masks = [m for m in masks if not m.is_relative_to(data)]
+    assert len(derived_masks) == 3 + 4 + 2  # chase FOVs, refuge disc + cup, drishti disc + cup
+    assert all(m.is_relative_to(derived) and m.is_file() for m in derived_masks)
+    # Nothing was written anywhere else: not into the data, not beside it.
+    assert [f for f in files_under(tmp_path) if not Path(f[0]).is_relative_to(derived)] == before
+    assert cache_dir(data / "x", None, "masks", "refuge") != cache_dir(
+        data / "y", None, "masks", "refuge"
+    )  # one folder per copy of a dataset
 
 
 def test_chase_db1_error_without_images(tmp_path):
@@ -410,7 +463,7 @@ def drishti_root(tmp_path) -> Path:
 
 def test_drishti_gs1_masks_at_majority_and_mean_cdr(drishti_root):
     samples = read_source("drishti_gs1", drishti_root)
-    cache = drishti_root.parent / ".mtkd_masks" / "drishti_gs1"
+    cache = cache_dir(drishti_root, None, "masks", "drishti_gs1")
     images = drishti_root / "Drishti-GS1_files"
     assert [(s.sample_id, s.split) for s in samples] == [
         ("drishti_gs1/train/drishtiGS_002", "train"),
@@ -487,7 +540,7 @@ def refuge_root(tmp_path) -> Path:
 
 def test_refuge_training_and_validation(refuge_root):
     samples = read_source("refuge", refuge_root)
-    cache = refuge_root.parent / ".mtkd_masks" / "refuge"
+    cache = cache_dir(refuge_root, None, "masks", "refuge")
     got = by_id(samples)
     assert list(got) == [
         "refuge/train/g0001",

@@ -275,3 +275,75 @@ def test_entries_are_written_atomically(
         Preprocessor(SIZE, clahe=True, cache_dir=str(cache))(other)
     # Neither a partial entry nor a temporary file is left behind.
     assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [ENTRY_SUFFIX]
+
+
+# --------------------------------------------------------------------------- content, not stat
+
+
+def rewrite_in_place(path: Path, image: np.ndarray) -> None:
+    """Replace the pixels of the BMP at ``path`` by ``image`` (same shape, so the same size) and
+    restore its modification time: only the content (and the inode change time) differs."""
+    before = os.stat(path)
+    Image.fromarray(image).save(path, format="BMP")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.fixture
+def bmp_photo(tmp_path: Path) -> Sample:
+    path = tmp_path / "photo.bmp"
+    Image.fromarray(disc_image(90, 120, (60, 45), 40)).save(path, format="BMP")
+    return Sample("s", "s", str(path), "train")
+
+
+def test_an_image_rewritten_with_its_size_and_modification_time_is_a_miss(
+    bmp_photo: Sample, tmp_path: Path, decodes: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    cache = str(tmp_path / "cache")
+    before = Preprocessor(SIZE, cache_dir=cache)(bmp_photo)
+    rewrite_in_place(Path(bmp_photo.image), disc_image(90, 120, (60, 45), 30))
+    monkeypatch.setattr(io_module, "_DIGESTS", {})  # a new run starts without them
+    after = Preprocessor(SIZE, cache_dir=cache)(bmp_photo)  # as a new run would
+    assert len(decodes) == 2 and not np.array_equal(before.image, after.image)
+    assert same(after, Preprocessor(SIZE, cache_dir=None)(bmp_photo))
+
+
+def test_an_image_moved_elsewhere_still_hits_the_cache(
+    bmp_photo: Sample, tmp_path: Path, decodes: list[str]
+):
+    cache = str(tmp_path / "cache")
+    Preprocessor(SIZE, cache_dir=cache)(bmp_photo)
+    moved = Path(bmp_photo.image).rename(tmp_path / "moved.bmp")
+    Preprocessor(SIZE, cache_dir=cache)(Sample("s", "s", str(moved), "train"))
+    assert decodes == [bmp_photo.image]  # keyed on the content, not on the path
+
+
+def test_the_pre_scan_checks_an_image_rewritten_in_place_again(
+    bmp_photo: Sample, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache = str(tmp_path / "cache")
+    assert Preprocessor(SIZE, cache_dir=cache).bad_images([bmp_photo]) == {}
+    path = Path(bmp_photo.image)
+    before = os.stat(path)
+    path.write_bytes(b"\0" * before.st_size)  # same size, no longer an image
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.setattr(io_module, "_DIGESTS", {})  # a new run starts without them
+    bad = Preprocessor(SIZE, cache_dir=cache).bad_images([bmp_photo])
+    assert list(bad) == ["s"] and "cannot be decoded" in bad["s"]
+
+
+def test_masks_of_another_size_than_their_image_are_named(tmp_path: Path):
+    good = masked_photo(tmp_path, "disc")
+    small = write_png(tmp_path / "small.png", np.full((45, 60), 255, np.uint8))
+    bad = Sample(
+        "b", "b", good.image, "train", masks={"disc": str(small), "cup": good.masks["disc"]}
+    )
+    gone = Sample("g", "g", good.image, "train", masks={"disc": str(tmp_path / "gone.png")})
+    found = preprocess.mask_problems([good, bad, gone], ["disc", "cup"])
+    assert found == {
+        "b": "mask 'disc' is 60x45, the image 120x90",
+        "g": f"mask 'disc' cannot be read (image file {tmp_path / 'gone.png'} does not exist; "
+        "check the dataset root)",
+    }
+    assert preprocess.mask_problems([bad], ["cup"]) == {}  # only the masks asked for

@@ -3,7 +3,8 @@
 Official CSVs come with quirks (a UTF-8 BOM, trailing spaces in column names, trailing empty
 columns, empty trailing rows); ``read_csv`` absorbs them once for every adapter. Masks that an
 adapter has to derive from image content (a FOV, a binarised soft map) are written once, atomically,
-into a cache folder beside the dataset and referenced by path like any official mask.
+into a cache folder mtkd owns (``derived_root``, never beside the dataset) and referenced by path
+like any official mask.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import csv
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from data_modules.io import atomic_write_bytes
+from data_modules.io import atomic_write_bytes, file_digest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+#: PNG text key of a derived mask: the content digest of the file it was derived from
+SOURCE_DIGEST = "mtkd-source-digest"
 
 
 class Row(dict):
@@ -127,32 +130,47 @@ def existing(candidates: dict[str, Path]) -> dict[str, str]:
     return {name: str(path) for name, path in candidates.items() if path.is_file()}
 
 
+def derived_root() -> Path:
+    """The folder mtkd owns for files it derives from a dataset: ``MTKD_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/mtkd`` (``~/.cache/mtkd``). Never beside the data, which may be a
+    read-only mount and is not mtkd's to write into."""
+    if os.environ.get("MTKD_CACHE_DIR"):
+        return Path(os.environ["MTKD_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mtkd"
+
+
 def cache_dir(root: Path, option: str | Path | None, folder: str, dataset: str) -> Path:
-    """Where derived masks go: ``option`` if given, else ``<root>/../<folder>/<dataset>`` when
-    that is writable, else a folder under the system temp dir unique to ``root``."""
+    """Where derived masks go: ``option`` if given, else ``<derived_root()>/<folder>/<dataset>-
+    <digest of root>``, one folder per copy of the dataset."""
     if option:
         return Path(option).expanduser()
-    parent = root.resolve().parent
-    preferred = parent / folder / dataset
-    probe = next(p for p in (preferred, parent / folder, parent) if p.exists())
-    if os.access(probe, os.W_OK):
-        return preferred
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / folder.lstrip(".") / f"{dataset}-{digest}"
+    return derived_root() / folder / f"{dataset}-{digest}"
+
+
+def _derived_from(mask: Path) -> str | None:
+    """The source digest a derived mask records (``cached_masks``), None for none or no file."""
+    try:
+        with Image.open(mask) as img:
+            return img.info.get(SOURCE_DIGEST)
+    except (OSError, ValueError):
+        return None
 
 
 def cached_masks(
     source: Path, outputs: dict[str, Path], derive: Callable[[Path], dict[str, np.ndarray]]
 ) -> dict[str, str]:
-    """Paths of the masks ``derive(source)`` computes, written (PNG 0/255, atomically) only when
-    copies at least as new as ``source`` are not there yet."""
-    fresh = all(
-        out.is_file() and out.stat().st_mtime >= source.stat().st_mtime for out in outputs.values()
-    )
-    if not fresh:
+    """Paths of the masks ``derive(source)`` computes, written (PNG 0/255, atomically) unless
+    copies derived from the same content of ``source`` are there: each records the source's
+    ``file_digest`` in a PNG text chunk, so a source rewritten in place (same size, restored
+    modification time) is derived again."""
+    digest = file_digest(source)
+    if any(_derived_from(out) != digest for out in outputs.values()):
+        info = PngInfo()
+        info.add_text(SOURCE_DIGEST, digest)
         for name, mask in derive(source).items():
             buf = io.BytesIO()
-            Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG", pnginfo=info)
             atomic_write_bytes(outputs[name], buf.getvalue())
     return {name: str(out) for name, out in outputs.items()}
 

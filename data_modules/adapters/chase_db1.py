@@ -20,7 +20,8 @@ def read_chase_db1(root: Path, fov_dir: str | None = None) -> list[Sample]:
     """A flat folder of ``Image_NN{L,R}.jpg`` with ``Image_NN{L,R}_1stHO.png`` -> mask vessels
     and ``Image_NN{L,R}_2ndHO.png`` -> vessels_2nd. CHASE_DB1 ships no field-of-view mask: one is
     derived from the photograph (red channel threshold, largest component, holes filled) and
-    written once into ``fov_dir`` (default ``<root>/../.mtkd_fov/chase_db1``) -> mask fov.
+    written once into ``fov_dir`` (default ``<MTKD_CACHE_DIR>/fov/chase_db1-<root digest>``,
+    ``_common.cache_dir``) -> mask fov.
     No official split; patient = the child NN (both eyes).
     """
     images = {s: p for s, p in image_index(root).items() if IMAGE_NAME.fullmatch(s)}
@@ -29,7 +30,7 @@ def read_chase_db1(root: Path, fov_dir: str | None = None) -> list[Sample]:
             f"CHASE_DB1: no Image_NN{{L,R}}.jpg photographs in {root}; point `root` at the "
             "unpacked CHASE_DB1 folder"
         )
-    fov_folder = cache_dir(root, fov_dir, ".mtkd_fov", "chase_db1")
+    fov_folder = cache_dir(root, fov_dir, "fov", "chase_db1")
     samples = []
     for stem, image in images.items():
         masks = existing(

@@ -25,11 +25,11 @@ def read_drishti_gs1(root: Path, mask_dir: str | None = None) -> list[Sample]:
     """``Drishti-GS1_files/{Training,Test}/Images/drishtiGS_NNN.png`` (``root`` is that folder or
     the one holding it) with ``.../GT/drishtiGS_NNN/SoftMap/drishtiGS_NNN_{ODseg,cupseg}Softmap*.png``
     binarised at the expert majority into ``mask_dir`` (default
-    ``<root>/../.mtkd_masks/drishti_gs1``) -> masks optic_disc, optic_cup, and
+    ``<MTKD_CACHE_DIR>/masks/drishti_gs1-<root digest>``) -> masks optic_disc, optic_cup, and
     ``.../GT/drishtiGS_NNN/drishtiGS_NNN_cdrValues.txt`` -> label cdr (mean of the experts).
     """
     files = _files_folder(root)
-    masks_folder = cache_dir(root, mask_dir, ".mtkd_masks", "drishti_gs1")
+    masks_folder = cache_dir(root, mask_dir, "masks", "drishti_gs1")
     samples = []
     for split, set_folder in SET_FOLDERS.items():
         if (files / set_folder / "Images").is_dir():

@@ -34,11 +34,11 @@ def read_refuge(root: Path, mask_dir: str | None = None) -> list[Sample]:
     ``Annotation-Training400/Disc_Cup_Masks/{Glaucoma,Non-Glaucoma}/<stem>.bmp`` and
     ``REFUGE-Validation400-GT/Disc_Cup_Masks/<stem>.bmp`` (0 cup, 128 rim, 255 background) are
     split into binary masks optic_disc (disc incl. cup) and optic_cup written into ``mask_dir``
-    (default ``<root>/../.mtkd_masks/refuge``). A CSV export ``Fovea_location*.csv`` of the fovea
-    table (ImgName, Fovea_X, Fovea_Y[, Glaucoma Label]) next to the bitmaps -> point fovea (and
-    the validation glaucoma label). Missing bitmaps or tables leave those labels out.
+    (default ``<MTKD_CACHE_DIR>/masks/refuge-<root digest>``). A CSV export
+    ``Fovea_location*.csv`` of the fovea table (ImgName, Fovea_X, Fovea_Y[, Glaucoma Label]) next
+    to the bitmaps -> point fovea (and the validation glaucoma label). Missing bitmaps or tables leave those labels out.
     """
-    masks_folder = cache_dir(root, mask_dir, ".mtkd_masks", "refuge")
+    masks_folder = cache_dir(root, mask_dir, "masks", "refuge")
     samples = []
     if (root / TRAIN_IMAGES).is_dir():
         samples += _training(root, masks_folder / "train")

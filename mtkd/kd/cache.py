@@ -4,7 +4,7 @@ Layout of a cache directory (only ever seen complete: it is assembled under a te
 and renamed into place; ``fingerprint.json`` is written last)::
 
     fingerprint.json   what produced it (per task the teacher files and hashes, tasks,
-                       preprocessing, split, storage)
+                       preprocessing, split, each training image's content digest, storage)
     checksums.json     sha256 and size of every other file, verified whenever the cache is opened
     index.json         sample ids; position = row in every array
     <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from data_modules.io import atomic_save_npy, atomic_write_bytes
 from mtkd.kd.fidelity import MapFidelity
 from mtkd.tasks import CacheStorage, Task
 
-#: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task
-FORMAT_VERSION = 3
+#: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task.
+#: 4: each training image's content digest (``images``)
+FORMAT_VERSION = 4
 FINGERPRINT = "fingerprint.json"
 CHECKSUMS = "checksums.json"
 INDEX = "index.json"
@@ -75,7 +77,7 @@ def fingerprint(
     task_teachers: dict[str, list[dict[str, str]]],
     tasks: dict[str, Task],
     data_cfg: Any,
-    train_ids: list[str],
+    train_ids: Mapping[str, str],
     storage: CacheStorage,
     views: int,
     features: dict[str, Any] | None = None,
@@ -84,9 +86,11 @@ def fingerprint(
     ``task_teachers`` names, for each of the run's ``tasks``, the teacher files that produce it
     ([{path, sha256, task}], empty when no teacher covers it): a changed teacher invalidates the
     tasks it taught, and the paths let a later ``distill`` re-hash the files and notice a
-    retrained teacher even when the run names none. ``features``: the cached teacher embeddings,
-    {dims, dtype, teachers (file hashes)} in teacher order; None: none cached (left out, so a
-    cache without them is written as before)."""
+    retrained teacher even when the run names none. ``train_ids``: the training samples, each
+    with its image's content digest (``FundusDataModule.train_digests``), recorded per sample
+    so an image replaced in place after caching is named. ``features``: the cached teacher embeddings, {dims, dtype, teachers (file hashes)}
+    in teacher order; None: none cached (left out, so a cache without them is written as
+    before)."""
     pp = data_cfg.preprocess
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
@@ -110,6 +114,7 @@ def fingerprint(
         },
         "split": {"train_samples": len(train_ids), "digest": _digest(sorted(train_ids))},
         "storage": storage,
+        "images": dict(sorted(train_ids.items())),
     }
     if features is not None:
         found["features"] = features
@@ -129,11 +134,33 @@ def _taught_by(files: list[dict[str, str]]) -> list[tuple[str, str]]:
     return sorted((f["sha256"], f["task"]) for f in files)
 
 
+def _changed_images(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """What the cache says of the training images whose content differs from this run's (None:
+    none differs, or the run brings no digests); ids in one split only are the split's part."""
+    if "images" not in expected:
+        return None
+    if "images" not in found:
+        return (
+            "it records no image contents (written by an older mtkd), so images replaced since "
+            "cannot be found"
+        )
+    have, want = found["images"], expected["images"]
+    changed = sorted(sid for sid, digest in want.items() if have.get(sid, digest) != digest)
+    if not changed:
+        return None
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return (
+        f"{len(changed)} of {len(want)} training images changed since it was built ({shown}): "
+        "the teacher outputs it holds are of the old pixels"
+    )
+
+
 def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir: str) -> None:
     """Raise StaleCacheError naming each differing part (for teachers, the tasks whose teachers
-    changed) and the command that rebuilds."""
+    changed; for images, how many and which changed) and the command that rebuilds."""
     parts = ["format_version", "tasks", "preprocessing", "split"]
     differing = [p for p in parts if found.get(p) != expected.get(p)]
+    images = _changed_images(found, expected)
     have, want = found.get("task_teachers", {}), expected["task_teachers"]
     retaught = sorted(
         n
@@ -142,9 +169,11 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir
     )
     replayed = {k: found.get("storage", {}).get(k) for k in REPLAYED}
     redrawn = sorted(k for k, v in replayed.items() if v != expected["storage"].get(k))
-    if not differing and not retaught and not redrawn:
+    if not differing and not retaught and not redrawn and images is None:
         return
     lines = [f"teacher cache {cache_dir} does not match this run:"]
+    if images is not None:
+        lines.append(f"  - {images}")
     if redrawn:
         lines.append(
             f"  - its {found['storage']['views']} cached views were drawn with another "
