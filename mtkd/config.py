@@ -169,6 +169,8 @@ class RunConfig:
     weighting: Any = "fixed"
     #: checkpoint to resume training from (continues the same W&B run)
     resume: str | None = None
+    #: train into a run.dir that holds a run (its checkpoints), replacing it
+    overwrite: bool = False
     #: intra-op threads per process; null: the cores divided among the node's processes, or
     #: OMP_NUM_THREADS when set (see mtkd.threads)
     threads: int | None = None
@@ -208,8 +210,16 @@ def search_path(overrides: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
     rest = [o for o in overrides if not o.startswith("config_dir=")]
     env = os.environ.get(CONFIG_PATH_ENV, os.environ.get(LEGACY_CONFIG_ENV, ""))
     path = []
-    for entry in [*dirs, *(e for e in env.split(os.pathsep) if e)]:
+    named = [(d, f"config_dir={d}") for d in dirs]
+    named += [(e, f"{CONFIG_PATH_ENV} entry {e}") for e in env.split(os.pathsep) if e]
+    for entry, given in named:
         folder = Path(entry).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"{given} is a file; config_dir and {CONFIG_PATH_ENV} take folders of "
+                "<group>/<option>.yaml files: give its folder, or pass the file as group=FILE "
+                "(e.g. data=./my_data.yaml)"
+            )
         if not folder.is_dir():
             raise ConfigError(
                 f"config folder {entry} does not exist; fix config_dir= or {CONFIG_PATH_ENV}"
@@ -248,10 +258,37 @@ def read_group(group: str, option: str, path: Sequence[Path]) -> DictConfig:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         return OmegaConf.load(path)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise yaml_error(path, exc) from None
+
+
+def yaml_error(path: str | Path, exc: yaml.YAMLError) -> ConfigError:
+    """A YAML parse failure as ``file:line:column: YAML syntax error: ...`` (the line and
+    column where YAML gives them)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    return ConfigError(f"{where}: YAML syntax error: {problem}")
+
+
+def key_problem(key: str) -> str | None:
+    """What is wrong with ``key`` (``a.b.c``) as a config key, listing the valid ones; None for
+    a key of the schema, a group (``model``) or any key under an open map (``tasks``,
+    ``trainer``, ``data.sources``...), whose entries are checked when the config is built."""
+    if key in GROUPS:
+        return None
+    node: Any = OmegaConf.structured(Config)
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the top level"
+        if not isinstance(node, DictConfig):
+            return f"{where} is a value, it has no key {part!r}"
+        if OmegaConf.get_type(node) is dict:
+            return None
+        if part not in node:
+            return f"{where} has no key {part!r}; valid keys: {', '.join(sorted(node))}"
+        node = node[part]
+    return None
 
 
 def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:

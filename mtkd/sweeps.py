@@ -24,6 +24,7 @@ import yaml
 
 from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args, whole_number
+from mtkd.config import ConfigError, key_problem, yaml_error
 from mtkd.status import status_logger
 
 log = status_logger(__name__)
@@ -58,8 +59,19 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"sweep file {file} does not exist; see mtkd/configs/sweeps/")
-    sweep = yaml.safe_load(file.read_text())
-    problems = list(sweeps.schema_violations_from_proposed_config(engine_config(sweep)))
+    text = file.read_text()
+    try:
+        sweep = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise yaml_error(file, exc) from None
+    if not isinstance(sweep, dict):
+        raise ConfigError(
+            f"sweep {file} holds a {type(sweep).__name__}, not a mapping of program, method, "
+            "metric, parameters and command"
+        )
+    problems = parameter_problems(sweep.get("parameters"), key_lines(yaml.compose(text)))
+    if not problems:  # the engine raises, naming no file, on a parameter that is no mapping
+        problems = list(sweeps.schema_violations_from_proposed_config(engine_config(sweep)))
     for key in ("program", "method", "metric", "parameters", "command"):
         if key not in sweep:
             problems.append(f"missing {key!r}")
@@ -76,9 +88,39 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     ):
         problems.append(f"command must read [${{env}}, {PROGRAM}, <stage>, ..., {ARGS}]")
     if problems:
-        raise ValueError(f"sweep {file}: " + "; ".join(problems))
+        raise ConfigError(f"sweep {file}: " + "; ".join(problems))
     sweep.setdefault("name", file.stem)
     return sweep
+
+
+def key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """The line (from 1) of every mapping key of a composed YAML document, by its key path."""
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            lines[path] = key.start_mark.line + 1
+            lines.update(key_lines(value, path))
+    return lines
+
+
+def parameter_problems(parameters: Any, lines: dict[tuple[str, ...], int]) -> list[str]:
+    """What is wrong with a sweep's ``parameters``, each at its line: not a mapping, a
+    parameter whose spec is no mapping, or a name that is no config key (every trial would
+    fail on it)."""
+    if parameters is None:
+        return []
+    if not isinstance(parameters, dict):
+        return [f"line {lines[('parameters',)]}: parameters must map config keys to specs"]
+    problems = []
+    for name, spec in parameters.items():
+        where = f"line {lines[('parameters', str(name))]}: parameter {name}"
+        problem = key_problem(str(name))
+        if problem:
+            problems.append(f"{where} is not a config key: {problem}")
+        if not isinstance(spec, dict):
+            problems.append(f"{where} needs a mapping such as {{values: [...]}}, not {spec!r}")
+    return problems
 
 
 def stage_args(sweep: dict[str, Any]) -> list[str]:
@@ -120,6 +162,9 @@ def run_trial(
         "logger=wandb_offline",
         f"logger.group={sweep['name']}",
         f"run.dir={run_dir}",
+        # The trial's folder is the sweep's own: a trial killed before its result was recorded
+        # is run again from the start (the engine may propose other values for it).
+        "run.overwrite=true",
     ]
     log = run_dir / "trial.log"
     start = time.monotonic()

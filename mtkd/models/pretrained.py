@@ -24,12 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mtkd.config import ConfigError
+from mtkd.safe_load import load_weights_only
+
 PACKAGED = "packaged"
 #: ImageNet statistics: the normalisation when the encoder's pretraining names none
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
+#: how to write a file model.encoder_weights reads
+SAVE_STATE = "torch.save(model.encoder.state_dict(), 'weights.pth')"
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,11 @@ def _looks_like_path(weights: str) -> bool:
     )
 
 
-def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict file (under ``state_dict`` or at the top, ``encoder.``
+    prefixes dropped). ``source`` names the file in errors (default: the
+    ``model.encoder_weights`` item that gave it)."""
+    source = source or f"model.encoder_weights={path}"
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
@@ -154,9 +163,25 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
             f"'{PACKAGED}' for ImageNet weights from an installed package, 'imagenet' (needs the "
             "internet) or null for random initialisation."
         )
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return {k.removeprefix("encoder."): v for k, v in state.items()}
+    state = load_weights_only(
+        file, source, "save the encoder's state dict alone with " + SAVE_STATE
+    )
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {}
+    if isinstance(state, dict):
+        tensors = {k.removeprefix("encoder."): v for k, v in state.items() if torch.is_tensor(v)}
+    if not tensors:
+        held = (
+            f"a dict without tensors (keys {sorted(map(str, state))[:5]})"
+            if isinstance(state, dict)
+            else f"a {type(state).__name__}"
+        )
+        raise ConfigError(
+            f"{source} is not a state dict of named tensors: it holds {held}. Save one with "
+            f"{SAVE_STATE}"
+        )
+    return tensors
 
 
 def load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -180,7 +205,10 @@ def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) ->
     if weights == PACKAGED:
         packaged = packaged_weights(encoder_name)
         file = packaged.path()
-        state = packaged.to_timm(read_state(file), timm_architecture(encoder_name))
+        state = packaged.to_timm(
+            read_state(file, f"model.encoder_weights={PACKAGED} ({file})"),
+            timm_architecture(encoder_name),
+        )
         if encoder_name.startswith("tu-"):
             state = {f"model.{k}": v for k, v in state.items()}
         load_strict(encoder, state, f"{file} ({packaged.pip_name})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import random
 import sys
 from pathlib import Path
@@ -15,12 +14,19 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from data_modules.io import atomic_write_bytes
-from mtkd.config import ConfigError, import_plugins
+from mtkd.config import ConfigError, ModelConfig, import_plugins, to_container
 from mtkd.models.multitask import MultiTaskNet
+from mtkd.safe_load import load_weights_only, why_unreadable
 from mtkd.tasks import Task, build_tasks
+
+#: what to do with a checkpoint that holds pickled objects besides its tensors
+RESAVE_CHECKPOINT = (
+    "use a checkpoint mtkd wrote (they hold nothing else), or, if you trust this one's source, "
+    "save it again without the objects"
+)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -30,13 +36,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {file} does not exist; train one first (make train-teacher / make distill) "
             "or pass ckpt=<path to .ckpt>"
         )
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"checkpoint {file} cannot be read safely ({exc}); is it an mtkd .ckpt?"
-        ) from None
-    if "config" not in ckpt.get("hyper_parameters", {}):
+    ckpt = load_weights_only(file, f"checkpoint {file}", RESAVE_CHECKPOINT)
+    if not isinstance(ckpt, dict) or "config" not in ckpt.get("hyper_parameters", {}):
         raise ValueError(f"{file} is not an mtkd checkpoint (no saved config)")
     check_plugins(ckpt["hyper_parameters"]["config"].get("plugins", []), file)
     return ckpt
@@ -70,6 +71,34 @@ def check_same_tasks(found: dict[str, Any], expected: dict[str, Any], source: st
             f"(differing: {diff}). Use a checkpoint trained on the same task set, or set the run's "
             "tasks to match the checkpoint (tasks=<the checkpoint's task group>)."
         )
+
+
+#: model keys that leave the network's tensors as they are: how the encoder starts (a
+#: checkpoint's weights replace it), dropout and memory layout
+NOT_IN_WEIGHTS = ("encoder_weights", "head_dropout", "channels_last")
+
+
+def check_same_network(saved: dict[str, Any], cfg: DictConfig, source: str) -> None:
+    """Refuse a checkpoint (its saved config ``saved``) of another stage, network or task set
+    than ``cfg``'s, naming the keys that differ. Without this, Lightning fails only when it loads
+    the weights, with one size-mismatch line per tensor."""
+    ours = to_container(cfg.model)
+    theirs = {**to_container(OmegaConf.structured(ModelConfig)), **saved.get("model", {})}
+    differ = [
+        (f"model.{key}", theirs[key], ours[key])
+        for key in ours
+        if key not in NOT_IN_WEIGHTS and theirs.get(key) != ours[key]
+    ]
+    if saved.get("stage") != cfg.stage:
+        differ.insert(0, ("stage", saved.get("stage"), cfg.stage))
+    if differ:
+        listed = "; ".join(f"{key} is {there} there, {here} here" for key, there, here in differ)
+        raise ConfigError(
+            f"{source} was trained as another network than this run's: {listed}. Use a "
+            "checkpoint of this stage and network, or set those keys to the checkpoint's values "
+            "(a teacher is trained by mtkd train-teacher, a student by mtkd distill)"
+        )
+    check_same_tasks(saved["tasks"], to_container(cfg.tasks), source)
 
 
 def load_net(
@@ -115,10 +144,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(
-                f"checkpoint {path} cannot be read safely ({str(exc).splitlines()[0]}); it holds "
-                "objects other than weights. Use a checkpoint written by mtkd."
+        except OSError:
+            raise  # missing or unreadable: the system's own message names the path
+        except Exception as exc:  # torch raises many types for one damaged file
+            raise ConfigError(
+                f"checkpoint {path} {why_unreadable(path, exc, RESAVE_CHECKPOINT)}"
             ) from None
 
 
