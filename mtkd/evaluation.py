@@ -12,11 +12,14 @@ it: IDRiD's DR + DME grading score.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchmetrics import Metric
 from torchmetrics.classification import (
     BinaryAUROC,
     BinaryAveragePrecision,
@@ -78,23 +81,39 @@ class MaskScores:
     AUPR (average precision, IDRiD's lesion ranking) and pixel AUROC. The curves use
     ``BinnedAveragePrecision`` / ``BinnedAUROC`` with ``CURVE_BINS`` thresholds, so memory does not
     grow with the images; a class without any foreground pixel has no curve (NaN). Plain names
-    (``dice``) are means over the classes that have a value."""
+    (``dice``) are means over the classes that have a value.
+
+    Every metric state is a sum over pixels, so what each image adds to it is kept (a few KB):
+    ``resampled_metrics`` pools a bootstrap resample of the images from those, without the
+    pixels."""
 
     def __init__(self, classes: list[str], bins: int = CURVE_BINS) -> None:
         self.classes = classes
+        self.bins = bins
         self.images = 0  # labeled images scored
         self.positives = [0] * len(classes)  # foreground pixels per class
+        self.metrics = [self._metric_set() for _ in classes]
+        #: per image scored (``add_image``): its sample id, foreground pixels per class and, per
+        #: class, what it added to each metric's state
+        self.ids: list[str] = []
+        self.image_positives: list[list[int]] = []
+        self.image_states: list[list[dict[str, dict[str, torch.Tensor]]]] = []
+
+    def _metric_set(self) -> dict[str, Metric]:
         # One process scores the whole split (see ``challenge_metrics``): never sync ranks.
         common = {"validate_args": False, "sync_on_compute": False}
-        self.metrics = [
-            {
-                "dice": BinaryF1Score(**common),
-                "iou": BinaryJaccardIndex(**common),
-                "aupr": BinnedAveragePrecision(thresholds=bins, **common),
-                "auroc": BinnedAUROC(thresholds=bins, **common),
-            }
-            for _ in classes
-        ]
+        return {
+            "dice": BinaryF1Score(**common),
+            "iou": BinaryJaccardIndex(**common),
+            "aupr": BinnedAveragePrecision(thresholds=self.bins, **common),
+            "auroc": BinnedAUROC(thresholds=self.bins, **common),
+        }
+
+    def _states(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            key: {name: value.clone() for name, value in metric.metric_state.items()}
+            for key, metric in self.metrics[index].items()
+        }
 
     def update(self, index: int, prob: torch.Tensor, target: torch.Tensor) -> None:
         """Class ``index``: probabilities and {0,1} labels of the same pixels, any shape."""
@@ -102,16 +121,81 @@ class MaskScores:
         for metric in self.metrics[index].values():
             metric.update(prob.flatten(), target.flatten())
 
+    def add_image(
+        self, sample_id: str, planes: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """One image: per class, in order, the probabilities and {0,1} labels of its pixels
+        (``update``), one class at a time so a plane can be freed before the next is made."""
+        positives, states = [], []
+        for index, (prob, target) in enumerate(planes):
+            before, pixels = self._states(index), self.positives[index]
+            self.update(index, prob, target)
+            after = self._states(index)
+            states.append(
+                {k: {n: after[k][n] - v for n, v in part.items()} for k, part in before.items()}
+            )
+            positives.append(self.positives[index] - pixels)
+        self.images += 1
+        self.ids.append(sample_id)
+        self.image_positives.append(positives)
+        self.image_states.append(states)
+
     def compute(self) -> dict[str, float]:
-        out = {}
-        for name, metrics, positives in zip(self.classes, self.metrics, self.positives):
-            for key, metric in metrics.items():
-                undefined = key in CURVES and not positives
-                out[f"{key}_{name}"] = math.nan if undefined else float(metric.compute())
-        for key in self.metrics[0]:
-            values = [v for c in self.classes if not math.isnan(v := out[f"{key}_{c}"])]
-            out[key] = sum(values) / len(values) if values else math.nan
-        return out
+        return _pooled_scores(self.classes, self.metrics, self.positives)
+
+    def resampled_metrics(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``compute``'s keys -> their value on each resample of the scored images (``draws``:
+        R x N indices into them in sample-id order, as ``collect_outputs`` orders a task's
+        images): a resample's states are sums of its images' states, each torchmetrics metric
+        computes from them as from its own updates."""
+        order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
+        counts = torch.zeros(len(draws), len(order), dtype=torch.float64)
+        counts.scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))  # R x N
+        per_image = torch.tensor([self.image_positives[i] for i in order], dtype=torch.float64)
+        positives = (counts @ per_image).tolist()  # R x C
+        summed = [
+            {
+                key: {
+                    name: torch.einsum(
+                        "rn,n...->r...",
+                        counts,
+                        torch.stack([self.image_states[i][c][key][name] for i in order]).double(),
+                    )
+                    .round()
+                    .long()
+                    for name in self.image_states[0][c][key]
+                }
+                for key in self.image_states[0][c]
+            }
+            for c in range(len(self.classes))
+        ]
+        scratch = [self._metric_set() for _ in self.classes]
+        rows = []
+        with warnings.catch_warnings():
+            # merge_state fills a reset metric's state without update(), which torchmetrics notes.
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update``")
+            for r in range(len(draws)):
+                for metrics, states in zip(scratch, summed):
+                    for key, metric in metrics.items():
+                        metric.reset()
+                        metric.merge_state({n: v[r] for n, v in states[key].items()})
+                rows.append(_pooled_scores(self.classes, scratch, positives[r]))
+        return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+
+
+def _pooled_scores(
+    classes: list[str], metrics: list[dict[str, Metric]], positives: list[float]
+) -> dict[str, float]:
+    """``MaskScores``' values from its per-class metrics and foreground pixel counts."""
+    out = {}
+    for name, class_metrics, count in zip(classes, metrics, positives):
+        for key, metric in class_metrics.items():
+            undefined = key in CURVES and not count
+            out[f"{key}_{name}"] = math.nan if undefined else float(metric.compute())
+    for key in metrics[0]:
+        values = [v for c in classes if not math.isnan(v := out[f"{key}_{c}"])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    return out
 
 
 def original_masks(sample: Sample, classes: list[str]) -> np.ndarray | None:
@@ -141,12 +225,16 @@ def score_original(
     target = original_masks(sample, scores.classes)
     if target is None:
         return
-    scores.images += 1
     fov = field_of_view(sample)
     height, width = fov.shape
-    for index, plane in enumerate(prob):
-        full = uncrop(plane[None], box, width, height)[0]
-        scores.update(index, torch.from_numpy(full[fov]), torch.from_numpy(target[index][fov]))
+    planes = (
+        (
+            torch.from_numpy(uncrop(plane[None], box, width, height)[0][fov]),
+            torch.from_numpy(t[fov]),
+        )
+        for plane, t in zip(prob, target)
+    )
+    scores.add_image(sample.sample_id, planes)
 
 
 class JointAccuracy:
@@ -205,10 +293,11 @@ def challenge_metrics(
     resolution: str,
     joint: list[tuple[str, ...]],
     device: torch.device,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, MaskScores]]:
     """``<split>/<task>/<metric>`` for every segmentation task at the original resolution (when
     ``resolution="original"``) and ``<split>/<a>+<b>/joint_acc`` per joint group, from one pass
-    over the split in this process: under DDP rank 0 runs it alone, so each sample counts once."""
+    over the split in this process: under DDP rank 0 runs it alone, so each sample counts once.
+    Also the scores of the tasks it rescored, for their intervals (``bootstrap_intervals``)."""
     tasks = module.tasks
     scores = {
         n: MaskScores(t.required_masks())
@@ -217,7 +306,7 @@ def challenge_metrics(
     }
     joints = [JointAccuracy(g, tasks) for g in joint]
     if not scores and not joints:
-        return {}
+        return {}, {}
     dataset = dm.dataset(split)
     samples = {s.sample_id: s for s in dataset.samples}
     loader = DataLoader(dataset, batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers)
@@ -233,14 +322,14 @@ def challenge_metrics(
                     sample = samples[sample_id]
                     box = dm.preprocessor(sample, dataset.mask_names).box
                     score_original(task_scores, prob, sample, box)
+    rescored = {name: task_scores for name, task_scores in scores.items() if task_scores.images}
     metrics = {
         f"{split}/{name}/{key}": value
-        for name, task_scores in scores.items()
-        if task_scores.images
+        for name, task_scores in rescored.items()
         for key, value in task_scores.compute().items()
     }
     metrics.update({f"{split}/{a.key}": a.compute() for a in joints if a.total})
-    return metrics
+    return metrics, rescored
 
 
 # -- bootstrap intervals over test images ----------------------------------------------------------
@@ -383,9 +472,17 @@ def bootstrap_intervals(
     joint: list[tuple[str, ...]],
     device: torch.device,
     resamples: int,
+    rescored: dict[str, MaskScores] | None = None,
 ) -> dict[str, list[float]]:
     """``<split>/<task>/<metric>`` -> ``[lo, hi]``: the 95 % percentile bootstrap interval over
-    the split's labeled images, ``resamples`` seeded resamples."""
+    the split's labeled images, ``resamples`` seeded resamples. A task in ``rescored`` (scored at
+    the original resolution, ``challenge_metrics``) gets its intervals at that resolution, from
+    the same draws of its images."""
+    rescored = rescored or {}
     outputs = collect_outputs(module, dm, split, device)
-    values = resampled_values(module.tasks, outputs, joint, resamples)
+    working = {name: out for name, out in outputs.items() if name not in rescored}
+    values = resampled_values(module.tasks, working, joint, resamples)
+    for name, scores in rescored.items():
+        draws = resample_draws(len(scores.ids), resamples)
+        values.update({f"{name}/{k}": v for k, v in scores.resampled_metrics(draws).items()})
     return {f"{split}/{key}": ci for key, ci in intervals(values).items()}

@@ -23,6 +23,7 @@ from data_modules.preprocess import FOV_THRESHOLD
 from mtkd.cli import Arg, Spec, parse_args
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
+from mtkd.outputs import check_output_folder, default_output
 from mtkd.status import status_logger
 from mtkd.tasks import Task
 
@@ -30,6 +31,10 @@ log = status_logger(__name__)
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
+#: names the source checkpoint, so it marks an export folder as mtkd's
+METADATA = "metadata.json"
+#: every file an export writes
+FILES = ("model.pt", "model.onnx", METADATA)
 
 
 class TaskOutputs(nn.Module):
@@ -118,18 +123,22 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
 
 
 def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
-    """Write model.pt, model.onnx and metadata.json for a checkpoint's network; returns the folder."""
+    """Write model.pt, model.onnx and metadata.json for a checkpoint's network; returns the folder.
+
+    Default folder: ``export/`` beside the checkpoint's run (``mtkd.outputs``); files already there
+    are replaced only when its metadata.json names this checkpoint, checked before the export."""
     net, tasks, cfg = load_net(ckpt)
+    out_dir = Path(out) if out else default_output(ckpt, "export")
+    check_output_folder(out_dir, ckpt, list(FILES), METADATA, "source_checkpoint")
     if cfg.stage == "teacher":
         log.warning(f"note: {ckpt} is a teacher checkpoint; exporting the teacher, not a student")
-    out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "export"
     names = list(tasks)
     weights = io.BytesIO()
     torch.save(net.state_dict(), weights)
     atomic_write_bytes(out_dir / "model.pt", weights.getvalue())
     atomic_write_bytes(out_dir / "model.onnx", onnx_bytes(net, tasks, int(cfg.data.image_size)))
     meta = metadata(ckpt, net, tasks, cfg)
-    atomic_write_bytes(out_dir / "metadata.json", json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(out_dir / METADATA, json.dumps(meta, indent=1).encode())
     log.info(
         f"exported {cfg.stage} network ({meta['parameters']:,} parameters, tasks {names}) to "
         f"{out_dir}: model.pt, model.onnx, metadata.json"
@@ -140,7 +149,10 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
 COMMAND_ARGS = Spec(
     {
         "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
-        "out": Arg("folder to write (default: export/ beside the run)"),
+        "out": Arg(
+            "folder to write (default: export/ beside the run, <stem>_export/ beside a "
+            "checkpoint outside a run)"
+        ),
     }
 )
 

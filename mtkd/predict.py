@@ -22,9 +22,14 @@ from data_modules.samples import Sample
 from data_modules.transforms import build_transform
 from mtkd.cli import Arg, Spec, parse_args
 from mtkd.modules.checkpoint import load_net
+from mtkd.outputs import check_output_folder, default_output
 from mtkd.tasks import Frame, Task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+#: the file that lists the predictions; it names the checkpoint, so it marks the folder as mtkd's
+PREDICTIONS = "predictions.json"
+#: ``<image file name>`` + this: the overlay PNG of each image
+OVERLAY_SUFFIX = "_overlay.png"
 #: a point at the original image's origin; its crop coordinates give the crop box offset
 _ORIGIN = "__origin__"
 
@@ -174,10 +179,16 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
 
     An image that cannot be read does not cost the others their results: it is listed, with the
     reason, under ``unreadable`` in predictions.json and in the printout. Only when no image can
-    be read is it an error (so the command exits non-zero)."""
+    be read is it an error (so the command exits non-zero).
+
+    Default folder: ``predictions/`` beside the checkpoint's run (``mtkd.outputs``); files already
+    there are replaced only when its predictions.json names this checkpoint, checked before any
+    image is read."""
     files = find_images(images)
     net, tasks, cfg = load_net(ckpt)
-    out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "predictions"
+    out_dir = Path(out) if out else default_output(ckpt, "predictions")
+    written = [PREDICTIONS, *(f"{path.name}{OVERLAY_SUFFIX}" for path in files)]
+    check_output_folder(out_dir, ckpt, written, PREDICTIONS, "checkpoint")
     pp = cfg.data.preprocess
     # No disk cache: the photographs may be anywhere, and each is read once.
     preprocessor = Preprocessor(cfg.data.image_size, pp.fov_crop, pp.clahe, pp.local_mean, None)
@@ -195,7 +206,7 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         frame = Frame(origin, prep.pixel_scale, fov)
         summaries = {name: task.summarise(values[name], frame) for name, task in tasks.items()}
         lines = [f"{name:<14} {tasks[name].summary_line(s)}" for name, s in summaries.items()]
-        overlay = out_dir / f"{path.name}_overlay.png"
+        overlay = out_dir / f"{path.name}{OVERLAY_SUFFIX}"
         write_overlay(overlay, path.name, prep.image, tasks, values, lines)
         x0, y0 = origin
         side_w, side_h = prep.pixel_scale
@@ -219,8 +230,8 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         "predictions": results,
         "unreadable": unreadable,
     }
-    atomic_write_bytes(out_dir / "predictions.json", json.dumps(payload, indent=1).encode())
-    print(f"\npredictions for {len(results)} image(s) written to {out_dir / 'predictions.json'}")
+    atomic_write_bytes(out_dir / PREDICTIONS, json.dumps(payload, indent=1).encode())
+    print(f"\npredictions for {len(results)} image(s) written to {out_dir / PREDICTIONS}")
     if unreadable:
         print(f"{len(unreadable)} image(s) could not be read and have no predictions:")
         print("\n".join(f"  {reason}" for reason in reasons))
@@ -231,7 +242,10 @@ COMMAND_ARGS = Spec(
     {
         "ckpt": Arg("checkpoint to predict with", required="path/to/best.ckpt"),
         "images": Arg("an image file or a folder of images", required="image file or folder"),
-        "out": Arg("folder to write (default: predictions/ beside the run)"),
+        "out": Arg(
+            "folder to write (default: predictions/ beside the run, <stem>_predictions/ beside "
+            "a checkpoint outside a run)"
+        ),
     }
 )
 

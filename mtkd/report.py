@@ -33,6 +33,7 @@ from mtkd.evaluation import (
 )
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.checkpoint import load_net
+from mtkd.outputs import check_saved_paths
 from mtkd.predict import activate, draw_overlay, layer_colors, legend_handles, spatial_layers
 from mtkd.profiling import THROUGHPUT_BATCH, Profile, profile_net
 from mtkd.status import status_logger
@@ -335,6 +336,8 @@ def build_report(
         except FileNotFoundError as exc:
             log.warning(f"report: no baseline column ({exc})")
     loaded = {r.role: load_net(r.checkpoint) for r in results}
+    for r in results:  # each model is scored on the data its checkpoint names: read, never made
+        check_saved_paths(loaded[r.role][2].data, [], r.checkpoint)
     nets = {role: net for role, (net, _, _) in loaded.items()}
     tasks, cfg = loaded["student"][1], loaded["student"][2]
     # Each model at its own working size: a student distilled at 96 px from a 128 px teacher

@@ -142,6 +142,34 @@ def test_working_resolution_truth_maps_back_onto_the_original_masks(synth_root):
 
 
 @pytest.mark.unit
+def test_a_resample_at_the_original_resolution_pools_its_drawn_images_as_compute_does():
+    """Each resample's scores equal a fresh MaskScores fed the drawn images (an image drawn
+    twice counts twice); draws index the images in sample-id order, whatever order they were
+    scored in, and a class without foreground in a resample has no curve."""
+    generator = torch.Generator().manual_seed(0)
+
+    def plane(foreground: float) -> tuple[torch.Tensor, torch.Tensor]:
+        prob = torch.rand(500, generator=generator)
+        return prob, (torch.rand(500, generator=generator) < foreground * prob).long()
+
+    images = {"b": [plane(0.6), plane(0.5)], "a": [plane(0.6), plane(0.4)]}
+    images["c"] = [plane(0.6), plane(0.0)]  # no foreground of class y
+    scores = MaskScores(["x", "y"])
+    for sample_id, planes in images.items():
+        scores.add_image(sample_id, planes)
+    draws = torch.tensor([[0, 1, 2], [0, 0, 2], [2, 2, 2]])  # a b c, a a c, c c c
+    got = scores.resampled_metrics(draws)
+    for row, drawn in enumerate(draws.tolist()):
+        expected = MaskScores(["x", "y"])
+        for index in drawn:
+            expected.add_image("abc"[index], images["abc"[index]])
+        for key, value in expected.compute().items():
+            assert got[key][row].item() == pytest.approx(value, nan_ok=True), (row, key)
+    assert math.isnan(got["aupr_y"][2]) and not math.isnan(got["aupr_y"][1])
+    assert got["dice"][0].item() == pytest.approx(scores.compute()["dice"])
+
+
+@pytest.mark.unit
 def test_a_sample_without_any_class_mask_is_not_scored(tmp_path):
     sample = Sample("s/test/1", "p1", _png(tmp_path / "i.png", np.full((8, 10, 3), 99, np.uint8)))
     scores = MaskScores(["a"])
@@ -201,10 +229,18 @@ def test_evaluate_original_resolution_end_to_end(tiny, capsys):
     capsys.readouterr()
     assert main(["evaluate", f"ckpt={best}", "joint=dr_grade,cdr"]) == 2  # before any test pass
     assert "joint=dr_grade,cdr: name two or more" in capsys.readouterr().err
-    metrics = evaluate(str(best), "test", [], resolution="original")
+    metrics = evaluate(str(best), "test", [], resolution="original", bootstrap=200)
     assert "on test, original resolution" in capsys.readouterr().out
-    stored = json.loads((run_dir / "metrics_test_original.json").read_text())["metrics"]
-    assert stored == pytest.approx(metrics, nan_ok=True)
+    payload = json.loads((run_dir / "metrics_test_original.json").read_text())
+    assert payload["metrics"] == pytest.approx(metrics, nan_ok=True)
+    # The rescored tasks keep intervals, at the original resolution (AUPR and AUROC exist there
+    # only); they used to be dropped, leaving "ci": {} beside "resamples".
+    ci = payload["ci"]
+    for task in ("lesions", "anatomy"):
+        for metric in ("dice", "iou", "aupr", "auroc"):
+            assert f"test/{task}/{metric}" in ci, (task, metric)
+    lo, hi = ci["test/anatomy/auroc_vessels"]
+    assert 0 <= lo <= hi <= 1
     assert not (run_dir / "metrics_test.json").exists()  # the working-resolution file is another
     dense = ("test/lesions/", "test/anatomy/")
     for task, classes in (
