@@ -9,26 +9,44 @@ training image, labeled or not. The no-KD twin gets the same labels, images, epo
 
 Overrides apply to every stage (``mtkd demo trainer.max_epochs=1``). Where each stage writes is
 the demo's business: everything goes under ``runs=DIR`` (default ``runs``), laid out like the
-step-by-step commands (teacher/, teacher_cache/, student/, student_nokd/, report/).
+step-by-step commands (teacher/, teacher_cache/, student/, student_nokd/, report/). The demo
+replaces the runs of an earlier demo there (``DIR/demo.json`` marks them as its own), and says
+so; a run it did not write (``mtkd train-teacher`` into runs/teacher) is refused before any work.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
-from mtkd.config import load_config
+from mtkd.config import ConfigError, load_config
 from mtkd.report import INTERVALS_NOTE, Report, build_report
-from mtkd.stages import cache_teacher, evaluate, fit
+from mtkd.stages import cache_teacher, evaluate, fit, held_checkpoints, refuse_fast_dev_run
 from mtkd.status import status_logger
 
 log = status_logger(__name__)
 
 #: overrides the demo sets itself, per stage
-RESERVED = ("run.dir", "kd", "kd.mode", "kd.cache_dir", "kd.teacher", "cache.teacher", "stage")
+RESERVED = (
+    "run.dir",
+    "run.resume",
+    "run.overwrite",
+    "kd",
+    "kd.mode",
+    "kd.cache_dir",
+    "kd.teacher",
+    "cache.teacher",
+    "stage",
+)
+#: the demo's training runs under runs=DIR, which a later demo replaces
+RUN_DIRS = ("teacher", "student", "student_nokd")
+#: written into runs=DIR before the first stage: its RUN_DIRS hold the demo's own runs
+MARKER = "demo.json"
 #: the two students train for fewer epochs than the teacher (12 on the CPU profile) so that the
 #: demo, first install included, stays under 15 minutes on 2 CPU cores; a trainer.max_epochs
 #: override applies to every stage instead
@@ -46,6 +64,26 @@ def stage(title: str, timings: dict[str, float]) -> Iterator[None]:
     timings[title] = time.perf_counter() - start
 
 
+def claim_runs(root: Path) -> list[str]:
+    """The overrides the demo's runs under ``root`` need: ``run.overwrite=true`` when an earlier
+    demo left runs in RUN_DIRS (``root/demo.json`` marks them as its own), none for fresh
+    folders. Runs there without the mark are someone else's (``mtkd train-teacher`` writes
+    runs/teacher too) and are refused, naming them."""
+    held = [root / name for name in RUN_DIRS if held_checkpoints(root / name)]
+    if not held:
+        return []
+    if not (root / MARKER).is_file():
+        raise ConfigError(
+            f"{', '.join(map(str, held))} hold runs that the demo did not write (no "
+            f"{root / MARKER}); give the demo a folder of its own with runs=DIR, or move them"
+        )
+    log.info(
+        f"demo: replacing the runs an earlier demo left in {', '.join(map(str, held))} "
+        "(runs=DIR writes a new demo elsewhere)"
+    )
+    return ["run.overwrite=true"]
+
+
 def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, dict[str, float]]:
     """Run every stage; returns the report and the wall time of each stage in seconds."""
     taken = sorted({o.split("=", 1)[0] for o in overrides} & set(RESERVED))
@@ -56,14 +94,19 @@ def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, d
         )
     root = Path(runs)
     cache = root / "teacher_cache"
+    everywhere = [*overrides, *claim_runs(root)]
+    teacher_cfg = load_config("teacher", [*everywhere, f"run.dir={root / 'teacher'}"])
+    refuse_fast_dev_run(teacher_cfg, "demo")
+    marker = {"command": "mtkd demo", "runs": list(RUN_DIRS), "overrides": overrides}
+    atomic_write_bytes(root / MARKER, json.dumps(marker, indent=1).encode())
     students = [
         f"trainer.max_epochs={STUDENT_EPOCHS}",
         f"data.label_fraction={STUDENT_LABEL_FRACTION}",
-        *overrides,
+        *everywhere,
     ]
     timings: dict[str, float] = {}
     with stage("1/6 train the teacher", timings):
-        teacher = fit(load_config("teacher", [*overrides, f"run.dir={root / 'teacher'}"]))
+        teacher = fit(teacher_cfg)
     with stage("2/6 cache the teacher's outputs", timings):
         cache_teacher(
             load_config(

@@ -7,11 +7,12 @@ Trainer flags, never code changes) and saves the resolved config beside its outp
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -41,7 +42,7 @@ from mtkd.logging import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
     RngState,
     SafeCheckpointIO,
-    check_same_tasks,
+    check_same_network,
     read_checkpoint,
     without_pretrained,
 )
@@ -124,64 +125,149 @@ def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
     return key, "max" if higher else "min"
 
 
-def fit(cfg: DictConfig) -> Path:
+def held_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints a run left in ``run_dir`` (finished or not): what a new run would replace."""
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse a run directory that holds checkpoints (a finished or an interrupted run) unless
+    ``run.resume`` continues it or ``run.overwrite`` replaces it: Lightning would replace its
+    best.ckpt and last.ckpt with a mere warning."""
+    run_dir = Path(cfg.run.dir)
+    found = held_checkpoints(run_dir)
+    if not found or cfg.run.resume or cfg.run.overwrite:
+        return
+    finished = (run_dir / "metrics_val.json").is_file()
+    held = "a finished run" if finished else "an unfinished run (no metrics_val.json)"
+    resume = run_dir / "checkpoints" / ("last.ckpt" if "last.ckpt" in found else found[0])
+    raise ConfigError(
+        f"{run_dir} holds {held}: checkpoints/{', checkpoints/'.join(found)}. Continue it with "
+        f"run.resume={resume}, replace it with run.overwrite=true, or give another run.dir"
+    )
+
+
+def refuse_fast_dev_run(cfg: DictConfig, command: str) -> None:
+    """For commands whose next stage reads the checkpoint that ``trainer.fast_dev_run`` does
+    not write (demo, study): refuse it before the first stage instead of after it."""
+    if cfg.trainer.get("fast_dev_run", False):
+        raise ConfigError(
+            f"{command}: trainer.fast_dev_run writes no checkpoint for the next stage to read; "
+            "for a quick pass use trainer.max_epochs=1 trainer.limit_train_batches=1 "
+            "trainer.limit_val_batches=1"
+        )
+
+
+class SaveConfig(Callback):
+    """Saves the resolved config as ``checkpoints/config.yaml`` when training starts: after the
+    data checks, so a refused rerun leaves the old one, and after ModelCheckpoint looked at the
+    folder (written before, it made every fresh run warn that the folder was not empty)."""
+
+    def __init__(self, cfg: DictConfig, path: Path) -> None:
+        self.cfg = cfg
+        self.path = path
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_config(self.cfg, self.path)
+
+
+class EpochLog(Callback):
+    """One status line per training epoch when the progress bar is off, so that a long run
+    without one says how it goes: epoch, epoch-mean training loss, the monitored metric and
+    the epoch's seconds (validation included)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.progress_bar_callback is not None:
+            return
+        metrics = trainer.callback_metrics
+        shown = {"train/loss": "train/loss_epoch", self.monitor: self.monitor}
+        values = [f"{n} {float(metrics[k]):.4f}" for n, k in shown.items() if k in metrics]
+        total = f"/{trainer.max_epochs}" if (trainer.max_epochs or 0) > 0 else ""
+        seconds = time.perf_counter() - self.start
+        log.info(f"epoch {trainer.current_epoch + 1}{total}: {', '.join(values)}, {seconds:.1f} s")
+
+
+def fit(cfg: DictConfig) -> Path | None:
     """Train the teacher (cfg.stage == "teacher") or the student ("distill"); returns the best
     checkpoint after printing its per-task validation metrics.
 
     ``last.ckpt`` is written (atomically) at every epoch end whatever the monitored metric does,
     with optimizer, scheduler, loop and RNG state: ``run.resume=.../last.ckpt`` continues at the
-    next epoch as if never interrupted."""
+    next epoch as if never interrupted. A run directory that holds checkpoints is refused unless
+    ``run.resume`` or ``run.overwrite`` says what to do with it (``check_run_dir``), and nothing
+    is written into it (config, logs, W&B files) before the data and the teacher cache have
+    passed their checks. ``trainer.fast_dev_run`` (Lightning then saves no checkpoint and logs
+    nothing) writes nothing at all and returns None."""
     run_dir = Path(cfg.run.dir)
+    smoke = bool(cfg.trainer.get("fast_dev_run", False))
     with directory_lock(run_dir, f"mtkd {cfg.stage} run"):
+        if not smoke:
+            check_run_dir(cfg)
         if cfg.run.resume:
             # Lightning would fail later on, with a dump of the state_dict keys.
-            saved = read_checkpoint(cfg.run.resume)["hyper_parameters"]["config"]["tasks"]
-            specs = OmegaConf.to_container(cfg.tasks, resolve=True)
-            check_same_tasks(saved, specs, f"run.resume={cfg.run.resume}")
+            saved = read_checkpoint(cfg.run.resume)["hyper_parameters"]["config"]
+            check_same_network(saved, cfg, f"run.resume={cfg.run.resume}")
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
         module = STAGE_MODULES[cfg.stage](to_container(cfg))
-        dm = FundusDataModule(cfg.data, module.tasks, run_dir=run_dir)
-        if isinstance(module, StudentModule) and module.teacher_source.reads_cache:
-            dm.teacher = open_checked_cache(cfg, module.tasks, dm.train_ids())
         monitor, mode = monitor_of(cfg, module.tasks)
+        dm = FundusDataModule(cfg.data, module.tasks, run_dir=None if smoke else run_dir)
+        if isinstance(module, StudentModule) and module.teacher_source.reads_cache:
+            dm.teacher = open_checked_cache(cfg, module.tasks, dm.train_digests())
+        dm.setup("fit")  # the label and image checks, before the logger writes anything
         best_ckpt = ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best",
             monitor=monitor,
             mode=mode,
             auto_insert_metric_name=False,
-            enable_version_counter=False,  # a rerun replaces best.ckpt instead of writing best-v1
+            enable_version_counter=False,  # run.overwrite replaces best.ckpt, no best-v1
         )
         # ModelCheckpoint(save_last=True) refreshes last.ckpt only when best.ckpt improves.
         last_ckpt = ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
         )
-        logger = make_logger(cfg, run_dir, job_type=cfg.stage, resume_from=cfg.run.resume)
-        callbacks: list = [best_ckpt, last_ckpt, RngState(), *logger_callbacks(cfg, logger)]
+        logger = False if smoke else make_logger(cfg, run_dir, cfg.stage, cfg.run.resume)
+        callbacks: list = [best_ckpt, last_ckpt, RngState(), EpochLog(monitor)]
+        callbacks += logger_callbacks(cfg, logger)
+        if not smoke:
+            callbacks.append(SaveConfig(cfg, run_dir / "checkpoints" / "config.yaml"))
         if logger:
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         trainer = make_trainer(cfg, run_dir, callbacks, logger)
-        if trainer.is_global_zero:
-            save_config(cfg, run_dir / "checkpoints" / "config.yaml")
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.run.resume, weights_only=True)
-        best = Path(best_ckpt.best_model_path or last_ckpt.best_model_path)
+        best = None if smoke else Path(best_ckpt.best_model_path or last_ckpt.best_model_path)
         results = trainer.validate(
-            module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+            module,
+            datamodule=dm,
+            ckpt_path=None if best is None else str(best),
+            verbose=False,
+            weights_only=True,
         )
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
         if trainer.is_global_zero:
-            print_metrics(metrics, f"{cfg.stage} validation ({best})")
-            write_metrics(run_dir / "metrics_val.json", str(best), "val", metrics)
+            where = best or "trainer.fast_dev_run: the model as trained, no checkpoint written"
+            print_metrics(metrics, f"{cfg.stage} validation ({where})")
+            if best is not None:
+                write_metrics(run_dir / "metrics_val.json", str(best), "val", metrics)
         return best
 
 
 def open_checked_cache(
-    cfg: DictConfig, tasks: dict, train_ids: list[str] | None = None
+    cfg: DictConfig, tasks: dict, train: dict[str, str] | None = None
 ) -> TeacherCache:
     """Open the teacher cache and refuse it unless it describes this run's teachers and data:
     the teachers the run names (kd.teachers, or kd.teacher), else the files the cache recorded,
-    hashed again. Logs which teachers teach which task. ``train_ids``: the run's training
-    samples when its data module has read the sources already (``FundusDataModule.train_ids``)."""
+    hashed again, and the training images' contents. Logs which teachers teach which task.
+    ``train``: the run's training ids and image digests when its data module has read the sources
+    already (``FundusDataModule.train_digests``)."""
     cache = TeacherCache(cfg.kd.cache_dir, tasks)
     named = distill_teachers(cfg.kd)
     if named:
@@ -193,7 +279,7 @@ def open_checked_cache(
         {n: taught.get(n, []) for n in tasks},
         tasks,
         cfg.data,
-        FundusDataModule(cfg.data, tasks).train_ids() if train_ids is None else train_ids,
+        FundusDataModule(cfg.data, tasks).train_digests() if train is None else train,
         stored_storage(cache.fingerprint),
         int(cache.fingerprint["storage"]["views"]),
     )
@@ -260,7 +346,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
         trainer.predict(ensemble, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            train_ids = [s.sample_id for s in dm.split("train")]
+            train_ids = dm.train_digests()
             fp = fingerprint(
                 taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views, features
             )
@@ -301,6 +387,7 @@ def evaluate(
         challenge_metrics,
         joint_groups,
     )
+    from mtkd.outputs import check_output_file, check_saved_paths, default_output
 
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: evaluate takes split=val or split=test")
@@ -312,10 +399,13 @@ def evaluate(
     if resamples < 0:
         raise ValueError(f"bootstrap={resamples}: give a number of resamples >= 0 (0: none)")
     saved = read_checkpoint(ckpt)["hyper_parameters"]["config"]
+    working = resolution == "working"
+    name = f"metrics_{split}.json" if working else f"metrics_{split}_original.json"
+    target = Path(out) if out else default_output(ckpt, name)
+    check_output_file(target, ckpt)  # before any work: a bad out= used to fail after all of it
     cfg = apply_overrides(OmegaConf.create(saved), overrides)
-    check_same_tasks(
-        saved["tasks"], OmegaConf.to_container(cfg.tasks, resolve=True), f"checkpoint {ckpt}"
-    )
+    check_saved_paths(cfg.data, overrides, ckpt)
+    check_same_network(saved, cfg, f"checkpoint {ckpt}")
     cls = STAGE_MODULES[cfg.stage]
     module = cls.load_from_checkpoint(
         ckpt, map_location="cpu", weights_only=True, config=to_container(without_pretrained(cfg))
@@ -324,32 +414,28 @@ def evaluate(
         module.teacher_source = NoTeacher()  # evaluation never needs the teacher
     groups = joint_groups(module.tasks, joint)
     dm = FundusDataModule(cfg.data, module.tasks)
-    logger = make_logger(cfg, Path(ckpt).parent.parent, job_type="evaluate")
+    logger = make_logger(cfg, target.parent, job_type="evaluate")  # logs beside the metrics
     trainer = make_trainer(cfg, None, logger_callbacks(cfg, logger), logger)
     run = trainer.validate if split == "val" else trainer.test
     results = run(module, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
         device = trainer.strategy.root_device
-        challenge = challenge_metrics(module, dm, split, resolution, groups, device)
+        challenge, rescored = challenge_metrics(module, dm, split, resolution, groups, device)
         metrics.update(challenge)
         ci, bootstrap_info = None, None
         if resamples:
-            ci = bootstrap_intervals(module, dm, split, groups, device, resamples)
-            # Tasks scored at the original resolution: their working-resolution intervals differ.
-            rescored = {k.split("/")[1] for k in challenge if not k.endswith("/joint_acc")}
-            ci = {k: v for k, v in ci.items() if k.split("/")[1] not in rescored}
+            # Tasks scored at the original resolution get their intervals at that resolution.
+            ci = bootstrap_intervals(module, dm, split, groups, device, resamples, rescored)
             bootstrap_info = {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": LEVEL}
-        working = resolution == "working"
         where = split if working else f"{split}, original resolution"
         print_metrics(metrics, f"{cfg.stage} on {where} ({ckpt})", ci)
         if ci:
+            pixels = "" if working else " (segmentation on the original pixels)"
             print(
                 f"  [lo, hi]: {LEVEL:.0%} percentile bootstrap interval over the {split} images "
-                f"labeled for each task ({resamples} resamples, seed {BOOTSTRAP_SEED})"
+                f"labeled for each task{pixels} ({resamples} resamples, seed {BOOTSTRAP_SEED})"
             )
-        name = f"metrics_{split}.json" if working else f"metrics_{split}_original.json"
-        target = Path(out) if out else Path(ckpt).parent.parent / name
         write_metrics(target, str(ckpt), split, metrics, ci, bootstrap_info)
         log.info(f"metrics written to {target}")
     return metrics

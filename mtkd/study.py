@@ -11,9 +11,13 @@ initialisation and batch order; the labeled patients and the test split are fixe
 ``data.split_seed`` (fractions are nested: the 10 % patients are among the 25 %). Checkpoints
 are chosen on the fully labeled validation split, the same way in both arms.
 
-A finished cell (its ``metrics_test.json`` exists) is not rerun, nor a finished teacher or cache,
-so an interrupted study continues where it stopped; the settings that define the protocol are
-saved in ``protocol.json`` and a rerun with other settings is refused.
+A finished cell (its ``metrics_test.json`` exists) is not rerun, nor a finished teacher (its
+``metrics_val.json``) or cache, so an interrupted study continues where it stopped: a run killed
+during training resumes from the checkpoint it left (``run.resume``), a cell killed after
+training is only evaluated. The settings that define the protocol are saved in
+``protocol.json``, the resolved stage configs included (the teacher's and each arm's student's,
+without the keys that differ per cell), so a rerun whose configs differ (another override, a
+``config_dir`` file that shadows a built-in one, another mtkd version) is refused, naming them.
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
-from mtkd.config import load_config, read_group, search_path
+from mtkd.config import load_config, read_group, search_path, to_container
 from mtkd.report import markdown_table
-from mtkd.stages import cache_teacher, evaluate, fit
+from mtkd.stages import cache_teacher, evaluate, fit, refuse_fast_dev_run
 from mtkd.status import status_logger
 from mtkd.tasks import build_tasks
 
@@ -46,6 +50,8 @@ RESERVED = (
     "stage",
     "run.dir",
     "run.seed",
+    "run.resume",
+    "run.overwrite",
     "kd",
     "kd.mode",
     "kd.cache_dir",
@@ -58,6 +64,20 @@ RESERVED = (
     "logger.name",
 )
 LEVEL = 0.95
+#: keys of the stage configs that differ from cell to cell or only name things: left out of
+#: the protocol (``logger``: names and where to log, not what is trained)
+PER_CELL = (
+    "run.dir",
+    "run.seed",
+    "run.resume",
+    "data.label_fraction",
+    "kd.cache_dir",
+    "kd.teacher",
+    "cache.teacher",
+    "logger",
+)
+#: how many differing protocol keys a refusal names
+SHOWN_KEYS = 5
 
 
 @dataclass
@@ -127,52 +147,146 @@ def check_study(study: StudyConfig, overrides: list[str]) -> None:
         raise ValueError("; ".join(problems))
 
 
-def protocol(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
+def teacher_tag(study: StudyConfig, fraction: float) -> str:
+    return "all" if study.teacher == "all" else f"f{fraction:g}"
+
+
+def teacher_overrides(study: StudyConfig, overrides: list[str], fraction: float) -> list[str]:
+    """The overrides of the fraction's teacher run."""
+    tag = teacher_tag(study, fraction)
+    return [
+        *overrides,
+        f"run.dir={Path(study.out) / f'teacher_{tag}'}",
+        f"run.seed={study.teacher_seed}",
+        f"data.label_fraction={1.0 if study.teacher == 'all' else fraction}",
+        f"trainer.max_epochs={study.teacher_epochs}",
+        f"logger.group={study.name}",
+        f"logger.name=teacher_{tag}",
+    ]
+
+
+def cell_name(fraction: float, seed: int, arm: str) -> str:
+    return f"f{fraction:g}_s{seed}_{arm}"
+
+
+def cell_dir(study: StudyConfig, fraction: float, seed: int, arm: str) -> Path:
+    return Path(study.out) / f"f{fraction:g}" / f"seed{seed}" / arm
+
+
+def student_overrides(
+    study: StudyConfig,
+    overrides: list[str],
+    fraction: float,
+    seed: int,
+    arm: str,
+    teacher: tuple[Path, Path] | None,
+) -> list[str]:
+    """The overrides of one cell's student; ``teacher``: the fraction's teacher checkpoint and
+    cache, which the KD arm reads."""
+    if arm == "kd":
+        ckpt, cache = teacher
+        kd = ["kd=cached", f"kd.cache_dir={cache}", f"kd.teacher={ckpt}"]
+    else:
+        kd = ["kd=none"]
+    return [
+        *overrides,
+        *kd,
+        f"run.dir={cell_dir(study, fraction, seed, arm)}",
+        f"run.seed={seed}",
+        f"data.label_fraction={fraction}",
+        f"trainer.max_epochs={study.student_epochs}",
+        f"logger.group={study.name}",
+        f"logger.name={cell_name(fraction, seed, arm)}",
+    ]
+
+
+def stage_configs(study: StudyConfig, overrides: list[str]) -> dict[str, DictConfig]:
+    """The resolved configs the study trains with: its teacher and each arm's student (shown
+    for the first fraction and seed; PER_CELL lists what the others change)."""
+    fraction, seed = study.fractions[0], study.seeds[0]
+    configs = {"teacher": load_config("teacher", teacher_overrides(study, overrides, fraction))}
+    teacher = (Path(study.out) / "teacher.ckpt", Path(study.out) / "cache")  # both PER_CELL
+    for arm in ARMS:
+        student = student_overrides(study, overrides, fraction, seed, arm, teacher)
+        configs[f"student_{arm}"] = load_config("distill", student)
+    return configs
+
+
+def without(tree: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a nested dict without the dotted ``keys``."""
+    out = json.loads(json.dumps(tree))
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.get(name, {})
+        node.pop(leaf, None)
+    return out
+
+
+def protocol(study: StudyConfig, configs: dict[str, DictConfig]) -> dict[str, Any]:
     """What every cell of one study shares; fractions and seeds may grow between runs."""
     return {
         "teacher": study.teacher,
         "teacher_seed": study.teacher_seed,
         "teacher_epochs": study.teacher_epochs,
         "student_epochs": study.student_epochs,
-        "overrides": overrides,
+        "configs": {name: without(to_container(c), PER_CELL) for name, c in configs.items()},
     }
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ, in order; a key only one side has counts whole."""
+    found = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += differences(old, new, f"{prefix}{key}.")
+        elif key not in saved or key not in current or old != new:
+            found.append(f"{prefix}{key}")
+    return found
 
 
 def check_protocol(out: Path, current: dict[str, Any]) -> None:
     """Refuse to mix cells trained under different settings in one output folder."""
     file = out / "protocol.json"
     if file.is_file():
-        saved = json.loads(file.read_text())
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        changed = differences(json.loads(file.read_text()), json.loads(json.dumps(current)))
         if changed:
+            more = len(changed) - SHOWN_KEYS
+            shown = ", ".join(changed[:SHOWN_KEYS]) + (f" and {more} more" if more > 0 else "")
             raise ValueError(
-                f"{out} holds a study run with other settings ({', '.join(changed)} differ, "
-                f"see {file}); give it another folder with study.out=DIR or delete {out}"
+                f"{out} holds a study run with other settings ({shown} differ, see {file}); "
+                f"give it another folder with study.out=DIR or delete {out}"
             )
     atomic_write_bytes(file, json.dumps(current, indent=1).encode())
 
 
+def trained(label: str, stage: str, overrides: list[str]) -> Path:
+    """The best checkpoint of the run that ``overrides`` name: the one its ``metrics_val.json``
+    names when it finished, else trained now, resuming from the checkpoint an interrupted
+    attempt left (last.ckpt, or best.ckpt when it was killed between the two writes of its
+    first epoch)."""
+    cfg = load_config(stage, overrides)
+    run_dir = Path(cfg.run.dir)
+    finished = run_dir / "metrics_val.json"
+    if finished.is_file():
+        log.info(f"[study] {label}: trained earlier, kept")
+        return Path(json.loads(finished.read_text())["checkpoint"])
+    left = [run_dir / "checkpoints" / n for n in ("last.ckpt", "best.ckpt")]
+    resume = next((c for c in left if c.is_file()), None)
+    if resume is None:
+        log.info(f"[study] {label}: training")
+        return fit(cfg)
+    log.info(f"[study] {label}: interrupted earlier, resuming from {resume}")
+    return fit(load_config(stage, [*overrides, f"run.resume={resume}"]))
+
+
 def teacher_for(study: StudyConfig, overrides: list[str], fraction: float) -> tuple[Path, Path]:
     """The fraction's teacher checkpoint and cache, trained and written unless already there."""
-    tag = "all" if study.teacher == "all" else f"f{fraction:g}"
-    run_dir, cache = Path(study.out) / f"teacher_{tag}", Path(study.out) / f"cache_{tag}"
-    best = run_dir / "checkpoints" / "best.ckpt"
-    if not (run_dir / "metrics_val.json").is_file():
-        log.info(f"[study] teacher {tag}: training")
-        best = fit(
-            load_config(
-                "teacher",
-                [
-                    *overrides,
-                    f"run.dir={run_dir}",
-                    f"run.seed={study.teacher_seed}",
-                    f"data.label_fraction={1.0 if study.teacher == 'all' else fraction}",
-                    f"trainer.max_epochs={study.teacher_epochs}",
-                    f"logger.group={study.name}",
-                    f"logger.name=teacher_{tag}",
-                ],
-            )
-        )
+    tag = teacher_tag(study, fraction)
+    cache = Path(study.out) / f"cache_{tag}"
+    best = trained(f"teacher {tag}", "teacher", teacher_overrides(study, overrides, fraction))
     if not (cache / "fingerprint.json").is_file():
         log.info(f"[study] teacher {tag}: caching its outputs")
         cache_teacher(
@@ -190,33 +304,13 @@ def run_cell(
     teacher: tuple[Path, Path] | None,
 ) -> dict[str, float]:
     """Train one student and score it on the test split; a finished cell is read back."""
-    name = f"f{fraction:g}_s{seed}_{arm}"
-    run_dir = Path(study.out) / f"f{fraction:g}" / f"seed{seed}" / arm
-    metrics_file = run_dir / "metrics_test.json"
+    name = cell_name(fraction, seed, arm)
+    metrics_file = cell_dir(study, fraction, seed, arm) / "metrics_test.json"
     if metrics_file.is_file():
         log.info(f"[study] {name}: finished earlier, kept")
     else:
-        log.info(f"[study] {name}: training")
-        if arm == "kd":
-            ckpt, cache = teacher
-            kd = ["kd=cached", f"kd.cache_dir={cache}", f"kd.teacher={ckpt}"]
-        else:
-            kd = ["kd=none"]
-        best = fit(
-            load_config(
-                "distill",
-                [
-                    *overrides,
-                    *kd,
-                    f"run.dir={run_dir}",
-                    f"run.seed={seed}",
-                    f"data.label_fraction={fraction}",
-                    f"trainer.max_epochs={study.student_epochs}",
-                    f"logger.group={study.name}",
-                    f"logger.name={name}",
-                ],
-            )
-        )
+        student = student_overrides(study, overrides, fraction, seed, arm, teacher)
+        best = trained(name, "distill", student)
         evaluate(str(best), "test", [], out=str(metrics_file), bootstrap=0)
     return json.loads(metrics_file.read_text())["metrics"]
 
@@ -366,8 +460,10 @@ def log_study(
 def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
     """Every cell (finished ones are kept), then table, plot and JSON under ``study.out``."""
     out = Path(study.out)
-    check_protocol(out, protocol(study, overrides))
-    tasks = build_tasks(OmegaConf.to_container(load_config("distill", overrides).tasks))
+    configs = stage_configs(study, overrides)
+    refuse_fast_dev_run(configs["teacher"], "study")
+    check_protocol(out, protocol(study, configs))
+    tasks = build_tasks(OmegaConf.to_container(configs["student_nokd"].tasks))
     cells = []
     for fraction in study.fractions:
         teacher = teacher_for(study, overrides, fraction) if "kd" in study.arms else None

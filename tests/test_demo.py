@@ -8,13 +8,59 @@ from pathlib import Path
 
 import pytest
 
-from mtkd.demo import main, run_demo
+import mtkd.demo
+from mtkd.demo import RUN_DIRS, main, run_demo
 
 
 @pytest.mark.unit
 def test_demo_refuses_overrides_it_sets_per_stage() -> None:
     with pytest.raises(ValueError, match=r"demo sets \['kd', 'run.dir'\] itself.*runs=DIR"):
         run_demo(["run.dir=elsewhere", "kd=online", "trainer.max_epochs=1"])
+
+
+@pytest.mark.unit
+def test_demo_refuses_runs_it_did_not_write_and_fast_dev_run(tmp_path: Path) -> None:
+    """runs/teacher may hold a `mtkd train-teacher` run (its default run.dir): not the demo's."""
+    runs = tmp_path / "runs"
+    ckpt = runs / "teacher" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"someone's teacher")
+    with pytest.raises(ValueError) as refused:
+        run_demo([], runs)
+    assert str(refused.value) == (
+        f"{runs / 'teacher'} hold runs that the demo did not write (no {runs / 'demo.json'}); "
+        "give the demo a folder of its own with runs=DIR, or move them"
+    )
+    with pytest.raises(ValueError, match="demo: trainer.fast_dev_run writes no checkpoint"):
+        run_demo(["trainer.fast_dev_run=true"], tmp_path / "fresh")
+    assert not (runs / "demo.json").exists() and not (tmp_path / "fresh").exists()
+    assert ckpt.read_bytes() == b"someone's teacher"
+
+
+@pytest.mark.unit
+def test_a_second_demo_replaces_the_runs_of_the_first_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mtkd")
+    runs = tmp_path / "runs"
+    for name in RUN_DIRS:
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.ckpt").write_bytes(b"an earlier demo's")
+    (runs / "demo.json").write_text("{}")
+    trained = []
+
+    def fake_fit(cfg):
+        trained.append((cfg.run.dir, cfg.run.overwrite))
+        return Path(cfg.run.dir) / "checkpoints" / "best.ckpt"
+
+    monkeypatch.setattr(mtkd.demo, "fit", fake_fit)
+    for name in ("cache_teacher", "evaluate", "build_report"):
+        monkeypatch.setattr(mtkd.demo, name, lambda *args, **kwargs: None)
+    run_demo(["trainer.max_epochs=1"], runs)
+    assert trained == [(str(runs / name), True) for name in RUN_DIRS]
+    held = ", ".join(str(runs / name) for name in RUN_DIRS)
+    assert f"demo: replacing the runs an earlier demo left in {held}" in caplog.text
+    assert json.loads((runs / "demo.json").read_text())["overrides"] == ["trainer.max_epochs=1"]
 
 
 @pytest.mark.integration
@@ -50,6 +96,7 @@ def test_demo_trains_evaluates_and_reports_all_three_models(
     assert "label_fraction: 1.0" in teacher_cfg
     assert "KD vs no KD (95% paired intervals of each task's main metric): won " in printed
     assert (runs / "teacher_cache" / "fingerprint.json").is_file()
+    assert json.loads((runs / "demo.json").read_text())["runs"] == list(RUN_DIRS)  # its own
     for name in ("report.md", "report.json", "metrics.png", "predictions.png"):
         assert (runs / "report" / name).is_file()
     assert "student no KD" in (runs / "report" / "report.md").read_text()

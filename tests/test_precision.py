@@ -97,10 +97,11 @@ def bf16_teacher(tiny, spy) -> str:
     return str(ckpt)
 
 
-def test_bf16_teacher_and_student_losses_are_fp32(tiny, spy, bf16_teacher):
+def test_bf16_teacher_and_student_losses_are_fp32(tiny, spy, bf16_teacher, tmp_path):
     """Teacher (supervised) then student (online KD from that teacher + supervised), both
     bf16-mixed: the logged losses are finite float32; KD and supervised terms are float32."""
-    cfg = load_config("distill", tiny(kd="online", **{"kd.teacher": bf16_teacher, **BF16}))
+    student = {"kd.teacher": bf16_teacher, "run.dir": tmp_path / "student", **BF16}
+    cfg = load_config("distill", tiny(kd="online", **student))
     fit(cfg)
     check_fp32_losses(spy, {"sup", "kd"})
     assert set(spy["sources"]) == {OnlineTeacher}  # the injected source fed every KD term

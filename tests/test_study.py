@@ -13,7 +13,7 @@ import pytest
 
 import mtkd.stages
 import mtkd.study
-from mtkd.study import load_study, run_study, t_interval
+from mtkd.study import load_study, run_study, t_interval, trained
 from tests.conftest import PNG_MAGIC
 
 
@@ -106,6 +106,19 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
         sum(n - k for k, n in zip(kd, nokd)) / 2
     )  # lower is better
 
+    # Interrupted cells: one killed after training (evaluated only), one killed in training
+    # (resumed from its last.ckpt; trained to the end already, so it trains no further).
+    (out / "f0.5" / "seed0" / "kd" / "metrics_test.json").unlink()
+    for name in ("metrics_test.json", "metrics_val.json"):
+        (out / "f0.5" / "seed1" / "nokd" / name).unlink()
+    caplog.clear()
+    again = run_study(*load_study(args))
+    assert again["summary"] == results["summary"]
+    last = out / "f0.5" / "seed1" / "nokd" / "checkpoints" / "last.ckpt"
+    assert f"f0.5_s1_nokd: interrupted earlier, resuming from {last}" in caplog.text
+    assert "f0.5_s0_kd: trained earlier, kept" in caplog.text
+    assert "f0.5_s1_kd: finished earlier, kept" in caplog.text
+
     # Rerun: every cell, teacher and cache is finished, so nothing trains.
     def no_training(*args, **kwargs):
         raise AssertionError("a finished study trained again")
@@ -119,3 +132,83 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
 
     with pytest.raises(ValueError, match="student_epochs differ.*study.out=DIR"):
         run_study(*load_study([*args, "study.student_epochs=2"]))
+
+
+class Stop(Exception):
+    """Raised where the study would start training."""
+
+
+def stop(*args, **kwargs):
+    raise Stop
+
+
+@pytest.mark.unit
+def test_a_config_folder_that_shadows_a_group_file_is_refused_naming_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """protocol.json holds the resolved stage configs, not the override strings: the same
+    overrides with a kd/cached.yaml added to their config_dir folder are another protocol."""
+    out, shadow = tmp_path / "study", tmp_path / "configs"
+    shadow.mkdir()
+    args = ["study.fractions=[0.5]", "study.seeds=[0]", f"study.out={out}", f"config_dir={shadow}"]
+    monkeypatch.setattr(mtkd.study, "teacher_for", stop)
+    with pytest.raises(Stop):
+        run_study(*load_study(args))
+    configs = json.loads((out / "protocol.json").read_text())["configs"]
+    assert sorted(configs) == ["student_kd", "student_nokd", "teacher"]
+    assert (
+        configs["student_kd"]["kd"]["alpha"] == 0.5
+        and configs["student_nokd"]["kd"]["mode"] == "none"
+    )
+    # what differs per cell (or only names it) is left out
+    assert "dir" not in configs["teacher"]["run"] and "seed" not in configs["student_kd"]["run"]
+    assert "label_fraction" not in configs["teacher"]["data"] and "logger" not in configs["teacher"]
+
+    (shadow / "kd").mkdir()
+    (shadow / "kd" / "cached.yaml").write_text("mode: cached\nalpha: 0.9\n")
+    with pytest.raises(ValueError) as refused:
+        run_study(*load_study(args))
+    assert str(refused.value).startswith(
+        f"{out} holds a study run with other settings (configs.student_kd.kd.alpha differ, see "
+        f"{out / 'protocol.json'}); give it another folder with study.out=DIR"
+    )
+    (shadow / "kd" / "cached.yaml").unlink()
+    with pytest.raises(Stop):  # the same configs again
+        run_study(*load_study([*args, "study.seeds=[0,1]"]))
+
+
+@pytest.mark.unit
+def test_study_refuses_fast_dev_run_before_any_stage(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="study: trainer.fast_dev_run writes no checkpoint"):
+        run_study(*load_study([f"study.out={tmp_path}", "trainer.fast_dev_run=true"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.unit
+def test_a_run_is_read_back_resumed_or_trained_from_what_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resumed: list[str | None] = []
+
+    def fake_fit(cfg):
+        resumed.append(cfg.run.resume)
+        return Path(cfg.run.dir) / "checkpoints" / "best.ckpt"
+
+    monkeypatch.setattr(mtkd.study, "fit", fake_fit)
+    for left, expected in [
+        (("last.ckpt", "best.ckpt"), "last.ckpt"),
+        (("best.ckpt",), "best.ckpt"),
+    ]:
+        run_dir = tmp_path / expected.removesuffix(".ckpt")
+        (run_dir / "checkpoints").mkdir(parents=True)
+        for name in left:
+            (run_dir / "checkpoints" / name).write_bytes(b"")
+        trained("cell", "distill", ["kd=none", f"run.dir={run_dir}"])
+        assert resumed.pop() == str(run_dir / "checkpoints" / expected)
+    assert trained("cell", "distill", ["kd=none", f"run.dir={tmp_path / 'new'}"])
+    assert resumed.pop() is None
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics_val.json").write_text(json.dumps({"checkpoint": "elsewhere/best.ckpt"}))
+    assert trained("cell", "distill", ["kd=none", f"run.dir={done}"]) == Path("elsewhere/best.ckpt")
+    assert resumed == []
