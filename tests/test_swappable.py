@@ -80,7 +80,8 @@ def test_teacher_sources_by_name():
 @pytest.mark.parametrize(
     ("monitor", "mode"),
     [
-        (None, "min"),
+        (None, "max"),
+        ("val/loss", "min"),
         ("val/dr_grade/kappa", "max"),
         ("val/cdr/mae", "min"),
         ("val/cdr/r2", "max"),
@@ -91,7 +92,7 @@ def test_teacher_sources_by_name():
 def test_monitor_direction_comes_from_the_metric(monitor, mode):
     cfg = load_config("teacher", [f"run.monitor={monitor}"] if monitor else [])
     tasks = build_tasks(to_container(cfg.tasks))
-    assert monitor_of(cfg, tasks) == (monitor or "val/loss", mode)
+    assert monitor_of(cfg, tasks) == (monitor or "val/score", mode)
 
 
 @pytest.mark.unit

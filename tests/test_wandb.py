@@ -133,8 +133,8 @@ def test_offline_distill_run_records_metrics_config_summary_pictures_and_teacher
     history_keys = set().union(*run.history)
     assert "train/loss_epoch" in history_keys
     assert any(k.startswith("train/dr_grade/loss") for k in history_keys)
-    assert run.summary["summary/metric"] == "val/loss"
-    assert run.summary["summary/score"] == pytest.approx(student["val/loss"])
+    assert run.summary["summary/metric"] == "val/score"
+    assert run.summary["summary/score"] == pytest.approx(student["val/score"])
     assert run.summary["summary/checkpoint"].endswith("best.ckpt")
 
     # one panel of the 4 fixed val images per validation (epoch + final), one matrix per class task

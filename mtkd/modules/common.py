@@ -1,8 +1,12 @@
 """What the teacher and the student share: the network, supervised losses over labeled samples,
 metrics per stage, NaN guard, optimiser and scheduler.
 
-``<stage>/loss`` (val/loss: the default checkpoint monitor) is ``sum_t w_t L_t``, the supervised
-losses with the configured task weights, whatever ``run.weighting`` adapts during training."""
+``<stage>/loss`` is ``sum_t w_t L_t``, the supervised losses with the configured task weights,
+whatever ``run.weighting`` adapts during training. ``<stage>/score`` (val/score: the default
+checkpoint monitor) is ``sum_t w_t s_t / sum_t w_t`` over the tasks labeled in that split, with
+``s_t = Task.score``: each task's main metric in [0, 1], 0 at chance. A summed loss hardly
+moves when one head leaves its prior or a dense head first crosses its threshold; the score
+does."""
 
 from __future__ import annotations
 
@@ -162,6 +166,7 @@ class MultiTaskModule(L.LightningModule):
             self._labeled[stage].to(self.device), reduce_op="sum"
         )
         checks = self._checks_stuck_heads(stage)
+        scores, weights = [], []
         for i, (name, task) in enumerate(self.tasks.items()):
             collection = self.metrics[stage][name]
             if labeled[i] > 0:
@@ -169,6 +174,8 @@ class MultiTaskModule(L.LightningModule):
                 self.log_dict(
                     {f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False
                 )
+                scores.append(task.score(values).to(self.device) * task.weight)
+                weights.append(task.weight)
                 if checks:
                     self._warn_if_stuck(task, values)
             collection.reset()
@@ -176,6 +183,8 @@ class MultiTaskModule(L.LightningModule):
         self._stuck_checked |= checks
         self._labeled[stage].zero_()
         self.log(f"{stage}/loss", self.eval_totals[stage].compute(), prog_bar=stage == "val")
+        score = torch.stack(scores).sum() / sum(weights) if scores else torch.zeros(())
+        self.log(f"{stage}/score", score.float(), sync_dist=False, prog_bar=stage == "val")
         self.eval_totals[stage].reset()
 
     def _warn_if_stuck(self, task: Task, values: dict[str, torch.Tensor]) -> None:

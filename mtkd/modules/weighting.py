@@ -5,8 +5,9 @@ averaging (Liu et al. 2019). A new strategy is one ``Weighting`` subclass decora
 ``run.weighting={name: dwa, temperature: 4}`` passes options to its ``__init__``.
 
 Every strategy multiplies task t's term by its configured weight ``w_t`` (``tasks.<t>.weight``).
-The evaluation loss ``val/loss`` (the default checkpoint monitor) is ``sum_t w_t L_t`` under
-every strategy, so checkpoints of runs with different strategies are selected on one scale.
+The evaluation loss ``val/loss`` is ``sum_t w_t L_t`` under every strategy, and the default
+checkpoint monitor ``val/score`` (the tasks' main metrics) does not depend on the strategy
+either, so checkpoints of runs with different strategies are selected on one scale.
 """
 
 from __future__ import annotations

@@ -286,6 +286,16 @@ class Task(abc.ABC):
         global head predicts, a dense head's highest probability and pixel ranking)."""
         return None
 
+    def score(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The main metric (``monitor``) of ``values`` on one scale for every kind: in [0, 1],
+        higher is better, 0 at chance or worse where the kind knows chance, so ``val/score`` (the
+        default checkpoint monitor) can average tasks of different units and notices a head that
+        never leaves its prior, which a summed loss hides. This default takes a higher-is-better
+        metric clipped to [0, 1] and maps a lower-is-better one through 1 / (1 + value)."""
+        metric, mode = self.monitor
+        value = values[metric].float().nan_to_num(0.0)
+        return value.clamp(0, 1) if mode == "max" else 1 / (1 + value.clamp(min=0))
+
     def stuck_hint(self, values: dict[str, torch.Tensor]) -> str | None:
         """Why this head looks stuck, from its validation ``values`` (its metrics and health
         metrics), with what to try; None while it learns. Asked once, after a quarter of the

@@ -185,6 +185,10 @@ class LocalizationTask(Task):
         if not 0 < self.spec.sigma < 1:
             raise ValueError(f"task {self.name!r}: sigma={self.spec.sigma} must be in (0, 1)")
 
+    def score(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """1 - distance / half the image side (``dist`` is a fraction of the side), clipped at 0."""
+        return (1 - 2 * values["dist"].float()).clamp(0, 1)
+
     @property
     def dense(self) -> bool:  # type: ignore[override]
         """The heatmap head reads the decoder's full-resolution features."""

@@ -32,6 +32,10 @@ class MultilabelTask(Task):
         if len(self.spec.classes) < 2:
             raise ValueError(f"task {self.name!r}: multilabel needs at least two classes")
 
+    def score(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Macro AUROC rescaled so that chance (0.5) scores 0."""
+        return (2 * values["auroc"].float().nan_to_num(0.5) - 1).clamp(0, 1)
+
     @property
     def out_channels(self) -> int:
         return len(self.spec.classes)

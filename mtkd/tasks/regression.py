@@ -50,6 +50,10 @@ class RegressionTask(Task):
         if self.spec.loss not in ("mse", "l1"):
             raise ValueError(f"task {self.name!r}: loss must be 'mse' or 'l1'")
 
+    def score(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """R² clipped to [0, 1]: unit-free, 0 for predicting the mean (or with < 2 samples)."""
+        return values["r2"].float().nan_to_num(0.0).clamp(0, 1)
+
     @property
     def default_kd_loss(self) -> str:  # type: ignore[override]
         """KD matches the teacher's prediction with the supervised loss (``loss``: mse or l1)."""
