@@ -26,23 +26,18 @@ from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import ConfigError, load_config
 from mtkd.report import INTERVALS_NOTE, Report, build_report
-from mtkd.stages import cache_teacher, evaluate, fit, held_checkpoints, refuse_fast_dev_run
+from mtkd.stages import (
+    cache_teacher,
+    evaluate,
+    fit,
+    held_checkpoints,
+    pipeline_keys_taken,
+    refuse_fast_dev_run,
+)
 from mtkd.status import status_logger
 
 log = status_logger(__name__)
 
-#: overrides the demo sets itself, per stage
-RESERVED = (
-    "run.dir",
-    "run.resume",
-    "run.overwrite",
-    "kd",
-    "kd.mode",
-    "kd.cache_dir",
-    "kd.teacher",
-    "cache.teacher",
-    "stage",
-)
 #: the demo's training runs under runs=DIR, which a later demo replaces
 RUN_DIRS = ("teacher", "student", "student_nokd")
 #: written into runs=DIR before the first stage: its RUN_DIRS hold the demo's own runs
@@ -86,7 +81,7 @@ def claim_runs(root: Path) -> list[str]:
 
 def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, dict[str, float]]:
     """Run every stage; returns the report and the wall time of each stage in seconds."""
-    taken = sorted({o.split("=", 1)[0] for o in overrides} & set(RESERVED))
+    taken = pipeline_keys_taken(overrides)
     if taken:
         raise ValueError(
             f"demo sets {taken} itself for each stage; choose the output folder with runs=DIR "

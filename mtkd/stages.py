@@ -129,6 +129,27 @@ def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
     return key, "max" if higher else "min"
 
 
+#: what a command that chains the stages (demo, study) sets itself for each one: where it writes,
+#: and the teacher and cache it reads
+PIPELINE_KEYS = (
+    "stage",
+    "run.dir",
+    "run.resume",
+    "run.overwrite",
+    "kd",
+    "kd.mode",
+    "kd.cache_dir",
+    "kd.teacher",
+    "cache.teacher",
+)
+
+
+def pipeline_keys_taken(overrides: list[str], also: tuple[str, ...] = ()) -> list[str]:
+    """The overrides that set a key of ``PIPELINE_KEYS`` (or ``also``), which such a command
+    refuses: its own value would silently win or be silently lost."""
+    return sorted({o.split("=", 1)[0] for o in overrides} & {*PIPELINE_KEYS, *also})
+
+
 def held_checkpoints(run_dir: Path) -> list[str]:
     """The checkpoints a run left in ``run_dir`` (finished or not): what a new run would replace."""
     return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))

@@ -37,7 +37,7 @@ from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import load_config, read_group, search_path, to_container
 from mtkd.report import markdown_table
-from mtkd.stages import cache_teacher, evaluate, fit, refuse_fast_dev_run
+from mtkd.stages import cache_teacher, evaluate, fit, pipeline_keys_taken, refuse_fast_dev_run
 from mtkd.status import status_logger
 from mtkd.tasks import build_tasks
 
@@ -45,19 +45,11 @@ log = status_logger(__name__)
 
 ARMS = {"kd": "KD", "nokd": "no KD"}
 TEACHERS = ("fraction", "all")
-#: overrides the study sets itself for each stage (choose them with study.* keys instead)
-RESERVED = (
-    "stage",
-    "run.dir",
+#: what the study sets itself for each stage beyond ``PIPELINE_KEYS`` (choose them with study.*
+#: keys instead)
+STUDY_KEYS = (
     "run.seed",
-    "run.resume",
-    "run.overwrite",
-    "kd",
-    "kd.mode",
-    "kd.cache_dir",
-    "kd.teacher",
     "kd.teachers",
-    "cache.teacher",
     "data.label_fraction",
     "trainer.max_epochs",
     "logger.group",
@@ -137,7 +129,7 @@ def check_study(study: StudyConfig, overrides: list[str]) -> None:
         problems.append(f"study.teacher={study.teacher!r} must be one of {list(TEACHERS)}")
     if min(study.teacher_epochs, study.student_epochs) < 1:
         problems.append("study.teacher_epochs and study.student_epochs must be >= 1")
-    taken = sorted({o.split("=", 1)[0] for o in overrides} & set(RESERVED))
+    taken = pipeline_keys_taken(overrides, STUDY_KEYS)
     if taken:
         problems.append(
             f"the study sets {taken} itself for each stage; use study.fractions, study.seeds, "
