@@ -241,6 +241,8 @@ class FundusDataset(Dataset):
             # Exact mode: replay the augmentation the teacher saw (or sees, when writing) in view.
             source = self.teacher.view_seed if self.teacher is not None else view_seed
             self.transform.set_random_seed(source(sample.sample_id, view))
+        elif self.transform.draws:
+            self.transform.follow_torch()
         moved = augment(
             self.transform, prep.image, prep.masks, prep.points, teacher, self.carried, not replayed
         )

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import random
 import warnings
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.core.type_definitions import Targets
 from albumentations.pytorch import ToTensorV2
 
@@ -88,6 +90,8 @@ class Augmentation:
             for t, s in zip(transforms, augment)
             if isinstance(t, A.DualTransform)
         ]
+        #: whether the pipeline draws anything (an evaluation pipeline does not)
+        self.draws = bool(transforms)
 
     def __call__(self, **data: Any) -> dict[str, Any]:
         if "keypoints" not in data:  # an image-only call (predict): no point to own
@@ -96,7 +100,17 @@ class Augmentation:
         return self.compose(**data)
 
     def set_random_seed(self, seed: int) -> None:
-        self.compose.set_random_seed(seed)
+        """Seed the next call: one generator pair shared by every transform. albumentations'
+        own ``set_random_seed`` gives each transform its own copy of the seed, so transforms of
+        equal ``p`` would all fire together (or not at all)."""
+        self.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def follow_torch(self) -> None:
+        """Seed the next call from torch's generator. Left alone, albumentations seeds itself
+        from the OS (so ``run.seed`` is ignored) and forked workers copy one state; torch's
+        generator is seeded by ``seed_everything``, per worker and rank by the DataLoader and
+        Lightning, and saved in checkpoints."""
+        self.set_random_seed(int(torch.randint(2**32, (), dtype=torch.int64)))
 
     def move_maps(self, maps: np.ndarray) -> np.ndarray:
         """H x W x C float maps moved like the last call's image, bilinear."""

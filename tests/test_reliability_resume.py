@@ -70,9 +70,8 @@ KILLED_CACHE = textwrap.dedent(
 
 #: the teacher cache's folder name in these tests
 CACHE = "tcache"
-#: 4 epochs without augmentation (albumentations draws from its own generator, seeded from the
-#: OS, so even two uninterrupted runs differ with it; shuffling, dropout and the optimizer are
-#: restored). The monitored kappa stays at 0 after epoch 0, so best.ckpt stops moving: the case
+#: 4 epochs without augmentation (with persistent workers a resumed run's augmentation would
+#: start from new worker seeds; shuffling, dropout and the optimizer are restored). The monitored kappa stays at 0 after epoch 0, so best.ckpt stops moving: the case
 #: where last.ckpt used to stay at epoch 0 too.
 RESUMABLE = {"trainer.max_epochs": 4, "data.augment": "[]", "run.monitor": "val/dr_grade/kappa"}
 

@@ -39,8 +39,9 @@ from mtkd.kd.fidelity import MapFidelity
 from mtkd.tasks import CacheStorage, Task
 
 #: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task.
-#: 4: each training image's content digest (``images``)
-FORMAT_VERSION = 4
+#: 4: each training image's content digest (``images``). 5: a replayed view's transforms share
+#: one generator (``Augmentation.set_random_seed``), so views of older caches replay differently
+FORMAT_VERSION = 5
 FINGERPRINT = "fingerprint.json"
 CHECKSUMS = "checksums.json"
 INDEX = "index.json"
