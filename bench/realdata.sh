@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The real-data results of docs/real-data.md, CPU-sized: for RetinaMNIST and IDRiD, a teacher, its
-# output cache, a student distilled from the cache, the same student without KD, and each one
-# evaluated on the official test split. Outputs: runs/real/<dataset>/<stage>/metrics_test.json.
+# The real-data scoreboard of docs/real-data.md, CPU-sized. For IDRiD and RetinaMNIST: a
+# pretrained teacher and its output caches (logits; logits + pooled embeddings); six students,
+# one seed each: {random-init MobileNetV3 (model=student), ImageNet EfficientNet-Lite0
+# (model=student_pretrained)} x {no KD, logit KD, logit + feature KD}; then the KD variant with the
+# best *validation* headline metric and its no-KD twin over seeds 1 and 2 as well; every student
+# evaluated on the official test split, a paired report (KD - no KD, same test images) per seed,
+# and the summary table (bench/scoreboard.py). Outputs under runs/real/<dataset>/.
 #
-#   bash bench/realdata.sh                 # both datasets (a finished teacher or student is kept)
+#   bash bench/realdata.sh                 # both datasets; a finished stage is kept, so it resumes
 #   bash bench/realdata.sh retinamnist     # or one of them
 #   bash bench/realdata.sh bench           # the preprocessing-cache benchmark only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MTKD_DATA_DIR="${MTKD_DATA_DIR:-../shared/data}"
-# One OpenMP thread: on a 2-core machine shared with other jobs, two threads spin-wait on each
-# other and a forward pass gets 10-90x slower; one thread is the fastest setting there.
+# One OpenMP thread: on a 2-core machine shared with other jobs it is the fastest setting.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-MTKD=.venv/bin/mtkd
-OUT=runs/real
+MTKD=${MTKD:-.venv/bin/mtkd}
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-runs/real}
 
 step() {  # run a command and print its wall time
   local start=$SECONDS
@@ -21,62 +25,100 @@ step() {  # run a command and print its wall time
   echo "[realdata] $((SECONDS - start)) s: $*"
 }
 
-once() {  # run_dir command...: run a stage unless it finished before (its metrics_val.json)
-  local run_dir=$1
+train() {  # run_dir command...: train unless finished (metrics_val.json); resume an interrupted run
+  local run_dir=$1 ckpt
   shift
   if [ -f "$run_dir/metrics_val.json" ]; then
-    echo "[realdata] $run_dir finished earlier; skipped (delete it to rerun)"
+    echo "[realdata] $run_dir finished earlier; kept (delete it to rerun)"
+  elif ckpt=$(ls "$run_dir/checkpoints/last.ckpt" "$run_dir/checkpoints/best.ckpt" 2>/dev/null | head -1); [ -n "$ckpt" ]; then
+    step "$@" "run.resume=$ckpt"
   else
     step "$@"
   fi
 }
 
-pipeline() {  # dataset "teacher overrides" "student overrides" [overrides for every stage...]
-  local name=$1
-  local -a teacher_args student_args
+tested() {  # run_dir: evaluate its best checkpoint on the test split unless done
+  [ -f "$1/metrics_test.json" ] || step $MTKD evaluate "ckpt=$1/checkpoints/best.ckpt" split=test
+}
+
+cached() {  # cache_dir overrides...: write a teacher cache unless one is there
+  local dir=$1
+  shift
+  [ -f "$dir/fingerprint.json" ] || step $MTKD cache-teacher "kd.cache_dir=$dir" "$@"
+}
+
+scoreboard() {  # dataset "teacher overrides" "random student" "pretrained student" [common...]
+  local name=$1 dir=$OUT/$1
+  local -a teacher_args random_args pretrained_args
   read -ra teacher_args <<<"$2"
-  read -ra student_args <<<"$3"
-  shift 3
-  local dir=$OUT/$name
+  read -ra random_args <<<"$3"
+  read -ra pretrained_args <<<"$4"
+  shift 4
   local common=("data=$name" "tasks=$name" logger=csv trainer.enable_progress_bar=false "$@")
   local teacher=$dir/teacher/checkpoints/best.ckpt
-  local kd=("kd.cache_dir=$dir/teacher_cache" "kd.teacher=$teacher")
-  once "$dir/teacher" $MTKD train-teacher "${common[@]}" "run.dir=$dir/teacher" "${teacher_args[@]}"
-  step $MTKD cache-teacher "${common[@]}" "teacher=$teacher" "${kd[@]}"
-  once "$dir/student" $MTKD distill "${common[@]}" "${kd[@]}" "run.dir=$dir/student" \
-    "${student_args[@]}"
-  once "$dir/student_nokd" $MTKD distill "${common[@]}" kd=none "run.dir=$dir/student_nokd" \
-    "${student_args[@]}"
-  # evaluate also reports IDRiD's joint DR+DME accuracy (test/dr_grade+dme_risk/joint_acc)
-  # whenever the checkpoint has both tasks (mtkd/evaluation.py, JOINT_DEFAULTS).
-  for stage in teacher student student_nokd; do
-    step $MTKD evaluate "ckpt=$dir/$stage/checkpoints/best.ckpt" split=test
+  train "$dir/teacher" $MTKD train-teacher "${common[@]}" "run.dir=$dir/teacher" "${teacher_args[@]}"
+  tested "$dir/teacher"
+
+  student() {  # model arm seed
+    local run=$dir/$1/$2/seed$3
+    local -a model_args=("model=$1") arm_args=()
+    if [ "$1" = student ]; then model_args+=("${random_args[@]}"); else model_args+=("${pretrained_args[@]}"); fi
+    # One cache per student model: its input normalisation is part of the cache's fingerprint.
+    case $2 in
+      nokd) arm_args=(kd=none) ;;
+      kd) arm_args=("kd.cache_dir=$dir/cache/$1" "kd.teacher=$teacher") ;;
+      kdfeat) arm_args=("kd.cache_dir=$dir/cache_features/$1" "kd.teacher=$teacher"
+        "kd.features.weight=$FEATURES") ;;
+    esac
+    [ "$2" = nokd ] || cached "${arm_args[0]#kd.cache_dir=}" "${common[@]}" "${model_args[@]}" \
+      "teacher=$teacher" "${arm_args[@]:2}"
+    train "$run" $MTKD distill "${common[@]}" "${model_args[@]}" "${arm_args[@]}" \
+      "run.seed=$3" "run.dir=$run"
+    tested "$run"
+  }
+  for model in student student_pretrained; do
+    for a in nokd kd kdfeat; do student "$model" "$a" 0; done
   done
+  # The KD variant to repeat is chosen on validation, never on test.
+  local best
+  best=$($PYTHON bench/scoreboard.py best "$dir")
+  echo "[realdata] $name: best KD variant on validation: $best"
+  for seed in 0 1 2; do
+    student "${best%/*}" nokd "$seed"
+    student "${best%/*}" "${best#*/}" "$seed"
+    local report=$dir/report/seed$seed
+    [ -f "$report/report.json" ] || step $MTKD report "teacher=$dir/teacher" \
+      "student=$dir/$best/seed$seed" "baseline=$dir/${best%/*}/nokd/seed$seed" "out=$report"
+  done
+  $PYTHON bench/scoreboard.py table "$dir" | tee "$dir/scoreboard.md"
 }
 
 # Teachers: EfficientNet-Lite2 U-Net from the packaged ImageNet weights (model=teacher_pretrained,
-# 7.2 M parameters), encoder at a quarter of the learning rate, one warm-up epoch. Students: the
-# default MobileNetV3-small (random init: no small network has offline ImageNet weights), at the
-# learning rate of the earlier published figures.
+# 7.2 M parameters), encoder at a quarter of the learning rate, one warm-up epoch; the pretrained
+# student gets the same recipe, the random-init one the learning rate of the earlier figures.
 TEACHER="model=teacher_pretrained optim.lr=0.002 optim.encoder_lr_mult=0.25 optim.warmup_epochs=1"
-STUDENT="optim.lr=0.003"
+PRETRAINED="optim.lr=0.002 optim.encoder_lr_mult=0.25 optim.warmup_epochs=1"
+RANDOM_INIT="optim.lr=0.003"
+FEATURES=${FEATURES:-1.0}
 
-[ $# -gt 0 ] || set -- idrid retinamnist
+[ $# -gt 0 ] || set -- retinamnist idrid
 for target in "$@"; do
   case $target in
-    # 128 px (28 px upsampled for the ImageNet encoder); checkpoint on validation AUC, as
+    # 128 px (28 px upsampled for the ImageNet encoders); checkpoint on validation AUC, as
     # MedMNIST selects its models.
     retinamnist)
-      pipeline retinamnist "$TEACHER trainer.max_epochs=10" "$STUDENT trainer.max_epochs=20" \
+      scoreboard retinamnist "$TEACHER trainer.max_epochs=10" \
+        "$RANDOM_INIT trainer.max_epochs=20" "$PRETRAINED trainer.max_epochs=20" \
         data.image_size=128 run.monitor=val/dr_grade/auroc
       ;;
-    # 224 px FOV crops (one working pixel ~16 original pixels); checkpoint on the summed
-    # validation loss of the three tasks.
+    # 224 px FOV crops (one working pixel ~16 original pixels); checkpoint on val/score (the
+    # default: the three tasks' main metrics).
     idrid)
-      pipeline idrid "$TEACHER trainer.max_epochs=8" "$STUDENT trainer.max_epochs=15" \
+      scoreboard idrid "$TEACHER trainer.max_epochs=8" \
+        "$RANDOM_INIT trainer.max_epochs=15" "$PRETRAINED trainer.max_epochs=15" \
         data.image_size=224
       ;;
-    bench) step .venv/bin/python bench/bench_preprocess.py ;;
+    bench) step $PYTHON bench/bench_preprocess.py ;;
     *) echo "unknown target $target: use retinamnist, idrid or bench" >&2; exit 2 ;;
   esac
 done
