@@ -115,11 +115,11 @@ def test_a_fresh_run_says_each_epoch_without_warning_and_a_rerun_is_refused(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2
     for epoch, line in enumerate(lines):
-        found = re.fullmatch(rf"epoch {epoch + 1}/2: train/loss (\S+), val/loss (\S+), \S+ s", line)
+        found = re.fullmatch(rf"epoch {epoch + 1}/2: train/loss (\S+), val/score (\S+), \S+ s", line)
         assert found, line
         logged = [r for r in rows if r["epoch"] == str(epoch)]
         train = next(float(r["train/loss_epoch"]) for r in logged if r["train/loss_epoch"])
-        val = next(float(r["val/loss"]) for r in logged if r["val/loss"])
+        val = next(float(r["val/score"]) for r in logged if r["val/score"])
         assert float(found[1]) == pytest.approx(train, abs=1e-4)
         assert float(found[2]) == pytest.approx(val, abs=1e-4)
 
