@@ -38,8 +38,9 @@ def read_sources(data_cfg: Any) -> list[Sample]:
     """
     reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
     samples: list[Sample] = []
-    for src in data_cfg.sources.values():
+    for name, src in data_cfg.sources.items():
         got = read_source(src.kind, src.root, dict(src.options))
+        got = [dataclasses.replace(s, source=str(name)) for s in got]
         label_map = dict(src.label_map)
         got = [s.renamed(label_map) for s in got] if label_map else got
         if src.unlabeled:
@@ -257,6 +258,7 @@ class FundusDataset(Dataset):
         item = {
             "image": moved.image,
             "sample_id": sample.sample_id,
+            "source": sample.source or "",
             "targets": targets,
             "has": has,
             "pixel_scale": torch.tensor(prep.pixel_scale, dtype=torch.float32),
@@ -278,9 +280,13 @@ class FundusDataModule(L.LightningDataModule):
         teacher: TeacherOutputs | None = None,
         run_dir: str | Path | None = None,
         predict_views: int = 0,
+        scored_sources: list[str] | None = None,
     ) -> None:
+        """``scored_sources``: validate and test on these data sources' images only (the
+        splits are carved over every source as in training, so they stay the same)."""
         super().__init__()
         self.cfg = data_cfg
+        self.scored_sources = scored_sources
         self.tasks = tasks
         self.teacher = teacher
         self.run_dir = run_dir
@@ -325,7 +331,10 @@ class FundusDataModule(L.LightningDataModule):
 
     def split(self, name: str) -> list[Sample]:
         self.setup()
-        return [s for s in self.samples if s.split == name]
+        scored = self.scored_sources if name != "train" else None
+        return [
+            s for s in self.samples if s.split == name and (scored is None or s.source in scored)
+        ]
 
     def train_transform(self) -> Augmentation:
         # Cached outputs of the unaugmented image must follow the geometry; replayed views
@@ -344,7 +353,8 @@ class FundusDataModule(L.LightningDataModule):
     def dataset(self, split: str, train: bool = False, view: int | None = None) -> FundusDataset:
         samples = self.split(split)
         if not samples:
-            raise ValueError(f"the configured data has no {split!r} samples")
+            only = f" from sources {self.scored_sources}" if self.scored_sources else ""
+            raise ValueError(f"the configured data has no {split!r} samples{only}")
         augmented = train or view is not None
         transform = self.train_transform() if augmented else self.eval_transform()
         teacher = self.teacher if train else None

@@ -37,6 +37,8 @@ class Sample:
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: where the record came from (e.g. ``manifest.csv line 12``), for error messages
     origin: str | None = None
+    #: the name of the configured data source (its key under ``data.sources``) it was read from
+    source: str | None = None
 
     def renamed(self, label_map: dict[str, str]) -> Sample:
         """Return a copy whose label, mask and point names pass through ``label_map``."""

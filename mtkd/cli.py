@@ -208,6 +208,7 @@ EVALUATE_ARGS = Spec(
         "resolution": Arg("working or original", "working"),
         "joint": Arg("classification tasks scored jointly (TASK,TASK or none)", many=True),
         "bootstrap": Arg("resamples for the 95 % intervals, 0: none", type=whole_number),
+        "sources": Arg("score only these data sources' images (SOURCE,SOURCE)", many=True),
     },
     overrides="overrides of the checkpoint's config (trainer=, logger=, a.b=value)",
 )
@@ -225,6 +226,7 @@ def cmd_evaluate(args: list[str]) -> None:
         opts["resolution"],
         opts["joint"] or None,
         opts["bootstrap"],
+        opts["sources"] or None,
     )
 
 

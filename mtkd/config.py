@@ -117,6 +117,9 @@ class TeacherConfig:
 
     path: str = MISSING
     tasks: Any = None
+    #: the data sources (names under data.sources) whose images it teaches; null: every source.
+    #: On the other sources' images its tasks are taught by the other teachers, or on labels only
+    sources: list[str] | None = None
 
 
 @dataclass
@@ -495,6 +498,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"kd.teachers[{i}] ({entry.path}) teaches {unknown}, which are not tasks of this "
                 f"run; tasks are {sorted(cfg.tasks)}"
+            )
+        strange = [n for n in entry.sources or [] if n not in cfg.data.sources]
+        if strange or (entry.sources is not None and not entry.sources):
+            raise ConfigError(
+                f"kd.teachers[{i}].sources={list(entry.sources)} names no source or unknown "
+                f"ones {strange}; the run's sources are {sorted(cfg.data.sources)} (null: all)"
             )
     # Numbers the schema types but cannot bound: key -> (test, valid range for the message).
     at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")  # noqa: E731

@@ -335,11 +335,14 @@ def cached_features(cfg: DictConfig, ensemble: TeacherEnsemble) -> dict[str, Any
             f"kd.features.weight={cfg.kd.features.weight} needs cache.views=0: the embedding of a "
             "replayed view cannot be matched to the view a batch drew"
         )
-    return {
+    found = {
         "dims": ensemble.feature_dims,
         "dtype": FEATURE_DTYPE,
         "teachers": [file_sha256(e.path) for e in ensemble.entries],
     }
+    if any(e.sources is not None for e in ensemble.entries):
+        found["sources"] = [e.sources for e in ensemble.entries]
+    return found
 
 
 def cache_teacher(cfg: DictConfig) -> Path:
@@ -394,8 +397,12 @@ def evaluate(
     resolution: str = "working",
     joint: list[str] | None = None,
     bootstrap: int | None = None,
+    sources: list[str] | None = None,
 ) -> dict[str, float]:
     """Test a teacher or student checkpoint on a split; print a table and write metrics JSON.
+
+    ``sources`` scores the split's images of those data sources only (a model trained on the
+    union of several datasets, per dataset: ``metrics_<split>-<source>.json``).
 
     ``resolution="original"`` scores segmentation on the original photographs' pixels inside the
     field of view (into ``metrics_<split>_original.json``); ``joint`` names classification task
@@ -425,12 +432,19 @@ def evaluate(
         raise ValueError(f"bootstrap={resamples}: give a number of resamples >= 0 (0: none)")
     saved = read_checkpoint(ckpt)["hyper_parameters"]["config"]
     working = resolution == "working"
-    name = f"metrics_{split}.json" if working else f"metrics_{split}_original.json"
+    only = f"-{'+'.join(sources)}" if sources else ""
+    name = f"metrics_{split}{'' if working else '_original'}{only}.json"
     target = Path(out) if out else default_output(ckpt, name)
     check_output_file(target, ckpt)  # before any work: a bad out= used to fail after all of it
     cfg = apply_overrides(OmegaConf.create(saved), overrides)
     check_saved_paths(cfg.data, overrides, ckpt)
     check_same_network(saved, cfg, f"checkpoint {ckpt}")
+    unknown = sorted(set(sources or []) - set(cfg.data.sources))
+    if unknown:
+        raise ValueError(
+            f"sources={','.join(sources)}: {unknown} are not data sources of checkpoint {ckpt}; "
+            f"it has {sorted(cfg.data.sources)}"
+        )
     cls = STAGE_MODULES[cfg.stage]
     module = cls.load_from_checkpoint(
         ckpt, map_location="cpu", weights_only=True, config=to_container(without_pretrained(cfg))
@@ -438,7 +452,7 @@ def evaluate(
     if isinstance(module, StudentModule):
         module.teacher_source = NoTeacher()  # evaluation never needs the teacher
     groups = joint_groups(module.tasks, joint)
-    dm = FundusDataModule(cfg.data, module.tasks)
+    dm = FundusDataModule(cfg.data, module.tasks, scored_sources=sources)
     logger = make_logger(cfg, target.parent, job_type="evaluate")  # logs beside the metrics
     trainer = make_trainer(cfg, None, logger_callbacks(cfg, logger), logger)
     run = trainer.validate if split == "val" else trainer.test
@@ -453,7 +467,9 @@ def evaluate(
             # Tasks scored at the original resolution get their intervals at that resolution.
             ci = bootstrap_intervals(module, dm, split, groups, device, resamples, rescored)
             bootstrap_info = {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": LEVEL}
-        where = split if working else f"{split}, original resolution"
+        where = (split if working else f"{split}, original resolution") + (
+            f", {', '.join(sources)} images only" if sources else ""
+        )
         print_metrics(metrics, f"{cfg.stage} on {where} ({ckpt})", ci)
         if ci:
             pixels = "" if working else " (segmentation on the original pixels)"
@@ -461,7 +477,7 @@ def evaluate(
                 f"  [lo, hi]: {LEVEL:.0%} percentile bootstrap interval over the {split} images "
                 f"labeled for each task{pixels} ({resamples} resamples, seed {BOOTSTRAP_SEED})"
             )
-        write_metrics(target, str(ckpt), split, metrics, ci, bootstrap_info)
+        write_metrics(target, str(ckpt), split, metrics, ci, bootstrap_info, sources)
         log.info(f"metrics written to {target}")
     return metrics
 
@@ -473,12 +489,16 @@ def write_metrics(
     metrics: dict[str, float],
     ci: dict[str, list[float]] | None = None,
     bootstrap: dict[str, Any] | None = None,
+    sources: list[str] | None = None,
 ) -> None:
     """Metrics JSON beside a run: {"checkpoint", "split", "metrics": {"<split>/<task>/<metric>": v}},
-    and with intervals "ci": {key: [lo, hi]} and "bootstrap": how they were drawn."""
+    with intervals "ci": {key: [lo, hi]} and "bootstrap": how they were drawn, and with
+    ``sources`` "sources": the data sources scored (all when absent)."""
     payload: dict[str, Any] = {"checkpoint": ckpt, "split": split, "metrics": metrics}
     if ci is not None:
         payload.update(ci=ci, bootstrap=bootstrap)
+    if sources:
+        payload["sources"] = list(sources)
     atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
 

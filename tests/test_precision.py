@@ -35,11 +35,11 @@ def spy(monkeypatch):
     real_fp32, real_log = common.fp32, common.MultiTaskModule.log
     real_kd_losses = student.StudentModule.kd_losses
 
-    def kd_losses(self, outputs, teacher):
+    def kd_losses(self, outputs, teacher, taught=None):
         record["sources"].append(type(self.teacher_source))
         record["in_kd"].append(True)
         try:
-            return real_kd_losses(self, outputs, teacher)
+            return real_kd_losses(self, outputs, teacher, taught)
         finally:
             record["in_kd"].pop()
 

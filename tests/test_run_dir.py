@@ -115,7 +115,9 @@ def test_a_fresh_run_says_each_epoch_without_warning_and_a_rerun_is_refused(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2
     for epoch, line in enumerate(lines):
-        found = re.fullmatch(rf"epoch {epoch + 1}/2: train/loss (\S+), val/score (\S+), \S+ s", line)
+        found = re.fullmatch(
+            rf"epoch {epoch + 1}/2: train/loss (\S+), val/score (\S+), \S+ s", line
+        )
         assert found, line
         logged = [r for r in rows if r["epoch"] == str(epoch)]
         train = next(float(r["train/loss_epoch"]) for r in logged if r["train/loss_epoch"])

@@ -25,12 +25,13 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import albumentations
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import OmegaConf
 
@@ -122,6 +123,46 @@ def fingerprint(
     return found
 
 
+def source_reach(
+    task_sources: Mapping[str, list[list[str] | None]], feature_sources: list[Any] | None = None
+) -> dict[str, list[list[str] | None]]:
+    """For each task (and teacher embedding, by ``feature_name``) that a teacher limited to some
+    data sources teaches (``kd.teachers[i].sources``), the sources each of its teachers teaches
+    (None: all). ``task_sources``: per task, its teachers' sources. Tasks whose teachers teach
+    every source are left out: they are taught on every image."""
+    reach = {
+        name: list(sources)
+        for name, sources in task_sources.items()
+        if any(s is not None for s in sources)
+    }
+    for i, sources in enumerate(feature_sources or []):
+        if sources is not None:
+            reach[feature_name(i)] = [sources]
+    return reach
+
+
+def recorded_reach(
+    found: dict[str, Any], tasks: Iterable[str]
+) -> dict[str, list[list[str] | None]]:
+    """``source_reach`` of a cache's fingerprint, for those of ``tasks`` it holds."""
+    taught = found.get("task_teachers", {})
+    return source_reach(
+        {n: [f.get("sources") for f in taught[n]] for n in tasks if taught.get(n)},
+        found.get("features", {}).get("sources"),
+    )
+
+
+def taught_masks(
+    reach: Mapping[str, list[list[str] | None]], sources: list[str]
+) -> dict[str, torch.Tensor]:
+    """Per entry of ``source_reach``: which samples of a batch (by their data source) some of its
+    teachers teach; the others learn that task on labels only."""
+    return {
+        name: torch.tensor([any(r is None or s in r for r in teachers) for s in sources])
+        for name, teachers in reach.items()
+    }
+
+
 def stored_storage(found: dict[str, Any]) -> CacheStorage:
     """The storage a cache's fingerprint records (caches written before per-task dense sizes
     have one size for every task)."""
@@ -130,9 +171,15 @@ def stored_storage(found: dict[str, Any]) -> CacheStorage:
     return CacheStorage(**fields)
 
 
-def _taught_by(files: list[dict[str, str]]) -> list[tuple[str, str]]:
-    """What identifies a task's teachers: file contents and the teacher's task, not the path."""
-    return sorted((f["sha256"], f["task"]) for f in files)
+def _taught_by(files: list[dict[str, Any]]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """What identifies a task's teachers: file contents, the teacher's task and the data sources
+    it teaches, not the path."""
+    return sorted((f["sha256"], f["task"], tuple(f.get("sources") or ())) for f in files)
+
+
+def _teacher_line(file: dict[str, Any]) -> str:
+    sources = f" on {', '.join(file['sources'])}" if file.get("sources") else ""
+    return f"{file['path']} ({file['sha256'][:12]}){sources}"
 
 
 def _changed_images(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -186,7 +233,7 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], cache_dir
             f"  - {part} differs: cache has {found.get(part)!r}, this run has {expected.get(part)!r}"
         )
     if retaught:
-        shown = lambda taught, n: [f"{f['path']} ({f['sha256'][:12]})" for f in taught.get(n, [])]  # noqa: E731
+        shown = lambda taught, n: [_teacher_line(f) for f in taught.get(n, [])]  # noqa: E731
         lines.append(f"  - teachers differs for tasks {retaught}:")
         lines += [
             f"      {n}: cache has {shown(have, n) or 'no teacher'}, this run has "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from mtkd.kd.cache import file_sha256
+from mtkd.kd.cache import file_sha256, source_reach
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net
 from mtkd.status import status_logger
@@ -37,10 +37,15 @@ PREPROCESS_STEPS = ("fov_crop", "clahe", "local_mean")
 @dataclass(frozen=True)
 class TeacherEntry:
     """A teacher checkpoint and the tasks it teaches: None (all of its tasks), a list (those),
-    or a map teacher task -> the run's task (a rename)."""
+    or a map teacher task -> the run's task (a rename); and the data sources whose images it
+    teaches (None: all)."""
 
     path: str
     tasks: list[str] | dict[str, str] | None = None
+    sources: list[str] | None = None
+
+    def teaches(self, source: str) -> bool:
+        return self.sources is None or source in self.sources
 
     def mapping(self, have: Sequence[str]) -> dict[str, str]:
         """Teacher task -> run task; a named task the checkpoint lacks is an error."""
@@ -61,7 +66,7 @@ def configured_teachers(listed: Any, whole: Sequence[str]) -> list[TeacherEntry]
     ``whole`` (repeated ``teacher=``, ``kd.teacher``) with all its tasks."""
     if listed:
         plain = OmegaConf.to_container(listed) if OmegaConf.is_config(listed) else listed
-        return [TeacherEntry(str(e["path"]), e.get("tasks")) for e in plain]
+        return [TeacherEntry(str(e["path"]), e.get("tasks"), e.get("sources")) for e in plain]
     return [TeacherEntry(str(p)) for p in whole]
 
 
@@ -135,6 +140,28 @@ def assign(
     return sources, notes
 
 
+def combine_per_source(
+    task: Task,
+    each: list[torch.Tensor],
+    teachers: Sequence[TeacherEntry],
+    sources: Sequence[str] | None,
+) -> torch.Tensor:
+    """``task.combine_teachers`` of the teachers' outputs ``each``, per image only over the
+    teachers that teach its source. An image no teacher teaches keeps the first teacher's output
+    as a placeholder: ``taught_masks`` leaves it out of the KD loss."""
+    if sources is None or all(t.sources is None for t in teachers):
+        return task.combine_teachers(each)
+    rows_of: dict[tuple[bool, ...], list[int]] = {}
+    for row, source in enumerate(sources):
+        rows_of.setdefault(tuple(t.teaches(source) for t in teachers), []).append(row)
+    combined = each[0].clone()
+    for pattern, rows in rows_of.items():
+        chosen = [output[rows] for output, on in zip(each, pattern) if on]
+        if chosen:
+            combined[rows] = task.combine_teachers(chosen)
+    return combined
+
+
 class TeacherEnsemble(L.LightningModule):
     def __init__(
         self,
@@ -152,12 +179,12 @@ class TeacherEnsemble(L.LightningModule):
         ]
         loaded = [load_net(e.path) for e in self.entries]
         wanted = build_tasks(run_tasks) if run_tasks is not None else None
-        self.sources, self.notes = assign(self.entries, [t for _, t, _ in loaded], wanted)
+        self.taught_by, self.notes = assign(self.entries, [t for _, t, _ in loaded], wanted)
         self.teacher_tasks = [tasks for _, tasks, _ in loaded]
         #: the run's tasks some teacher teaches (what is cached); the others train on labels only
         self.tasks = {
             ours: wanted[ours] if wanted else self.teacher_tasks[i][theirs]
-            for ours, [(i, theirs), *_] in self.sources.items()
+            for ours, [(i, theirs), *_] in self.taught_by.items()
         }
         if not self.tasks:
             raise ValueError(
@@ -181,9 +208,11 @@ class TeacherEnsemble(L.LightningModule):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, sources: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Teacher outputs for the run's covered tasks, dense maps at the input's size."""
-        return self.predict_with_features(image)[0]
+        return self.predict_with_features(image, sources)[0]
 
     @property
     def feature_dims(self) -> list[int]:
@@ -192,10 +221,12 @@ class TeacherEnsemble(L.LightningModule):
 
     @torch.no_grad()
     def predict_with_features(
-        self, image: torch.Tensor
+        self, image: torch.Tensor, sources: Sequence[str] | None = None
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """``forward``'s outputs and each teacher's embedding of the image (B x its
-        ``pooled_dim``), in teacher order: what feature-level KD (``kd.features``) matches."""
+        ``pooled_dim``), in teacher order: what feature-level KD (``kd.features``) matches.
+        ``sources``: each image's data source, so that a task is combined only from the teachers
+        that teach that source (``kd.teachers[i].sources``; ``reach`` says where none does)."""
         size = tuple(image.shape[-2:])
         ran = [
             net.forward_with_pooled(resize(renorm(image), (s, s)))
@@ -203,17 +234,26 @@ class TeacherEnsemble(L.LightningModule):
         ]
         raw = [outputs for outputs, _ in ran]
         outputs = {}
-        for ours, taught in self.sources.items():
+        for ours, taught in self.taught_by.items():
             task = self.tasks[ours]
             each = [
                 task.teacher_at(self.teacher_tasks[i][theirs].teacher_output(raw[i][theirs]), size)
                 for i, theirs in taught
             ]
-            outputs[ours] = task.combine_teachers(each)
+            teachers = [self.entries[i] for i, _ in taught]
+            outputs[ours] = combine_per_source(task, each, teachers, sources)
         return outputs, [pooled for _, pooled in ran]
 
+    @property
+    def reach(self) -> dict[str, list[list[str] | None]]:
+        """The tasks and embeddings taught on some data sources only (``source_reach``)."""
+        return source_reach(
+            {n: [self.entries[i].sources for i, _ in t] for n, t in self.taught_by.items()},
+            [e.sources for e in self.entries],
+        )
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        outputs, features = self.predict_with_features(batch["image"])
+        outputs, features = self.predict_with_features(batch["image"], batch.get("source"))
         return {"sample_id": batch["sample_id"], "outputs": outputs, "features": features}
 
     def provenance(self, run_tasks: Sequence[str]) -> dict[str, list[dict[str, str]]]:
@@ -227,8 +267,9 @@ class TeacherEnsemble(L.LightningModule):
                     "path": files[self.entries[i].path],
                     "sha256": hashes[self.entries[i].path],
                     "task": t,
+                    **({"sources": self.entries[i].sources} if self.entries[i].sources else {}),
                 }
-                for i, t in self.sources.get(name, [])
+                for i, t in self.taught_by.get(name, [])
             ]
             for name in run_tasks
         }
@@ -268,7 +309,10 @@ def announce(taught: dict[str, list[dict[str, str]]], notes: Sequence[str] = ())
     lines = ["teachers per task:"]
     for name, files in taught.items():
         who = ", ".join(
-            f"{f['path']}" + (f" ({f['task']})" if f["task"] != name else "") for f in files
+            f"{f['path']}"
+            + (f" ({f['task']})" if f["task"] != name else "")
+            + (f" [on {', '.join(f['sources'])} images only]" if f.get("sources") else "")
+            for f in files
         )
         lines.append(f"  {name:<14} <- {who or 'no teacher: trained on labels only (kd alpha 0)'}")
     lines.extend(f"  note: {note}" for note in notes)

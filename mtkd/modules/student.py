@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkd.kd.cache import FINGERPRINT, TeacherCache
+from mtkd.kd.cache import FINGERPRINT, TeacherCache, feature_name
 from mtkd.modules.common import MultiTaskModule, fp32
 from mtkd.modules.teacher_source import TeacherSource, build_teacher_source
+from mtkd.tasks import masked_mean
 
 
 def feature_kd_loss(adapted: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -104,32 +105,42 @@ class StudentModule(MultiTaskModule):
     def on_fit_start(self) -> None:
         self.teacher_source.to(self.device)
 
-    def kd_losses(self, outputs: dict, teacher: dict) -> dict[str, torch.Tensor]:
-        """KD terms of the tasks a teacher covers (``teacher`` has no entry for the others)."""
-        return {
-            n: fp32(
+    def kd_losses(
+        self, outputs: dict, teacher: dict, taught: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """KD terms of the tasks a teacher covers (``teacher`` has no entry for the others),
+        each over the images a teacher teaches (``taught``: the tasks whose teachers teach some
+        data sources only; 0 when no image of the batch is taught)."""
+        losses, taught = {}, taught or {}
+        for n, task in self.tasks.items():
+            if n not in teacher:
+                continue
+            per_sample = fp32(
                 lambda s, t, task=task, n=n: task.kd_loss(s, t, self.temperature[n]),
                 outputs[n],
                 teacher[n],
-            ).mean()
-            for n, task in self.tasks.items()
-            if n in teacher
-        }
+            )
+            losses[n] = masked_mean(per_sample, taught[n]) if n in taught else per_sample.mean()
+        return losses
 
     def outputs_and_pooled(self, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """``forward``'s outputs and the pooled vector the feature adaptors read."""
         return self.net.forward_with_pooled(self.net_input(image))
 
-    def feature_loss(self, pooled: torch.Tensor, sample_ids: list[str]) -> torch.Tensor:
+    def feature_loss(
+        self, pooled: torch.Tensor, sample_ids: list[str], taught: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """``feature_kd_loss`` of each adaptor against its teacher's cached embeddings,
-        averaged over the batch and then over the teachers."""
+        averaged over the batch (over the images of its sources, for a teacher limited to some:
+        ``taught``) and then over the teachers."""
         cached = [
             torch.from_numpy(c).to(pooled.device) for c in self.feature_cache.features(sample_ids)
         ]
-        losses = [
-            fp32(lambda s, t, a=adaptor: feature_kd_loss(a(s), t), pooled, target).mean()
-            for adaptor, target in zip(self.feature_adaptors, cached)
-        ]
+        losses = []
+        for i, (adaptor, target) in enumerate(zip(self.feature_adaptors, cached)):
+            per_sample = fp32(lambda s, t, a=adaptor: feature_kd_loss(a(s), t), pooled, target)
+            mask = taught.get(feature_name(i))
+            losses.append(per_sample.mean() if mask is None else masked_mean(per_sample, mask))
         return torch.stack(losses).mean()
 
     def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -140,7 +151,8 @@ class StudentModule(MultiTaskModule):
             outputs = self(batch["image"])
         sup = self.supervised_losses(outputs, batch)
         terms = {f"{n}/sup": v for n, v in sup.items()}
-        kd = self.kd_losses(outputs, self.teacher_source.outputs(batch))
+        taught = self.teacher_source.taught(batch)
+        kd = self.kd_losses(outputs, self.teacher_source.outputs(batch), taught)
         terms.update({f"{n}/kd": v for n, v in kd.items()})
         # A task no teacher covers trains on labels only (alpha 0; announced at start-up).
         per_task = {
@@ -150,7 +162,7 @@ class StudentModule(MultiTaskModule):
         terms.update({f"{n}/loss": v for n, v in per_task.items()})
         total = self.weighting(per_task)
         if self.feature_adaptors:
-            terms["features/kd"] = self.feature_loss(pooled, batch["sample_id"])
+            terms["features/kd"] = self.feature_loss(pooled, batch["sample_id"], taught)
             total = total + self.feature_weight * terms["features/kd"]
         return total, terms
 

@@ -9,7 +9,9 @@ its ``__init__`` are the options ``kd.mode={name: ..., option: value}`` sets.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from data_modules.registry import Registry
 from mtkd.config import to_container
+from mtkd.kd.cache import FINGERPRINT, recorded_reach, taught_masks
 from mtkd.kd.ensemble import TeacherEnsemble, announce, distill_teachers
 
 
@@ -28,6 +31,9 @@ class TeacherSource:
     name: ClassVar[str]
     #: whether the data module must carry a teacher cache (``batch["teacher"]``)
     reads_cache: ClassVar[bool] = False
+    #: the tasks and embeddings taught on some data sources' images only (``source_reach``),
+    #: known after ``setup``
+    reach: dict[str, list[list[str] | None]] = {}
 
     def setup(self, cfg: DictConfig) -> None:
         """Prepare before training (``cfg``: the student's run config)."""
@@ -37,6 +43,14 @@ class TeacherSource:
 
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def taught(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per entry of ``reach``, which images of the batch a teacher teaches (by their data
+        source); the KD loss leaves the others out."""
+        if not self.reach:
+            return {}
+        device = batch["image"].device
+        return {n: m.to(device) for n, m in taught_masks(self.reach, batch["source"]).items()}
 
 
 #: ``kd.mode`` -> source class, built with the choice's options
@@ -76,6 +90,10 @@ class CachedTeacher(TeacherSource):
 
     reads_cache = True
 
+    def setup(self, cfg: DictConfig) -> None:
+        found = json.loads((Path(cfg.kd.cache_dir) / FINGERPRINT).read_text())
+        self.reach = recorded_reach(found, cfg.tasks)
+
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         if "teacher" not in batch:
             raise ValueError(
@@ -104,6 +122,7 @@ class OnlineTeacher(TeacherSource):
             )
         tasks = to_container(cfg.tasks)
         self.ensemble = TeacherEnsemble(teachers, tasks, cfg.data)
+        self.reach = self.ensemble.reach
         announce(self.ensemble.provenance(list(tasks)), self.ensemble.notes)
 
     def to(self, device: torch.device) -> None:
@@ -113,4 +132,6 @@ class OnlineTeacher(TeacherSource):
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.ensemble is None:
             raise ValueError("the online teacher is not set up; call setup(cfg) first")
+        if self.reach:  # teachers limited to some data sources combine per image
+            return self.ensemble(batch["image"], batch["source"])
         return self.ensemble(batch["image"])
