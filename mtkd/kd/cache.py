@@ -123,6 +123,12 @@ def fingerprint(
     return found
 
 
+def teaches_source(sources: list[str] | None, source: str) -> bool:
+    """Whether a teacher limited to ``sources`` (None: every source) teaches ``source``'s
+    images."""
+    return sources is None or source in sources
+
+
 def source_reach(
     task_sources: Mapping[str, list[list[str] | None]], feature_sources: list[Any] | None = None
 ) -> dict[str, list[list[str] | None]]:
@@ -158,7 +164,7 @@ def taught_masks(
     """Per entry of ``source_reach``: which samples of a batch (by their data source) some of its
     teachers teach; the others learn that task on labels only."""
     return {
-        name: torch.tensor([any(r is None or s in r for r in teachers) for s in sources])
+        name: torch.tensor([any(teaches_source(r, s) for r in teachers) for s in sources])
         for name, teachers in reach.items()
     }
 

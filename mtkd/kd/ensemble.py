@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from mtkd.kd.cache import file_sha256, source_reach
+from mtkd.kd.cache import file_sha256, source_reach, teaches_source
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net
 from mtkd.status import status_logger
@@ -45,7 +45,7 @@ class TeacherEntry:
     sources: list[str] | None = None
 
     def teaches(self, source: str) -> bool:
-        return self.sources is None or source in self.sources
+        return teaches_source(self.sources, source)
 
     def mapping(self, have: Sequence[str]) -> dict[str, str]:
         """Teacher task -> run task; a named task the checkpoint lacks is an error."""
