@@ -5,7 +5,9 @@
 # (model=student_pretrained)} x {no KD, logit KD, logit + feature KD}; then the KD variant with the
 # best *validation* headline metric and its no-KD twin over seeds 1 and 2 as well; every student
 # evaluated on the official test split, a paired report (KD - no KD, same test images) per seed,
-# and the summary table (bench/scoreboard.py). Outputs under runs/real/<dataset>/.
+# and the summary table (bench/scoreboard.py). Outputs under runs/real/<dataset>/. Every setting
+# of the runs is in experiments/<dataset>.yaml (its sections teacher, student and
+# student_pretrained); this script wires the runs together (folders, caches, arms, seeds).
 #
 #   bash bench/realdata.sh                 # both datasets; a finished stage is kept, so it resumes
 #   bash bench/realdata.sh retinamnist     # or one of them
@@ -47,22 +49,17 @@ cached() {  # cache_dir overrides...: write a teacher cache unless one is there
   [ -f "$dir/fingerprint.json" ] || step $MTKD cache-teacher "kd.cache_dir=$dir" "$@"
 }
 
-scoreboard() {  # dataset "teacher overrides" "random student" "pretrained student" [common...]
+scoreboard() {  # dataset: the runs of experiments/<dataset>.yaml
   local name=$1 dir=$OUT/$1
-  local -a teacher_args random_args pretrained_args
-  read -ra teacher_args <<<"$2"
-  read -ra random_args <<<"$3"
-  read -ra pretrained_args <<<"$4"
-  shift 4
-  local common=("data=$name" "tasks=$name" logger=csv trainer.enable_progress_bar=false "$@")
+  local common=(logger=csv trainer.enable_progress_bar=false)
   local teacher=$dir/teacher/checkpoints/best.ckpt
-  train "$dir/teacher" $MTKD train-teacher "${common[@]}" "run.dir=$dir/teacher" "${teacher_args[@]}"
+  train "$dir/teacher" $MTKD train-teacher "experiment=$name:teacher" "${common[@]}" \
+    "run.dir=$dir/teacher"
   tested "$dir/teacher"
 
-  student() {  # model arm seed
+  student() {  # model (the experiment's section) arm seed
     local run=$dir/$1/$2/seed$3
-    local -a model_args=("model=$1") arm_args=()
-    if [ "$1" = student ]; then model_args+=("${random_args[@]}"); else model_args+=("${pretrained_args[@]}"); fi
+    local -a recipe=("experiment=$name:$1" "${common[@]}") arm_args=()
     # One cache per student model: its input normalisation is part of the cache's fingerprint.
     case $2 in
       nokd) arm_args=(kd=none) ;;
@@ -70,10 +67,9 @@ scoreboard() {  # dataset "teacher overrides" "random student" "pretrained stude
       kdfeat) arm_args=("kd.cache_dir=$dir/cache_features/$1" "kd.teacher=$teacher"
         "kd.features.weight=$FEATURES") ;;
     esac
-    [ "$2" = nokd ] || cached "${arm_args[0]#kd.cache_dir=}" "${common[@]}" "${model_args[@]}" \
-      "teacher=$teacher" "${arm_args[@]:2}"
-    train "$run" $MTKD distill "${common[@]}" "${model_args[@]}" "${arm_args[@]}" \
-      "run.seed=$3" "run.dir=$run"
+    [ "$2" = nokd ] || cached "${arm_args[0]#kd.cache_dir=}" "${recipe[@]}" "teacher=$teacher" \
+      "${arm_args[@]:2}"
+    train "$run" $MTKD distill "${recipe[@]}" "${arm_args[@]}" "run.seed=$3" "run.dir=$run"
     tested "$run"
   }
   for model in student student_pretrained; do
@@ -93,31 +89,12 @@ scoreboard() {  # dataset "teacher overrides" "random student" "pretrained stude
   $PYTHON bench/scoreboard.py table "$dir" | tee "$dir/scoreboard.md"
 }
 
-# Teachers: EfficientNet-Lite2 U-Net from the packaged ImageNet weights (model=teacher_pretrained,
-# 7.2 M parameters), encoder at a quarter of the learning rate, one warm-up epoch; the pretrained
-# student gets the same recipe, the random-init one the learning rate of the earlier figures.
-TEACHER="model=teacher_pretrained optim.lr=0.002 optim.encoder_lr_mult=0.25 optim.warmup_epochs=1"
-PRETRAINED="optim.lr=0.002 optim.encoder_lr_mult=0.25 optim.warmup_epochs=1"
-RANDOM_INIT="optim.lr=0.003"
-FEATURES=${FEATURES:-1.0}
+FEATURES=${FEATURES:-1.0}  # the weight of the feature-KD arm (kd.features.weight)
 
 [ $# -gt 0 ] || set -- retinamnist idrid
 for target in "$@"; do
   case $target in
-    # 128 px (28 px upsampled for the ImageNet encoders); checkpoint on validation AUC, as
-    # MedMNIST selects its models.
-    retinamnist)
-      scoreboard retinamnist "$TEACHER trainer.max_epochs=10" \
-        "$RANDOM_INIT trainer.max_epochs=20" "$PRETRAINED trainer.max_epochs=20" \
-        data.image_size=128 run.monitor=val/dr_grade/auroc
-      ;;
-    # 224 px FOV crops (one working pixel ~16 original pixels); checkpoint on val/score (the
-    # default: the three tasks' main metrics).
-    idrid)
-      scoreboard idrid "$TEACHER trainer.max_epochs=8" \
-        "$RANDOM_INIT trainer.max_epochs=15" "$PRETRAINED trainer.max_epochs=15" \
-        data.image_size=224
-      ;;
+    retinamnist | idrid) scoreboard "$target" ;;
     bench) step $PYTHON bench/bench_preprocess.py ;;
     *) echo "unknown target $target: use retinamnist, idrid or bench" >&2; exit 2 ;;
   esac

@@ -18,30 +18,25 @@
 #   bash bench/specialists.sh synthetic    # or one of them
 #   SMOKE=1 bash bench/specialists.sh      # seconds per stage: 1 epoch, 64 px, 60 images
 #
-# Outputs: $OUT/<part>/<run>/metrics_test.json and $OUT/<part>/comparison.md.
+# The runs' settings are experiments/specialists_synthetic.yaml and specialists_real.yaml (about
+# 20 min of CPU per part on a 2-core machine); this script wires the runs together (thirds, task
+# subsets, teachers, caches). Outputs: $OUT/<part>/<run>/metrics_test.json and
+# $OUT/<part>/comparison.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MTKD_DATA_DIR="${MTKD_DATA_DIR:-../shared/data}"
 # One OpenMP thread: on a 2-core machine shared with other jobs it is the fastest setting.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-# ---- sizes (the defaults take about 20 min of CPU per part on a 2-core machine) -------------
-SYN_TEACHER_EPOCHS=${SYN_TEACHER_EPOCHS:-10}  # every teacher, specialist or multi-task
-SYN_STUDENT_EPOCHS=${SYN_STUDENT_EPOCHS:-8}
-SYN_SIZE=${SYN_SIZE:-96}
-SYN_N=${SYN_N:-600}
-SYN_ROOT=${SYN_ROOT:-data/synthetic}
-REAL_STUDENT_EPOCHS=${REAL_STUDENT_EPOCHS:-4}
-REAL_SIZE=${REAL_SIZE:-128}
 IDRID_TEACHER=${IDRID_TEACHER:-runs/real/idrid/teacher/checkpoints/best.ckpt}
 RETINAMNIST_TEACHER=${RETINAMNIST_TEACHER:-runs/real/retinamnist/teacher/checkpoints/best.ckpt}
 OUT=${OUT:-runs/specialists}
+SMOKE_ARGS=()
 if [ -n "${SMOKE:-}" ]; then
-  SYN_TEACHER_EPOCHS=1 SYN_STUDENT_EPOCHS=1 SYN_SIZE=64 SYN_N=60 REAL_STUDENT_EPOCHS=1
-  REAL_SIZE=64 SYN_ROOT=$OUT/smoke_synthetic_data
+  SMOKE_ARGS=(trainer.max_epochs=1 data.image_size=64)
 fi
 
-MTKD=.venv/bin/mtkd
+MTKD=${MTKD:-.venv/bin/mtkd}
 PY=.venv/bin/python
 COMMON=(logger=csv trainer.enable_progress_bar=false)
 
@@ -79,8 +74,9 @@ EOF
 
 synthetic() {
   local dir=$OUT/synthetic
-  local data=("data.image_size=$SYN_SIZE" "data.sources.synthetic.root=$SYN_ROOT"
-    "data.sources.synthetic.options={n: $SYN_N, image_size: 256, seed: 0}")
+  local data=(experiment=specialists_synthetic "${SMOKE_ARGS[@]}")
+  [ -z "${SMOKE:-}" ] || data+=("data.sources.synthetic.root=$OUT/smoke_synthetic_data"
+    "data.sources.synthetic.options={n: 60, image_size: 256, seed: 0}")
   local all=(dr_grade dme_risk glaucoma cdr lesions anatomy landmarks)
   # The three thirds, from the split every run of this part uses.
   $PY - "$dir/data" "${data[@]}" <<'EOF'
@@ -109,19 +105,18 @@ EOF
     done
     step $MTKD train-teacher "${COMMON[@]}" "${data[@]}" "${drop[@]}" "run.dir=$dir/$name" \
       "~data.sources.synthetic" "data.sources.third.kind=manifest" \
-      "data.sources.third.root=$dir/data/third$k" "trainer.max_epochs=$SYN_TEACHER_EPOCHS"
+      "data.sources.third.root=$dir/data/third$k"
     teachers+=("teacher=$dir/$name/checkpoints/best.ckpt")
   }
   specialist teacher_grading 0 dr_grade dme_risk glaucoma cdr
   specialist teacher_lesions 1 lesions
   specialist teacher_anatomy 2 anatomy landmarks
-  step $MTKD train-teacher "${COMMON[@]}" "${data[@]}" "run.dir=$dir/teacher_multi" \
-    "trainer.max_epochs=$SYN_TEACHER_EPOCHS"
+  step $MTKD train-teacher "${COMMON[@]}" "${data[@]}" "run.dir=$dir/teacher_multi"
   step $MTKD cache-teacher "${COMMON[@]}" "${data[@]}" "${teachers[@]}" \
     "kd.cache_dir=$dir/cache_specialists"
   step $MTKD cache-teacher "${COMMON[@]}" "${data[@]}" \
     "teacher=$dir/teacher_multi/checkpoints/best.ckpt" "kd.cache_dir=$dir/cache_multi"
-  local student=("${COMMON[@]}" "${data[@]}" "trainer.max_epochs=$SYN_STUDENT_EPOCHS")
+  local student=("${COMMON[@]}" "${data[@]}")
   step $MTKD distill "${student[@]}" "kd.cache_dir=$dir/cache_specialists" \
     "run.dir=$dir/student_specialists"
   step $MTKD distill "${student[@]}" "kd.cache_dir=$dir/cache_multi" "run.dir=$dir/student_multi"
@@ -144,11 +139,9 @@ real() {
       exit 2
     fi
   done
-  local common=("${COMMON[@]}" data=idrid_retinamnist tasks=idrid "data.image_size=$REAL_SIZE")
-  step $MTKD cache-teacher "${common[@]}" "teacher=$IDRID_TEACHER" \
+  local student=("${COMMON[@]}" experiment=specialists_real "${SMOKE_ARGS[@]}")
+  step $MTKD cache-teacher "${student[@]}" "teacher=$IDRID_TEACHER" \
     "teacher=$RETINAMNIST_TEACHER" "kd.cache_dir=$dir/cache"
-  # Students at the learning rate of bench/realdata.sh.
-  local student=("${common[@]}" "trainer.max_epochs=$REAL_STUDENT_EPOCHS" optim.lr=0.003)
   step $MTKD distill "${student[@]}" "kd.cache_dir=$dir/cache" "run.dir=$dir/student_specialists"
   step $MTKD distill "${student[@]}" kd=none "run.dir=$dir/student_nokd"
   for run in student_specialists student_nokd; do

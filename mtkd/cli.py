@@ -46,6 +46,8 @@ commands:
 overrides: group=option (data=, model=, tasks=, trainer=, logger=, kd=, profile=; option is a
 name or a YAML file path) or a.b=value, e.g. `mtkd train-teacher trainer.max_epochs=5`.
 config_dir=DIR (repeatable) searches DIR's groups before the built-in ones (also MTKD_CONFIG_PATH).
+experiment=NAME[:SECTION] applies the recipe experiments/NAME.yaml (or a YAML path) over the
+stage's defaults; the command line wins over it.
 `mtkd <command> --help` lists a command's arguments.
 """
 

@@ -8,6 +8,13 @@ values and removals apply in the order given, so ``~tasks.cdr tasks.cdr={...}`` 
 Files are looked up on the search path: ``config_dir=DIR`` folders, ``MTKD_CONFIG_PATH``, then the
 built-in configs shipped in the package (``mtkd/configs/``). Unknown keys and wrong types fail
 before any work, listing what is valid.
+
+``experiment=NAME[:SECTION]`` applies a recipe, ``experiments/NAME.yaml`` (or a YAML file path):
+an override set that may pick group options (``defaults:``, as a stage file does) and set
+values, with optional ``sections:`` for the several runs of one pipeline. Precedence, lowest
+first: the stage file's group choices, the profile's, the experiment's, the command line's; then
+the values of the groups, the stage file, the profile, the experiment (top level, then the
+section), the command line (read_experiment).
 """
 
 from __future__ import annotations
@@ -182,6 +189,9 @@ class RunConfig:
 @dataclass
 class Config:
     stage: str = "teacher"
+    #: the recipe the config was composed with (``experiment=NAME[:SECTION]``), so a saved
+    #: config names the experiment file that produced the run; null: none
+    experiment: str | None = None
     #: modules imported before the tasks are built: where your own task kinds register
     plugins: list[str] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)
@@ -201,6 +211,11 @@ BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_PATH_ENV = "MTKD_CONFIG_PATH"
 #: the former name of MTKD_CONFIG_PATH, read when MTKD_CONFIG_PATH is unset
 LEGACY_CONFIG_ENV = "MTKD_EXPERIMENTS"
+#: the folder of experiment recipes: ``experiment=NAME`` reads ``experiments/NAME.yaml`` in the
+#: config_dir= and MTKD_CONFIG_PATH folders, then in the working directory (a project's top level)
+EXPERIMENTS = "experiments"
+#: the stages a config is composed for (cache-teacher composes distill's), with their commands
+STAGE_COMMANDS = {"teacher": "mtkd train-teacher", "distill": "mtkd distill or mtkd cache-teacher"}
 
 
 def search_path(overrides: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
@@ -231,11 +246,16 @@ def search_path(overrides: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
     return [*path, BUILTIN_CONFIGS], rest
 
 
-def find_config(group: str, option: str, path: Sequence[Path]) -> Path:
+def find_config(
+    group: str, option: str, path: Sequence[Path], subfolder: str | None = None
+) -> Path:
     """The YAML file of ``group=option``: ``option`` itself when it is a file path (ends in
     ``.yaml``/``.yml`` or holds a ``/``), else ``<folder>/<group>/<option>.yaml`` in the first
-    folder of ``path`` that has it (``group=""``: a stage file at the top of each folder)."""
+    folder of ``path`` that has it (``group=""``: a stage file at the top of each folder;
+    ``subfolder``: the folder's name where it is not ``group``, as ``experiments/`` for
+    ``experiment=``)."""
     label = f"{group}={option}" if group else f"stage config {option!r}"
+    group = group if subfolder is None else subfolder
     if option.endswith((".yaml", ".yml")) or "/" in option or os.sep in option:
         file = Path(option).expanduser()
         if not file.is_file():
@@ -359,19 +379,96 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
     )
 
 
+@dataclass
+class Recipe:
+    """What an experiment file gives one stage: group choices, and values in the order applied."""
+
+    file: Path
+    groups: dict[str, str]
+    values: list[DictConfig]
+
+
+def _split_experiment(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """-> (the value of the ``experiment=`` item or None, the other overrides)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if len(given) > 1:
+        raise ConfigError(
+            f"experiment= given {len(given)} times ({', '.join(given)}); give one: an experiment "
+            "file holds a run's recipe, its sections the runs of a pipeline"
+        )
+    rest = [o for o in overrides if not o.startswith("experiment=")]
+    return (given[0] if given else None), rest
+
+
+def read_experiment(choice: str, stage: str, path: Sequence[Path]) -> Recipe:
+    """The part of ``experiment=NAME[:SECTION]`` that applies to ``stage``: the file's top level,
+    then its section SECTION of ``sections:`` (default: the one named after the stage; a file
+    with sections but none for the stage needs one named). In each part ``defaults:`` picks
+    group options and ``stage:`` says which stage it is for (a section named ``teacher`` or
+    ``distill`` is for that stage); ``command:`` says what reproduces the experiment's results
+    and is for people. NAME is a YAML file path, or ``experiments/NAME.yaml`` found in the
+    config_dir= and MTKD_CONFIG_PATH folders, then in the working directory."""
+    name, _, section = choice.partition(":")
+    folders = [*(p for p in path if p != BUILTIN_CONFIGS), Path.cwd()]
+    file = find_config("experiment", name, folders, subfolder=EXPERIMENTS)
+    spec = _read_yaml(file)
+    if not isinstance(spec, DictConfig):
+        raise ConfigError(f"{file} holds a list; an experiment is a mapping of config values")
+    spec.pop("command", None)
+    sections = spec.pop("sections", None) or OmegaConf.create({})
+    if not isinstance(sections, DictConfig) or not all(
+        isinstance(v, DictConfig) for v in sections.values()
+    ):
+        raise ConfigError(f"{file}: sections must map section names to mappings of config values")
+    section = section or (stage if stage in sections else "")
+    if not section and sections:
+        raise ConfigError(
+            f"experiment={name} has no {stage} section; pick one of {sorted(sections)} with "
+            f"experiment={name}:<section>"
+        )
+    if section and section not in sections:
+        raise ConfigError(
+            f"experiment={choice}: {file} has no section {section!r}; its sections are "
+            f"{sorted(sections)}"
+        )
+    parts = [(spec, None), *([(sections[section], section)] if section else [])]
+    groups: dict[str, str] = {}
+    for part, label in parts:
+        meant = part.pop("stage", label if label in STAGE_COMMANDS else None)
+        if meant not in (None, stage):
+            raise ConfigError(
+                f"experiment={choice} is for the {meant} stage, not {stage}; run it with "
+                f"{STAGE_COMMANDS.get(meant, f'the {meant} stage')}"
+            )
+        chosen = dict(part.pop("defaults", None) or {})
+        unknown = sorted(set(chosen) - set(GROUPS))
+        if unknown:
+            raise ConfigError(
+                f"{file}: defaults names {unknown}, which are not groups; groups are "
+                f"{', '.join(GROUPS)}"
+            )
+        groups.update(chosen)
+    return Recipe(file, groups, [part for part, _ in parts])
+
+
 def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``<stage>.yaml`` + groups + overrides, found on the search path (``config_dir=``
-    items of ``overrides``, ``MTKD_CONFIG_PATH``, the built-in configs), into a validated config."""
+    """Compose ``<stage>.yaml`` + groups + an ``experiment=`` recipe + overrides, found on the
+    search path (``config_dir=`` items of ``overrides``, ``MTKD_CONFIG_PATH``, the built-in
+    configs), into a validated config; the command line wins over the recipe, the recipe over
+    the stage's defaults (see read_experiment)."""
     path, rest = search_path(list(overrides or []))
+    experiment, rest = _split_experiment(rest)
+    recipe = read_experiment(experiment, stage, path) if experiment is not None else None
     base = read_group("", stage, path)
     group_choice, edits = _split_overrides(rest)
+    chosen = {**(recipe.groups if recipe is not None else {}), **group_choice}
     choices = dict(base.pop("defaults", {}) or {})
-    if "profile" in group_choice or "profile" in choices:
-        profile = read_group("profile", group_choice.get("profile", choices.get("profile")), path)
+    if "profile" in chosen or "profile" in choices:
+        profile = read_group("profile", chosen.get("profile", choices.get("profile")), path)
         choices.update(profile.pop("defaults", {}) or {})
     else:
         profile = OmegaConf.create({})
-    choices.update(group_choice)
+    choices.update(chosen)
     schema = OmegaConf.structured(Config)
     layers = [
         OmegaConf.create({g: read_group(g, c, path)}) for g, c in choices.items() if g != "profile"
@@ -380,8 +477,16 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
         cfg = OmegaConf.merge(schema, *layers, base, profile)
     except (ConfigKeyError, OmegaConfBaseException) as exc:
         raise _explain(exc, schema) from None
+    if recipe is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, *recipe.values)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(
+                f"experiment={experiment} ({recipe.file}): {_explain(exc, schema)}"
+            ) from None
     cfg = _apply_edits(cfg, edits, schema)
     cfg.stage = stage
+    cfg.experiment = experiment
     resolve_normalisation(cfg)
     validate(cfg)
     return cfg
@@ -411,6 +516,11 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     search path, ``config_dir=`` items included)."""
     schema = OmegaConf.structured(Config)
     path, rest = search_path(list(overrides))
+    if any(o.startswith("experiment=") for o in rest):
+        raise ConfigError(
+            "experiment= composes a new run (train-teacher, cache-teacher, distill); a saved "
+            "config takes a.b=value, trainer= and logger="
+        )
     groups, edits = _split_overrides(rest)
     removals = [e for e in edits if e.startswith("~")]
     if removals:
