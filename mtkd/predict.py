@@ -173,6 +173,14 @@ def write_overlay(
     atomic_write_bytes(path, buf.getvalue())
 
 
+def claim_folder(out_dir: Path, ckpt: str | Path) -> None:
+    """Mark ``out_dir`` as this checkpoint's before the first overlay is written: a run
+    interrupted half-way leaves a predictions.json that names it (``complete: false``), so the
+    rerun may replace the overlays it wrote instead of refusing them as someone else's."""
+    claim = {"checkpoint": str(ckpt), "complete": False, "predictions": [], "unreadable": []}
+    atomic_write_bytes(out_dir / PREDICTIONS, json.dumps(claim, indent=1).encode())
+
+
 @torch.inference_mode()
 def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     """Predict every image; print a table per image, write predictions.json and overlay PNGs.
@@ -207,6 +215,8 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         summaries = {name: task.summarise(values[name], frame) for name, task in tasks.items()}
         lines = [f"{name:<14} {tasks[name].summary_line(s)}" for name, s in summaries.items()]
         overlay = out_dir / f"{path.name}{OVERLAY_SUFFIX}"
+        if not results:
+            claim_folder(out_dir, ckpt)
         write_overlay(overlay, path.name, prep.image, tasks, values, lines)
         x0, y0 = origin
         side_w, side_h = prep.pixel_scale
@@ -226,6 +236,7 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         raise ValueError(f"no image could be read: {'; '.join(reasons)}")
     payload = {
         "checkpoint": str(ckpt),
+        "complete": True,
         "image_size": int(cfg.data.image_size),
         "predictions": results,
         "unreadable": unreadable,

@@ -428,6 +428,41 @@ def test_predict_writes_the_good_images_and_lists_the_bad_ones(
     assert main(["predict", f"ckpt={teacher}", f"images={photos}", f"out={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
     assert "no image could be read" in err and "text.jpg" in err and "truncated.jpg" in err
+    assert not (tmp_path / "x").exists()  # nothing readable: nothing written, no marker
+
+
+@pytest.mark.integration
+def test_predict_interrupted_half_way_may_be_rerun(
+    synth_root, tmp_path, teacher_and_cache, monkeypatch
+):
+    """A predict killed after its first overlay leaves a marker naming its checkpoint, so the
+    rerun replaces the overlays (it used to refuse them as someone else's files)."""
+    import mtkd.predict as predict_module
+
+    teacher, _ = teacher_and_cache
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for sample in read_manifest(synth_root / "manifest.csv")[:2]:
+        shutil.copy(sample.image, photos)
+    out = tmp_path / "out"
+    write_overlay = predict_module.write_overlay
+    drawn = []
+
+    def interrupted(path, *args):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(path)
+        write_overlay(path, *args)
+
+    monkeypatch.setattr(predict_module, "write_overlay", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict_module.predict(teacher, photos, out)
+    assert drawn[0].is_file()
+    assert json.loads((out / "predictions.json").read_text())["complete"] is False
+    monkeypatch.setattr(predict_module, "write_overlay", write_overlay)
+    payload = predict_module.predict(teacher, photos, out)
+    assert payload["complete"] is True and len(payload["predictions"]) == 2
+    assert json.loads((out / "predictions.json").read_text()) == payload
 
 
 @pytest.mark.integration
