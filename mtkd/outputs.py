@@ -130,13 +130,24 @@ def _would_create(path: Path) -> bool:
 def check_saved_paths(data_cfg: Any, overrides: list[str], ckpt: str | Path) -> None:
     """Refuse to generate or create what a checkpoint's saved data config names and the command
     line does not: a source root that is missing or empty (a synthetic source would generate a
-    data set there), a missing ``data.preprocess.cache_dir`` and a missing ``data.split_file``
-    (the data module would create them). Existing data, caches and split files are only read."""
+    data set there), a missing folder among a source's ``*_dir`` options (an adapter writes its
+    derived masks there: ``mask_dir``, ``fov_dir``), a missing ``data.preprocess.cache_dir`` and
+    a missing ``data.split_file`` (the data module would create them). Existing data, caches and
+    split files are only read."""
     found = []
     for name, source in data_cfg.sources.items():
         key = f"data.sources.{name}.root"
         if not _given(key, overrides) and _would_create(Path(str(source.root)).expanduser()):
             found.append((key, source.root, "<the data set's folder>"))
+        for option, value in (source.get("options") or {}).items():
+            key = f"data.sources.{name}.options.{option}"
+            if (
+                option.endswith("_dir")
+                and value
+                and not _given(key, overrides)
+                and not Path(str(value)).expanduser().exists()
+            ):
+                found.append((key, value, "<an existing folder> or null"))
     for key, value, fix in (
         ("data.preprocess.cache_dir", data_cfg.preprocess.cache_dir, "<a folder> or null"),
         ("data.split_file", data_cfg.split_file, "<an existing split file> or null"),

@@ -158,6 +158,13 @@ def test_evaluate_never_generates_into_paths_only_the_checkpoint_names(tmp_path)
     (theirs / "preprocessed").mkdir()
     (theirs / "splits.json").write_text("{}")
     check_saved_paths(cfg.data, [], ckpt)  # existing data, cache and split file: read only
+    # An adapter's derived-mask folder (mask_dir, fov_dir) is generated into just the same.
+    cfg.data.sources.synthetic.options.mask_dir = str(theirs / "masks")
+    with pytest.raises(ConfigError, match=r"data.sources.synthetic.options.mask_dir=\S+masks"):
+        check_saved_paths(cfg.data, [], ckpt)
+    check_saved_paths(cfg.data, ["data.sources.synthetic.options.mask_dir=null"], ckpt)
+    (theirs / "masks").mkdir()
+    check_saved_paths(cfg.data, [], ckpt)
 
 
 @pytest.mark.integration
