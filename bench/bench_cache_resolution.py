@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from bench.synthetic_runs import synthetic_overrides  # noqa: E402
 from data_modules.datamodule import FundusDataModule  # noqa: E402
 from data_modules.synthetic import generate_synthetic  # noqa: E402
-from mtkd.config import load_config  # noqa: E402
 from mtkd.kd.fidelity import KEPT_DICE_WARNING, MapFidelity  # noqa: E402
+from mtkd.run_config import load_config  # noqa: E402
 from mtkd.stages import cache_teacher, evaluate, fit  # noqa: E402
 from mtkd.tasks import CacheStorage, build_tasks  # noqa: E402
 

@@ -43,7 +43,7 @@ from data_modules.io import NPZ_SEPARATOR, load_image
 from data_modules.preprocess import ENTRY_SUFFIX, Prepared, Preprocessor
 from data_modules.samples import Sample, read_source
 from data_modules.synthetic import generate_synthetic
-from mtkd.config import load_config
+from mtkd.run_config import load_config
 from mtkd.tasks import build_tasks
 
 REPO = Path(__file__).resolve().parent.parent

@@ -39,9 +39,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_check import build, loss_fn, make_batch, time_steps  # noqa: E402
 
-from mtkd.config import load_config, to_container  # noqa: E402
+from mtkd.config import to_container  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher import TeacherModule  # noqa: E402
+from mtkd.run_config import load_config  # noqa: E402
 from mtkd.tasks import build_tasks  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -85,7 +85,7 @@ from pathlib import Path
 
 from data_modules.datamodule import load_samples
 from data_modules.manifest import write_manifest
-from mtkd.config import load_config
+from mtkd.run_config import load_config
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 samples = load_samples(load_config("distill", overrides).data)

@@ -167,7 +167,7 @@ def cmd_synth(args: list[str]) -> None:
 
 
 def cmd_train_teacher(args: list[str]) -> None:
-    from mtkd.config import load_config
+    from mtkd.run_config import load_config
     from mtkd.stages import fit
 
     _, overrides = parse_args("train-teacher", STAGE_ARGS, args)
@@ -175,7 +175,7 @@ def cmd_train_teacher(args: list[str]) -> None:
 
 
 def cmd_distill(args: list[str]) -> None:
-    from mtkd.config import load_config
+    from mtkd.run_config import load_config
     from mtkd.stages import fit
 
     _, overrides = parse_args("distill", STAGE_ARGS, args)
@@ -189,7 +189,8 @@ CACHE_TEACHER_ARGS = Spec(
 
 
 def cmd_cache_teacher(args: list[str]) -> None:
-    from mtkd.config import TeacherConfig, load_config
+    from mtkd.config import TeacherConfig
+    from mtkd.run_config import load_config
     from mtkd.stages import cache_teacher
 
     opts, rest = parse_args("cache-teacher", CACHE_TEACHER_ARGS, args)

@@ -15,12 +15,16 @@ values, with optional ``sections:`` for the several runs of one pipeline. Preced
 first: the stage file's group choices, the profile's, the experiment's, the command line's; then
 the values of the groups, the stage file, the profile, the experiment (top level, then the
 section), the command line (read_experiment).
+
+This module needs nothing above the project's small helpers: it composes a config and runs the
+checks the config alone can answer (``check``). ``mtkd.run_config`` gives a stage its config:
+composed here, then its normalisation filled in from the encoder and its choices checked against
+the registries of the layers that define them.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,7 +75,7 @@ class DataConfig:
     stratify_on: str | None = None
     label_fraction: float = 1.0
     augment: list[dict[str, Any]] = field(default_factory=list)
-    #: input normalisation; null follows the encoder's pretraining (see resolve_normalisation)
+    #: input normalisation; null follows the encoder's pretraining (mtkd.run_config fills it in)
     mean: list[float] | None = None
     std: list[float] | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -108,7 +112,7 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    #: a registered logger: a name or {name: ..., **options} (mtkd.logging)
+    #: a registered logger: a name or {name: ..., **options} (mtkd.loggers)
     kind: Any = "csv"
     project: str = "mtkd"
     group: str | None = None
@@ -451,11 +455,12 @@ def read_experiment(choice: str, stage: str, path: Sequence[Path]) -> Recipe:
     return Recipe(file, groups, [part for part, _ in parts])
 
 
-def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
+def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``<stage>.yaml`` + groups + an ``experiment=`` recipe + overrides, found on the
     search path (``config_dir=`` items of ``overrides``, ``MTKD_CONFIG_PATH``, the built-in
-    configs), into a validated config; the command line wins over the recipe, the recipe over
-    the stage's defaults (see read_experiment)."""
+    configs), into a config of the schema that passed ``check``; the command line wins over the
+    recipe, the recipe over the stage's defaults (see read_experiment). A stage's config is
+    ``mtkd.run_config.load_config``, which also fills in and checks what needs the layers above."""
     path, rest = search_path(list(overrides or []))
     experiment, rest = _split_experiment(rest)
     recipe = read_experiment(experiment, stage, path) if experiment is not None else None
@@ -487,33 +492,19 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
     cfg = _apply_edits(cfg, edits, schema)
     cfg.stage = stage
     cfg.experiment = experiment
-    resolve_normalisation(cfg)
-    validate(cfg)
+    check(cfg)
     return cfg
-
-
-def resolve_normalisation(cfg: DictConfig) -> None:
-    """Fill an unset ``data.mean``/``data.std`` from the encoder's pretraining (timm's
-    ``pretrained_cfg``; ImageNet statistics for random or local weights). The resolved values are
-    saved with the config, so every later command on the checkpoint uses them."""
-    from mtkd.models.pretrained import pretrained_normalisation
-
-    if cfg.data.mean is None or cfg.data.std is None:
-        mean, std = pretrained_normalisation(cfg.model.encoder, cfg.model.encoder_weights)
-        if cfg.data.mean is None:
-            cfg.data.mean = list(mean)
-        if cfg.data.std is None:
-            cfg.data.std = list(std)
 
 
 #: groups that can be swapped on a saved config (how to run it, not what was trained)
 RUNTIME_GROUPS = ("trainer", "logger")
 
 
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+def recompose(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Apply overrides to an existing config (e.g. one saved in a checkpoint): ``a.b=value``, and
     ``trainer=<option>`` / ``logger=<option>``, which replace that group by its YAML (found on the
-    search path, ``config_dir=`` items included)."""
+    search path, ``config_dir=`` items included); the result passed ``check``. A stage reads a
+    saved config through ``mtkd.run_config.apply_overrides``, which checks the rest."""
     schema = OmegaConf.structured(Config)
     path, rest = search_path(list(overrides))
     if any(o.startswith("experiment=") for o in rest):
@@ -537,51 +528,24 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(edits))
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
-    validate(merged)
+    check(merged)
     return merged
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: Trainer flags, task specs, choices (a swappable part's
-    name and options from its registry, so a plugin's registration is a valid choice)."""
-    from lightning.pytorch import Trainer
-
-    from mtkd.logging import LOGGERS
-    from mtkd.modules.optim import SCHEDULES, optimizer_names
-    from mtkd.modules.teacher_source import TEACHER_SOURCES
-    from mtkd.modules.weighting import WEIGHTINGS
-    from mtkd.tasks import build_tasks
-
-    import_plugins(list(cfg.plugins))
-    trainer_args = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
-    unknown = sorted(set(cfg.trainer) - trainer_args)
-    if unknown:
-        raise ConfigError(
-            f"unknown trainer keys {unknown}; valid Lightning Trainer flags: {', '.join(sorted(trainer_args))}"
-        )
+def check(cfg: DictConfig) -> None:
+    """The checks the schema cannot express that need only the config: a task set, the task
+    names other sections refer to, the teachers' entries, value choices and numeric ranges.
+    The checks against the registries, the Trainer and the task kinds are
+    ``mtkd.run_config.validate``'s."""
     if not cfg.tasks:
         raise ConfigError("no tasks configured; pick a task set, e.g. tasks=synthetic")
-    build_tasks(to_container(cfg.tasks), to_container(cfg.kd.tasks))
-    parts = [
-        (TEACHER_SOURCES, cfg.kd.mode),
-        (WEIGHTINGS, cfg.run.weighting),
-        (LOGGERS, cfg.logger.kind),
-        (SCHEDULES, cfg.optim.scheduler),
-    ]
-    for registry, choice in parts:
-        try:
-            registry.resolve(choice)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    choices = {
-        "cache.dense_dtype": (cfg.cache.dense_dtype, ["uint8", "float16", "float32"]),
-        "cache.logits_dtype": (cfg.cache.logits_dtype, ["float16", "float32"]),
-        "optim.name": (cfg.optim.name, optimizer_names()),
-        "data.on_bad_image": (cfg.data.on_bad_image, ["error", "skip"]),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    check_choices(
+        {
+            "cache.dense_dtype": (cfg.cache.dense_dtype, ["uint8", "float16", "float32"]),
+            "cache.logits_dtype": (cfg.cache.logits_dtype, ["float16", "float32"]),
+            "data.on_bad_image": (cfg.data.on_bad_image, ["error", "skip"]),
+        }
+    )
     unknown_kd = sorted(set(cfg.kd.tasks) - set(cfg.tasks))
     if unknown_kd:
         raise ConfigError(
@@ -656,6 +620,13 @@ def validate(cfg: DictConfig) -> None:
             f"{cfg.data.val_fraction + cfg.data.test_fraction} leaves no training data; "
             "their sum must be < 1"
         )
+
+
+def check_choices(choices: dict[str, tuple[Any, list[str]]]) -> None:
+    """Each ``key: (value, allowed values)`` fails unless its value is allowed."""
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
 
 
 def import_plugins(modules: list[str]) -> None:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
 from mtkd.report import INTERVALS_NOTE, Report, build_report
+from mtkd.run_config import load_config
 from mtkd.stages import (
     cache_teacher,
     evaluate,

@@ -13,10 +13,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
@@ -38,7 +36,7 @@ from mtkd.kd.cache import (
 )
 from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers, distill_teachers
 from mtkd.locks import directory_lock
-from mtkd.logging import logger_callbacks, make_logger
+from mtkd.loggers import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
     RngState,
     SafeCheckpointIO,
@@ -47,8 +45,10 @@ from mtkd.modules.checkpoint import (
     without_pretrained,
 )
 from mtkd.modules.student import StudentModule
+from mtkd.modules.sync_batchnorm import TimmSyncBatchNorm
 from mtkd.modules.teacher import TeacherModule
 from mtkd.modules.teacher_source import NoTeacher
+from mtkd.run_config import apply_overrides
 from mtkd.status import status_logger
 from mtkd.tasks import CacheStorage, build_tasks
 from mtkd.threads import ThreadBudget
@@ -56,43 +56,6 @@ from mtkd.threads import ThreadBudget
 log = status_logger(__name__)
 
 STAGE_MODULES = {"teacher": TeacherModule, "distill": StudentModule}
-
-
-class TimmSyncBatchNorm(TorchSyncBatchNorm):
-    """``trainer.sync_batchnorm`` with timm's converter. torch's ``convert_sync_batchnorm``, which
-    Lightning uses, turns timm ``BatchNormAct2d`` (norm + activation, the student's MobileNetV3)
-    into a plain SyncBatchNorm and silently drops the activation."""
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        from timm.layers import convert_sync_batchnorm
-
-        return convert_sync_batchnorm(model)
-
-    def revert(self, model: nn.Module) -> nn.Module:
-        from timm.layers import BatchNormAct2d, SyncBatchNormAct
-
-        def back(module: nn.Module) -> nn.Module:
-            out = module
-            if isinstance(module, SyncBatchNormAct):
-                out = BatchNormAct2d(
-                    module.num_features,
-                    eps=module.eps,
-                    momentum=module.momentum,
-                    affine=module.affine,
-                    track_running_stats=module.track_running_stats,
-                )
-                if module.affine:
-                    out.weight, out.bias = module.weight, module.bias
-                out.running_mean, out.running_var = module.running_mean, module.running_var
-                out.num_batches_tracked = module.num_batches_tracked
-                out.train(module.training)
-            elif isinstance(module, nn.SyncBatchNorm):
-                return super(TimmSyncBatchNorm, self).revert(module)
-            for name, child in module.named_children():
-                out.add_module(name, back(child))
-            return out
-
-        return back(model)
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger: Any) -> L.Trainer:
@@ -409,7 +372,6 @@ def evaluate(
     groups for joint accuracy (default: IDRiD's DR + DME when present). ``bootstrap`` resamples
     of the split's images (default ``BOOTSTRAP_RESAMPLES``, 0: none) give each metric a 95 %
     interval, computed in the rank-0 process over the whole split. See ``mtkd.evaluation``."""
-    from mtkd.config import apply_overrides
     from mtkd.evaluation import (
         BOOTSTRAP_RESAMPLES,
         BOOTSTRAP_SEED,

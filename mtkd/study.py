@@ -35,8 +35,9 @@ from scipy import stats
 
 from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
-from mtkd.config import load_config, read_group, search_path, to_container
+from mtkd.config import read_group, search_path, to_container
 from mtkd.report import markdown_table
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, pipeline_keys_taken, refuse_fast_dev_run
 from mtkd.status import status_logger
 from mtkd.tasks import build_tasks
@@ -437,7 +438,7 @@ def log_study(
     configured logger is W&B."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from mtkd.logging import make_logger
+    from mtkd.loggers import make_logger
 
     cfg = load_config(
         "distill", [*overrides, f"logger.group={study.name}", "logger.name=study_summary"]

@@ -75,7 +75,7 @@ def tiny_overrides(synth_root: Path, run_dir: Path, **extra: object) -> list[str
 
 def distill_cfg(synth_root: Path, run_dir: Path, *extra: str) -> DictConfig:
     """A tiny distill config (``tiny_overrides``) with ``extra`` overrides applied last."""
-    from mtkd.config import load_config
+    from mtkd.run_config import load_config
 
     return load_config("distill", [*tiny_overrides(synth_root, run_dir), *extra])
 
@@ -109,7 +109,7 @@ class TinyRuns:
 def trained_runs(synth_root: Path, base: Path) -> TinyRuns:
     """Teacher, teacher cache and KD student at 64 px for one epoch, both evaluated on the test
     split. Kept on disk under ``base`` (the session's temp root) so every test module reuses it."""
-    from mtkd.config import load_config
+    from mtkd.run_config import load_config
     from mtkd.stages import cache_teacher, evaluate, fit
 
     runs = TinyRuns(

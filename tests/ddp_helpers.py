@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtkd.config import load_config
+from mtkd.run_config import load_config
 from tests.conftest import REPO, tiny_overrides
 
 #: the console script beside this interpreter (``.venv/bin/mtkd``), else ``python -m mtkd.cli``

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data_modules.datamodule import FundusDataModule
-from mtkd.config import load_config
 from mtkd.kd.cache import TeacherCache
 from mtkd.modules.student import StudentModule
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit
 from tests.conftest import EXACT, tiny_overrides
 

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_modules.datamodule import FundusDataModule, FundusDataset
-from mtkd.config import load_config
 from mtkd.modules.checkpoint import read_checkpoint
+from mtkd.run_config import load_config
 from mtkd.stages import fit
 from mtkd.tasks import build_tasks
 from tests.conftest import tiny_overrides

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
 from mtkd.kd.fidelity import KEPT_DICE_WARNING, MapFidelity
+from mtkd.run_config import load_config
 from mtkd.tasks import CacheStorage, build_tasks
 
 pytestmark = pytest.mark.unit

@@ -10,8 +10,8 @@ import pytest
 
 from data_modules.samples import Sample, register_source
 from data_modules.synthetic import synthetic_source
-from mtkd.config import load_config
 from mtkd.kd.cache import StaleCacheError, check_fingerprint
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
 from tests.conftest import distill_cfg, tiny_overrides

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from data_modules.datamodule import FundusDataModule, load_samples
-from mtkd.config import load_config
 from mtkd.kd.cache import TeacherCache
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
 

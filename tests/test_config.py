@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from mtkd.config import ConfigError, apply_overrides, load_config
+from mtkd.config import ConfigError
+from mtkd.run_config import apply_overrides, load_config
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +71,7 @@ def test_apply_overrides_validates_saved_config():
     [
         ("kd.mode=sideways", "mtkd.modules.teacher_source:TEACHER_SOURCES"),
         ("run.weighting=sideways", "mtkd.modules.weighting:WEIGHTINGS"),
-        ("logger.kind=sideways", "mtkd.logging:LOGGERS"),
+        ("logger.kind=sideways", "mtkd.loggers:LOGGERS"),
         ("optim.scheduler=sideways", "mtkd.modules.optim:SCHEDULES"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_modules.datamodule import FundusDataModule
-from mtkd.config import load_config
+from mtkd.run_config import load_config
 from mtkd.tasks import build_tasks
 from tests.conftest import REPO
 

@@ -30,7 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
-from mtkd.config import load_config, to_container
+from mtkd.config import to_container
+from mtkd.run_config import load_config
 from tests.conftest import EXACT, tiny_overrides
 from tests.ddp_helpers import odd_split_file, run_cli
 
@@ -387,7 +388,7 @@ def test_ddp_cpu_preset_runs_on_cpu():
 
 @pytest.mark.unit
 def test_evaluate_accepts_trainer_group():
-    from mtkd.config import apply_overrides
+    from mtkd.run_config import apply_overrides
 
     saved = load_config("teacher", [])
     cfg = apply_overrides(saved, ["trainer=ddp_cpu"])
@@ -401,7 +402,8 @@ def test_sync_batchnorm_keeps_the_student_network(synth_root, tmp_path):
     import copy
 
     from mtkd.modules.student import StudentModule
-    from mtkd.stages import TimmSyncBatchNorm, make_trainer
+    from mtkd.modules.sync_batchnorm import TimmSyncBatchNorm
+    from mtkd.stages import make_trainer
 
     over = tiny_overrides(synth_root, tmp_path)
     cfg = load_config("distill", [*over, "trainer=ddp_cpu", "trainer.sync_batchnorm=true"])

@@ -16,7 +16,6 @@ from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 from data_modules.preprocess import Preprocessor, crop_resize, uncrop
 from data_modules.samples import Sample
 from mtkd.cli import main
-from mtkd.config import load_config
 from mtkd.evaluation import (
     BinnedAUROC,
     BinnedAveragePrecision,
@@ -25,6 +24,7 @@ from mtkd.evaluation import (
     joint_groups,
     score_original,
 )
+from mtkd.run_config import load_config
 from mtkd.stages import evaluate, fit
 from mtkd.tasks import build_tasks
 

@@ -10,13 +10,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from mtkd.config import (
-    BUILTIN_CONFIGS,
-    STAGE_COMMANDS,
-    ConfigError,
-    apply_overrides,
-    load_config,
-)
+from mtkd.config import BUILTIN_CONFIGS, STAGE_COMMANDS, ConfigError
+from mtkd.run_config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.config import ConfigError, load_config, to_container
+from mtkd.config import ConfigError, to_container
 from mtkd.kd.cache import TeacherCache
 from mtkd.kd.ensemble import TeacherEnsemble
 from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule, feature_kd_loss
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, make_trainer, open_checked_cache
 from tests.conftest import distill_cfg, tiny_overrides
 

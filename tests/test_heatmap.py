@@ -129,8 +129,9 @@ def test_per_point_distance_in_original_pixels():
 @pytest.mark.integration
 def test_heatmap_teacher_learns_points_on_one_batch(tiny):
     from data_modules.datamodule import FundusDataModule
-    from mtkd.config import load_config, to_container
+    from mtkd.config import to_container
     from mtkd.modules.teacher import TeacherModule
+    from mtkd.run_config import load_config
 
     cfg = load_config("teacher", tiny(**{"tasks.landmarks.head": "heatmap"}))
     torch.manual_seed(0)
@@ -162,10 +163,10 @@ def test_pretrained_heatmap_checkpoint_exports_and_predicts_points(tiny, tmp_pat
 
     import onnxruntime as ort
 
-    from mtkd.config import load_config
     from mtkd.export import export
     from mtkd.modules.checkpoint import load_net
     from mtkd.predict import predict
+    from mtkd.run_config import load_config
     from mtkd.stages import fit
 
     overrides = tiny(

@@ -29,15 +29,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.study",
         "mtkd.sweeps",
     ),
-    # evaluation is the evaluate stage's scoring (stages.evaluate, report); it needs only tasks
-    "stages": ("mtkd.stages", "mtkd.evaluation"),
-    # logging and panels are the training run's loggers and callbacks (panels draws tasks)
+    # evaluation is the evaluate stage's scoring (stages.evaluate, report); it needs only tasks.
+    # run_config checks a composed config against the registries of the layers below it
+    "stages": ("mtkd.stages", "mtkd.evaluation", "mtkd.run_config"),
+    # loggers and panels are the training run's loggers and callbacks (panels draws tasks)
     "modules / kd": (
         "mtkd.modules",
         "mtkd.modules.checkpoint",
         "mtkd.modules.common",
         "mtkd.modules.optim",
         "mtkd.modules.student",
+        "mtkd.modules.sync_batchnorm",
         "mtkd.modules.teacher",
         "mtkd.modules.teacher_source",
         "mtkd.modules.weighting",
@@ -45,7 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.kd.cache",
         "mtkd.kd.ensemble",
         "mtkd.kd.fidelity",
-        "mtkd.logging",
+        "mtkd.loggers",
         "mtkd.panels",
     ),
     # profiling measures a network (models.multitask.count_parameters): not infrastructure
@@ -63,7 +65,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.tasks.segmentation",
         "mtkd.profiling",
     ),
-    # imported from every layer; config (the schema, ConfigError) climbs only in KNOWN_UPWARD
+    # imported from every layer; config is the schema, ConfigError and composition
     "infrastructure": (
         "mtkd",
         "mtkd.config",
@@ -74,24 +76,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.threads",
     ),
     "data_modules": ("data_modules", "data_modules.*"),
-}
-
-#: upward imports not fixed yet (all function-level), with why they climb
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    # config.resolve_normalisation asks the encoder's pretraining for data.mean / data.std
-    ("mtkd.config", "mtkd.models.pretrained"): "resolve_normalisation",
-    # config.validate checks each choice against the registry of the layer that defines it
-    ("mtkd.config", "mtkd.logging"): "validate: LOGGERS",
-    ("mtkd.config", "mtkd.modules.optim"): "validate: SCHEDULES, optimizer_names",
-    ("mtkd.config", "mtkd.modules.teacher_source"): "validate: TEACHER_SOURCES",
-    ("mtkd.config", "mtkd.modules.weighting"): "validate: WEIGHTINGS",
-    ("mtkd.config", "mtkd.tasks"): "validate: build_tasks",
-}
-
-#: function-level imports that close a cycle inside one layer, not fixed yet
-KNOWN_LAZY_CYCLES: dict[tuple[str, str], str] = {
-    # build_tasks imports its own package so that the built-in kinds are registered
-    ("mtkd.tasks.base", "mtkd.tasks"): "build_tasks: import mtkd.tasks",
 }
 
 
@@ -127,7 +111,7 @@ def imports(
     ``typing``: see ``statements``). A package counts when it is named for itself (``import
     mtkd.tasks``, ``from mtkd.tasks import Task``: its ``__init__`` must have run), not when it is
     only the way to a submodule (``from mtkd.tasks import base``, ``import mtkd.tasks.base``): so
-    ``mtkd.tasks.base`` reading ``build_tasks`` back from ``mtkd.tasks`` is an edge, while being
+    ``mtkd.tasks.base`` reading a name back from ``mtkd.tasks`` would be an edge, while being
     inside ``mtkd.tasks`` (Python runs the ``__init__`` first) is none."""
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -232,10 +216,8 @@ def test_no_import_cycle() -> None:
 
 
 def test_no_lazy_import_cycle() -> None:
-    """A registry importing its own plugins inside a function is a cycle too. The known upward
-    edges are left out: each cycle across layers contains one, and they are listed once."""
-    graph = without(module_graph(lazy=True), set(KNOWN_UPWARD) | set(KNOWN_LAZY_CYCLES))
-    cycle = find_cycle(graph)
+    """A registry importing its own plugins inside a function is a cycle too."""
+    cycle = find_cycle(module_graph(lazy=True))
     assert cycle is None, " -> ".join(cycle)
 
 
@@ -265,18 +247,7 @@ def test_every_module_has_a_layer() -> None:
 def test_no_import_climbs_a_layer() -> None:
     """Function-level and TYPE_CHECKING imports included: each is a dependency on the layer."""
     upward = upward_edges(module_graph(lazy=True, typing=True), LAYERS)
-    new = {edge: line for edge, line in upward.items() if edge not in KNOWN_UPWARD}
-    assert not new, "imports that climb a layer (see LAYERS):\n" + describe(new, LAYERS)
-
-
-def test_the_known_exceptions_are_still_there() -> None:
-    """An entry of KNOWN_UPWARD / KNOWN_LAZY_CYCLES whose import was fixed is removed."""
-    lazy = module_graph(lazy=True, typing=True)
-    upward = upward_edges(lazy, LAYERS)
-    stale = sorted(set(KNOWN_UPWARD) - set(upward)) + sorted(
-        (a, b) for a, b in KNOWN_LAZY_CYCLES if b not in lazy.get(a, {})
-    )
-    assert not stale, f"fixed: remove {stale} from KNOWN_UPWARD / KNOWN_LAZY_CYCLES"
+    assert not upward, "imports that climb a layer (see LAYERS):\n" + describe(upward, LAYERS)
 
 
 def test_the_checks_see_a_cycle_and_a_reverse_import(tmp_path: Path) -> None:

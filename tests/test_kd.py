@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.config import load_config
 from mtkd.kd.cache import StaleCacheError, TeacherCache, merge_shards
 from mtkd.kd.ensemble import TeacherEnsemble
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from tests.conftest import EXACT, distill_cfg, tiny_overrides
 

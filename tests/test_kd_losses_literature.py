@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from mtkd.config import load_config, to_container
+from mtkd.config import to_container
+from mtkd.run_config import load_config
 from mtkd.tasks import build_tasks
 from mtkd.tasks.classification import DKD_ALPHA, DKD_BETA, decoupled_kd_terms
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtkd.config import load_config
+from mtkd.run_config import load_config
 from mtkd.stages import fit
 from tests.conftest import REPO
 

@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from mtkd.cli import main
-from mtkd.config import ConfigError, load_config, search_path, to_container
+from mtkd.config import ConfigError, search_path, to_container
 from mtkd.models.pretrained import read_state
 from mtkd.modules.checkpoint import SafeCheckpointIO, check_same_network, read_checkpoint
+from mtkd.run_config import load_config
 from mtkd.sweeps import load_sweep
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtkd.cli import main
-from mtkd.config import ConfigError, load_config, to_container
+from mtkd.config import ConfigError, to_container
 from mtkd.outputs import (
     check_output_file,
     check_output_folder,
@@ -20,6 +20,7 @@ from mtkd.outputs import (
     default_output,
     names_checkpoint,
 )
+from mtkd.run_config import load_config
 from mtkd.stages import evaluate
 from tests.conftest import TinyRuns
 

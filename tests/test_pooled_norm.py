@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mtkd.config import load_config
 from mtkd.models.multitask import MultiTaskNet, PooledNorm
+from mtkd.run_config import load_config
 from mtkd.tasks import build_tasks
 
 pytestmark = pytest.mark.unit

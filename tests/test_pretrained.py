@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mtkd.config import load_config, to_container
+from mtkd.config import to_container
 from mtkd.kd.ensemble import Renormalise
 from mtkd.models import pretrained
 from mtkd.models.multitask import MultiTaskNet, count_parameters
@@ -22,6 +22,7 @@ from mtkd.models.pretrained import (
     read_state,
 )
 from mtkd.modules.teacher import TeacherModule
+from mtkd.run_config import load_config
 from mtkd.tasks import build_tasks
 
 TASKS = build_tasks({"grade": {"kind": "classification", "num_classes": 3}})

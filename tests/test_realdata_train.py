@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtkd.config import load_config
+from mtkd.run_config import load_config
 from mtkd.stages import evaluate, fit
 from tests.conftest import real_dataset
 

@@ -16,10 +16,11 @@ import torch
 
 from data_modules.datamodule import load_samples
 from data_modules.manifest import read_manifest, write_manifest
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
 from mtkd.kd.cache import StaleCacheError, TeacherCache
 from mtkd.locks import LockedError, directory_lock, lock_path
 from mtkd.modules.checkpoint import read_checkpoint
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
 from tests.conftest import tiny_overrides

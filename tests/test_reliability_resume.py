@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtkd.config import load_config
 from mtkd.kd.cache import TeacherCache
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit
 from mtkd.tasks import build_tasks
 from tests.conftest import REPO, tiny_overrides
@@ -30,7 +30,7 @@ KILLED_FIT = textwrap.dedent(
     import os, signal, sys
     from lightning.pytorch.callbacks import Callback
     import mtkd.stages as stages
-    from mtkd.config import load_config
+    from mtkd.run_config import load_config
 
     stage, at = sys.argv[1], int(sys.argv[2])
 
@@ -51,7 +51,7 @@ KILLED_CACHE = textwrap.dedent(
     """
     import os, signal, sys
     import mtkd.stages as stages
-    from mtkd.config import load_config
+    from mtkd.run_config import load_config
     from tests.test_reliability_resume import in_cache
 
     at, done, replace = int(sys.argv[1]), [], os.replace

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
+from mtkd.run_config import load_config
 from mtkd.stages import fit
 from tests.conftest import tiny_overrides
 

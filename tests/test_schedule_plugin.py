@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
 from mtkd.modules.optim import build_schedule
+from mtkd.run_config import load_config
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from data_modules.datamodule import FundusDataModule
 from mtkd.cli import main as cli_main
-from mtkd.config import load_config, to_container
+from mtkd.config import to_container
 from mtkd.kd.cache import StaleCacheError
 from mtkd.kd.ensemble import TeacherEnsemble, TeacherEntry, assign
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher_source import OnlineTeacher
+from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks
 from tests.conftest import EXACT, distill_cfg, tiny_overrides

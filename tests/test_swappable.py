@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_modules.datamodule import FundusDataModule
-from mtkd.config import ConfigError, load_config, to_container
+from mtkd.config import ConfigError, to_container
 from mtkd.modules.optim import build_optimizer, build_schedule
 from mtkd.modules.student import StudentModule
 from mtkd.modules.teacher import TeacherModule
@@ -19,6 +19,7 @@ from mtkd.modules.teacher_source import (
     TeacherSource,
     build_teacher_source,
 )
+from mtkd.run_config import load_config
 from mtkd.stages import monitor_of
 from mtkd.tasks import build_tasks
 

@@ -1,7 +1,7 @@
-"""``trainer.sync_batchnorm``'s layer sync (mtkd.stages.TimmSyncBatchNorm): apply turns every
-BatchNorm, timm's norm + activation layers included, into its synchronised variant, and revert
-turns them back with the same types, activations, hyper-parameters, weights and running
-statistics, bit for bit."""
+"""``trainer.sync_batchnorm``'s layer sync (mtkd.modules.sync_batchnorm.TimmSyncBatchNorm):
+apply turns every BatchNorm, timm's norm + activation layers included, into its synchronised
+variant, and revert turns them back with the same types, activations, hyper-parameters, weights
+and running statistics, bit for bit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mtkd.stages import TimmSyncBatchNorm
+from mtkd.modules.sync_batchnorm import TimmSyncBatchNorm
 
 
 def small_net() -> nn.Sequential:

@@ -255,8 +255,8 @@ def test_unknown_kind_and_key_errors_list_valid_options():
 
 
 def test_head_dropout_acts_on_the_global_tasks_input_in_training_only():
-    from mtkd.config import load_config
     from mtkd.models.multitask import MultiTaskNet
+    from mtkd.run_config import load_config
 
     cfg = load_config("distill", ["model.head_dropout=0.5"]).model
     tasks = build_tasks({"grade": {"kind": "classification", "num_classes": 3}})

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtkd.config import ConfigError, load_config, to_container
+from mtkd.config import ConfigError, to_container
 from mtkd.modules.student import StudentModule
+from mtkd.run_config import load_config
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit

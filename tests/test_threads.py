@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from mtkd import threads
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
+from mtkd.run_config import load_config
 from mtkd.stages import make_trainer
 from mtkd.threads import intra_op_threads, local_processes
 

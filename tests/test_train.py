@@ -10,10 +10,11 @@ import torch
 import yaml
 
 from data_modules.datamodule import FundusDataModule, load_samples
-from mtkd.config import load_config, to_container
+from mtkd.config import to_container
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.teacher import TeacherModule
 from mtkd.modules.weighting import WEIGHTINGS, build_weighting
+from mtkd.run_config import load_config
 from mtkd.stages import evaluate, fit, make_trainer
 
 pytestmark = pytest.mark.integration

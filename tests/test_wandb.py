@@ -15,9 +15,9 @@ import torch
 import wandb
 from wandb.proto import wandb_internal_pb2 as pb
 
-from mtkd.config import load_config
-from mtkd.logging import RUN_ID_KEY, teacher_student_rows, wandb_offline_reason
+from mtkd.loggers import RUN_ID_KEY, teacher_student_rows, wandb_offline_reason
 from mtkd.panels import label_map
+from mtkd.run_config import load_config
 from mtkd.stages import fit
 
 #: LevelDB log format of ``run-<id>.wandb``: 7-byte file header, then 32 KiB blocks of chunks,

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtkd.config import ConfigError, load_config
+from mtkd.config import ConfigError
 from mtkd.modules.weighting import WEIGHTINGS
+from mtkd.run_config import load_config
 from mtkd.stages import evaluate, fit
 
 pytestmark = pytest.mark.integration

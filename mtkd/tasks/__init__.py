@@ -1,19 +1,24 @@
-"""Task kinds. Importing this package registers the built-in ones and their KD losses."""
+"""Task kinds. Importing this package registers the built-in ones and their KD losses, so
+``build_tasks`` (here, after those imports) knows every built-in kind."""
+
+from __future__ import annotations
+
+from typing import Any
 
 from mtkd.tasks.base import (
+    TASK_KINDS,
     Annotation,
     CacheStorage,
     Frame,
     Overlay,
     Task,
     TaskSpec,
-    build_tasks,
     masked_mean,
     register_task,
     task_kinds,
 )
 from mtkd.tasks.classification import ClassificationTask
-from mtkd.tasks.kd_losses import TaskKD, kd_loss_names, register_kd_loss
+from mtkd.tasks.kd_losses import TaskKD, kd_loss_names, parse_task_kd, register_kd_loss
 from mtkd.tasks.localization import LocalizationTask
 from mtkd.tasks.multilabel import MultilabelTask
 from mtkd.tasks.regression import RegressionTask
@@ -39,3 +44,19 @@ __all__ = [
     "register_task",
     "task_kinds",
 ]
+
+
+def build_tasks(
+    specs: dict[str, dict[str, Any]], kd: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Task]:
+    """Instantiate the configured task set, with errors that list the registered kinds. ``kd``:
+    the ``kd.tasks`` entries (per-task KD options, e.g. the KD loss), checked here."""
+    tasks = {}
+    for name, raw in specs.items():
+        raw = dict(raw or {})
+        task_class = TASK_KINDS.get(raw.get("kind"), key=f"tasks.{name}.kind")
+        tasks[name] = task_class(name, raw)
+    if kd is not None:
+        for name, task in tasks.items():
+            task.configure_kd(parse_task_kd(name, kd.get(name)))
+    return tasks

@@ -23,7 +23,7 @@ from torchmetrics import MetricCollection
 
 from data_modules.contract import Annotation
 from data_modules.registry import Registry
-from mtkd.tasks.kd_losses import TaskKD, kd_loss_function, parse_task_kd
+from mtkd.tasks.kd_losses import TaskKD, kd_loss_function
 
 TASK_KINDS: Registry[type[Task]] = Registry("tasks.<t>.kind", "task kind", "@register_task(kind)")
 
@@ -368,24 +368,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
     "none": lambda x: x,
 }
-
-
-def build_tasks(
-    specs: dict[str, dict[str, Any]], kd: dict[str, dict[str, Any]] | None = None
-) -> dict[str, Task]:
-    """Instantiate the configured task set, with errors that list the registered kinds. ``kd``:
-    the ``kd.tasks`` entries (per-task KD options, e.g. the KD loss), checked here."""
-    import mtkd.tasks  # noqa: F401  (registers the built-in kinds)
-
-    tasks = {}
-    for name, raw in specs.items():
-        raw = dict(raw or {})
-        task_class = TASK_KINDS.get(raw.get("kind"), key=f"tasks.{name}.kind")
-        tasks[name] = task_class(name, raw)
-    if kd is not None:
-        for name, task in tasks.items():
-            task.configure_kd(parse_task_kd(name, kd.get(name)))
-    return tasks
 
 
 def masked_mean(values: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
