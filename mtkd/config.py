@@ -346,13 +346,35 @@ def _apply_edits(cfg: DictConfig, edits: list[str], schema: DictConfig) -> DictC
             continue
         if values:
             try:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(values))
+                cfg = OmegaConf.merge(cfg, dotlist(values))
             except OmegaConfBaseException as exc:
                 raise _explain(exc, schema) from None
             values = []
         if item is not None:
             _remove(cfg, item[1:])
     return cfg
+
+
+def dotlist(items: list[str]) -> DictConfig:
+    """``a.b=value`` items as a config (``OmegaConf.from_dotlist``); a value that is not valid
+    YAML is a ConfigError naming the item, not a YAML scanner's traceback."""
+    try:
+        return OmegaConf.from_dotlist(items)
+    except yaml.YAMLError:
+        bad = next(i for i in items if not _parses(i))
+        raise ConfigError(
+            f"{bad}: the value is not valid YAML; in a {{...}} map put a space after each colon "
+            "(kd.tasks={dr_grade: {temperature: 1}}) and quote the item for the shell, or set "
+            "one key at a time (kd.tasks.dr_grade.temperature=1)"
+        ) from None
+
+
+def _parses(item: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([item])
+    except yaml.YAMLError:
+        return False
+    return True
 
 
 def _remove(cfg: DictConfig, key: str) -> None:
@@ -525,7 +547,7 @@ def recompose(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             )
         cfg[group] = read_group(group, choice, path)
     try:
-        merged = OmegaConf.merge(schema, cfg, OmegaConf.from_dotlist(edits))
+        merged = OmegaConf.merge(schema, cfg, dotlist(edits))
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
     check(merged)

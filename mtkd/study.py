@@ -35,7 +35,7 @@ from scipy import stats
 
 from data_modules.io import atomic_write_bytes
 from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
-from mtkd.config import read_group, search_path, to_container
+from mtkd.config import dotlist, read_group, search_path, to_container
 from mtkd.report import markdown_table
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, pipeline_keys_taken, refuse_fast_dev_run
@@ -109,7 +109,7 @@ def load_study(args: list[str]) -> tuple[StudyConfig, list[str]]:
     schema = OmegaConf.structured(StudyConfig)
     try:
         merged = OmegaConf.merge(schema, read_group("study", name, path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(values))
+        merged = OmegaConf.merge(merged, dotlist(values))
     except OmegaConfBaseException as exc:
         valid = ", ".join(f"study.{k}" for k in schema)
         raise ValueError(f"study config: {exc.msg}; valid keys: {valid}") from None

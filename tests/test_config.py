@@ -36,6 +36,19 @@ def test_removals_and_values_apply_in_the_order_given():
     assert "cdr" not in again.tasks
 
 
+def test_a_value_that_is_not_yaml_is_named_with_the_fix():
+    """``{a:{b:1}}`` (no space after the colons) used to end in "unexpected ScannerError"."""
+    bad = "kd.tasks={dr_grade:{temperature:1}}"
+    for run in (
+        lambda: load_config("distill", ["run.seed=1", bad]),
+        lambda: apply_overrides(load_config("distill"), [bad]),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{bad}: the value is not valid YAML")):
+            run()
+    fixed = load_config("distill", ["kd.tasks={dr_grade: {temperature: 1}}"])
+    assert fixed.kd.tasks.dr_grade.temperature == 1
+
+
 def test_gpu_profile_sets_full_size():
     cfg = load_config("teacher", ["profile=gpu"])
     assert cfg.data.image_size == 512 and cfg.trainer.accelerator == "gpu"
