@@ -172,6 +172,11 @@ class CacheConfig:
     dense_dtype: str = "uint8"
     logits_dtype: str = "float16"
     views: int = 0
+    #: what distill checks of the cache's files when it opens it: quick (each file's size and
+    #: .npy header, milliseconds whatever the cache size) or full (also every byte against the
+    #: sha256 recorded when it was written: minutes for a large cache, on every rank). Only full
+    #: finds bytes overwritten in place at the same size; so does `mtkd cache-check`.
+    verify: str = "quick"
 
 
 @dataclass
@@ -565,6 +570,7 @@ def check(cfg: DictConfig) -> None:
         {
             "cache.dense_dtype": (cfg.cache.dense_dtype, ["uint8", "float16", "float32"]),
             "cache.logits_dtype": (cfg.cache.logits_dtype, ["float16", "float32"]),
+            "cache.verify": (cfg.cache.verify, ["quick", "full"]),
             "data.on_bad_image": (cfg.data.on_bad_image, ["error", "skip"]),
         }
     )

@@ -24,13 +24,18 @@ RESAVE = "if you trust its source, save its tensors again without the objects"
 
 
 def load_weights_only(
-    path: str | Path, what: str, resave: str = RESAVE, map_location: Any = "cpu"
+    path: str | Path,
+    what: str,
+    resave: str = RESAVE,
+    map_location: Any = "cpu",
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(path, weights_only=True)``. A file torch cannot read that way is refused
     with a ConfigError that starts with ``what`` (the key or role naming the file); ``resave``
-    says what to do when it holds pickled objects."""
+    says what to do when it holds pickled objects. ``mmap``: tensors are mapped, not read, so
+    what is read costs milliseconds whatever the file's size."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except OSError:
         raise  # missing or unreadable: the system's own message names the path
     except Exception as exc:  # torch raises many types for one damaged file

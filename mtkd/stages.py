@@ -29,12 +29,19 @@ from mtkd.kd.cache import (
     file_sha256,
     fingerprint,
     merge_shards,
+    read_fingerprint,
     recorded_teachers,
     remove_orphans,
     run_token,
     stored_storage,
 )
-from mtkd.kd.ensemble import TeacherEnsemble, announce, configured_teachers, distill_teachers
+from mtkd.kd.ensemble import (
+    TeacherEnsemble,
+    announce,
+    configured_teachers,
+    distill_teachers,
+    teacher_provenance,
+)
 from mtkd.locks import directory_lock
 from mtkd.loggers import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
@@ -252,26 +259,29 @@ def open_checked_cache(
     cfg: DictConfig, tasks: dict, train: dict[str, str] | None = None
 ) -> TeacherCache:
     """Open the teacher cache and refuse it unless it describes this run's teachers and data:
-    the teachers the run names (kd.teachers, or kd.teacher), else the files the cache recorded,
-    hashed again, and the training images' contents. Logs which teachers teach which task.
-    ``train``: the run's training ids and image digests when its data module has read the sources
-    already (``FundusDataModule.train_digests``)."""
-    cache = TeacherCache(cfg.kd.cache_dir, tasks)
+    the teachers the run names (kd.teachers, or kd.teacher: their checkpoints' saved configs and
+    file hashes, no network built), else the files the cache recorded, hashed again, and the
+    training images' contents; then its files (``TeacherCache``: sizes and .npy headers, every
+    byte with ``cache.verify=full``). Logs which teachers teach which task. ``train``: the run's
+    training ids and image digests when its data module has read the sources already
+    (``FundusDataModule.train_digests``)."""
+    found = read_fingerprint(cfg.kd.cache_dir)
     named = distill_teachers(cfg.kd)
     if named:
-        ensemble = TeacherEnsemble(named, to_container(cfg)["tasks"], cfg.data)
-        taught, notes = ensemble.provenance(list(tasks)), ensemble.notes
+        run_tasks = to_container(cfg)["tasks"]
+        taught, notes = teacher_provenance(named, run_tasks, cfg.data, list(tasks))
     else:
-        taught, notes = recorded_teachers(cache.fingerprint, cfg.kd.cache_dir), []
+        taught, notes = recorded_teachers(found, cfg.kd.cache_dir), []
     expected = fingerprint(
         {n: taught.get(n, []) for n in tasks},
         tasks,
         cfg.data,
         FundusDataModule(cfg.data, tasks).train_digests() if train is None else train,
-        stored_storage(cache.fingerprint),
-        int(cache.fingerprint["storage"]["views"]),
+        stored_storage(found),
+        int(found["storage"]["views"]),
     )
-    check_fingerprint(cache.fingerprint, expected, cfg.kd.cache_dir)
+    check_fingerprint(found, expected, cfg.kd.cache_dir)
+    cache = TeacherCache(cfg.kd.cache_dir, tasks, full=cfg.cache.verify == "full")
     announce(expected["task_teachers"], notes)
     return cache
 

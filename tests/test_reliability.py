@@ -331,10 +331,11 @@ def test_damaged_truncated_or_missing_cache_files_are_named_with_the_rebuild_com
     data = bytearray(lesions.read_bytes())
     data[-10:] = bytes(255 - b for b in data[-10:])  # overwritten bytes, same size
     lesions.write_bytes(bytes(data))
+    TeacherCache(copy, tasks)  # a quick open checks sizes and headers only: cache.verify=full
     with pytest.raises(
         StaleCacheError, match=r"lesions.npy does not match its checksum.*cache-teacher teacher=/"
     ):
-        TeacherCache(copy, tasks)
+        TeacherCache(copy, tasks, full=True)
     lesions.write_bytes(bytes(data[:-100]))
     with pytest.raises(StaleCacheError, match=r"lesions.npy has \d+ bytes, \d+ were written"):
         TeacherCache(copy, tasks)

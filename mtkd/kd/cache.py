@@ -5,7 +5,7 @@ and renamed into place; ``fingerprint.json`` is written last)::
 
     fingerprint.json   what produced it (per task the teacher files and hashes, tasks,
                        preprocessing, split, each training image's content digest, storage)
-    checksums.json     sha256 and size of every other file, verified whenever the cache is opened
+    checksums.json     sha256, size and (arrays) .npy header of every other file
     index.json         sample ids; position = row in every array
     <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
     features_<i>.npy   teacher i's image embedding [N, D_i] float16 (only with kd.features.weight
@@ -14,6 +14,12 @@ and renamed into place; ``fingerprint.json`` is written last)::
 
 Rows are keyed by sample_id, never by dataset or batch index, so sampler padding and worker
 order cannot misplace an output.
+
+Checks that scale: every file is hashed once, when ``cache-teacher`` writes it (rank 0, before the
+folder is renamed into place). Opening a cache (``cache.verify=quick``) checks only what costs
+milliseconds whatever its size: each file present, of its recorded size, and each array's .npy
+header (shape, dtype, order) as recorded. Bytes overwritten in place at the same size are found
+only by hashing everything again: ``cache.verify=full`` or ``mtkd cache-check``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +47,9 @@ from mtkd.tasks import CacheStorage, Task
 
 #: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task.
 #: 4: each training image's content digest (``images``). 5: a replayed view's transforms share
-#: one generator (``Augmentation.set_random_seed``), so views of older caches replay differently
-FORMAT_VERSION = 5
+#: one generator (``Augmentation.set_random_seed``), so views of older caches replay differently.
+#: 6: checksums.json records each array's .npy header, which every open checks instead of hashing
+FORMAT_VERSION = 6
 FINGERPRINT = "fingerprint.json"
 CHECKSUMS = "checksums.json"
 INDEX = "index.json"
@@ -58,6 +65,7 @@ class StaleCacheError(RuntimeError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (memory stays flat whatever its size)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -275,62 +283,124 @@ def recorded_teachers(found: dict[str, Any], cache_dir: str) -> dict[str, list[d
     }
 
 
+def read_fingerprint(cache_dir: str | Path) -> dict[str, Any]:
+    """The fingerprint of a complete cache; a folder without one is absent or incomplete (it is
+    written last)."""
+    cache_dir = Path(cache_dir)
+    meta = cache_dir / FINGERPRINT
+    if not meta.exists():
+        hint = (
+            "it is incomplete (a crashed or running cache-teacher?)"
+            if cache_dir.exists()
+            else "it does not exist"
+        )
+        raise FileNotFoundError(
+            f"teacher cache {cache_dir}: {hint}. Build it with "
+            f"`mtkd cache-teacher teacher=<teacher.ckpt> kd.cache_dir={cache_dir}`."
+        )
+    return json.loads(meta.read_text())
+
+
+def npy_header(path: str | Path) -> dict[str, Any] | None:
+    """An .npy file's shape, order and dtype, read from its header alone (a few hundred bytes
+    whatever the array's size); None when it has no readable header."""
+    with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read(fh)
+        except ValueError:
+            return None
+    return {"shape": list(shape), "fortran_order": fortran_order, "dtype": dtype.str}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What checksums.json records of one cache file: its sha256 and size, and an array's .npy
+    header, so that an open can check the layout without reading the data."""
+    record: dict[str, Any] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    if path.suffix == ".npy":
+        record["header"] = npy_header(path)
+    return record
+
+
+def seal(folder: Path, ids: list[str], fingerprint_data: dict[str, Any]) -> None:
+    """Complete a folder that holds a cache's arrays: ``index.json``, then ``checksums.json``
+    (every file hashed: the one full read of the cache), then ``fingerprint.json``, last, since
+    a folder without it reads as incomplete."""
+    atomic_write_bytes(folder / INDEX, json.dumps(ids).encode())
+    sums = {p.name: file_record(p) for p in sorted(folder.iterdir())}
+    atomic_write_bytes(folder / CHECKSUMS, json.dumps(sums, indent=1).encode())
+    atomic_write_bytes(folder / FINGERPRINT, json.dumps(fingerprint_data, indent=1).encode())
+
+
+def _file_problem(file: Path, want: dict[str, Any], full: bool) -> str | None:
+    """What is wrong with one cache file against its checksums.json record (None: nothing).
+    Without ``full`` a same-size overwrite of the data goes unseen: only hashing finds it."""
+    if not file.is_file():
+        return "is missing"
+    size = file.stat().st_size
+    if size != want["bytes"]:
+        return f"has {size} bytes, {want['bytes']} were written (truncated or overwritten)"
+    if file.suffix == ".npy" and (header := npy_header(file)) != want["header"]:
+        found = "no readable .npy header" if header is None else f"the .npy header {header}"
+        return f"has {found}, {want['header']} was written (overwritten)"
+    if full and file_sha256(file) != want["sha256"]:
+        return "does not match its checksum (damaged)"
+    return None
+
+
+def checked_files(
+    cache_dir: str | Path, found: dict[str, Any], full: bool = False
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each file checksums.json lists, with its record, once it passed ``_file_problem``; the
+    first that fails raises StaleCacheError naming it and the rebuild command. A cache of
+    another format (``found``: its fingerprint) is refused before its files are read."""
+    cache_dir = Path(cache_dir)
+    teachers = list(found.get("teacher_files", {}))
+    fix = f"Rebuild it: {rebuild_command(cache_dir, teachers or None)}"
+    version = found.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StaleCacheError(
+            f"teacher cache {cache_dir} is of format {version}, written by another mtkd (this one "
+            f"reads format {FORMAT_VERSION}). {fix}"
+        )
+    sums = cache_dir / CHECKSUMS
+    if not sums.is_file():
+        raise StaleCacheError(f"teacher cache {cache_dir}: {CHECKSUMS} is missing. {fix}")
+    for name, want in json.loads(sums.read_text()).items():
+        problem = _file_problem(cache_dir / name, want, full)
+        if problem is not None:
+            raise StaleCacheError(f"teacher cache {cache_dir}: {name} {problem}. {fix}")
+        yield name, want
+
+
 class TeacherCache:
     """Read-only view of a complete cache; arrays are memory-mapped lazily in each process
     (DataLoader workers included), so memory does not grow with the cache size."""
 
-    def __init__(self, cache_dir: str | Path, tasks: dict[str, Task]) -> None:
+    def __init__(self, cache_dir: str | Path, tasks: dict[str, Task], full: bool = False) -> None:
+        """Open ``cache_dir`` after ``checked_files`` passed: ``full`` also hashes every file
+        (``cache.verify=full``), otherwise sizes and .npy headers only (milliseconds)."""
         self.dir = Path(cache_dir)
-        meta = self.dir / FINGERPRINT
-        if not meta.exists():
-            hint = (
-                "it is incomplete (a crashed or running cache-teacher?)"
-                if self.dir.exists()
-                else "it does not exist"
-            )
-            raise FileNotFoundError(
-                f"teacher cache {self.dir}: {hint}. Build it with "
-                f"`mtkd cache-teacher teacher=<teacher.ckpt> kd.cache_dir={self.dir}`."
-            )
-        self.fingerprint = json.loads(meta.read_text())
+        self.fingerprint = read_fingerprint(self.dir)
         taught = self.fingerprint.get("task_teachers", {})
         #: the tasks some teacher covers (the others have no array and train on labels only)
         self.tasks = {n: t for n, t in tasks.items() if taught.get(n)}
         self.views = int(self.fingerprint["storage"]["views"])
         #: each teacher's embedding length, None when the cache holds no embeddings
         self.feature_dims: list[int] | None = self.fingerprint.get("features", {}).get("dims")
-        self._verify()
+        for _ in checked_files(self.dir, self.fingerprint, full):
+            pass
         ids = json.loads((self.dir / INDEX).read_text())
         self.rows = {sid: i for i, sid in enumerate(ids)}
         self._arrays: dict[str, np.ndarray] | None = None
         self._seeds: np.ndarray | None = None
         self._features: list[np.ndarray] = []
         self._pid = -1
-
-    def _verify(self) -> None:
-        """Compare every file with the checksum recorded when it was written: overwritten bytes
-        in a dense map would otherwise train silently, a truncated array fail mid-epoch."""
-        teachers = list(self.fingerprint.get("teacher_files", {}))
-        fix = f"Rebuild it: {rebuild_command(self.dir, teachers or None)}"
-        sums = self.dir / CHECKSUMS
-        if not sums.is_file():
-            raise StaleCacheError(
-                f"teacher cache {self.dir} has no {CHECKSUMS} (written by an older mtkd). {fix}"
-            )
-        for name, want in json.loads(sums.read_text()).items():
-            file = self.dir / name
-            if not file.is_file():
-                raise StaleCacheError(f"teacher cache {self.dir}: {name} is missing. {fix}")
-            size = file.stat().st_size
-            if size != want["bytes"]:
-                raise StaleCacheError(
-                    f"teacher cache {self.dir}: {name} has {size} bytes, {want['bytes']} were "
-                    f"written (truncated or overwritten). {fix}"
-                )
-            if file_sha256(file) != want["sha256"]:
-                raise StaleCacheError(
-                    f"teacher cache {self.dir}: {name} does not match its checksum (damaged). {fix}"
-                )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -556,13 +626,7 @@ def merge_shards(
                 [[seed_fn(sid, k) for k in range(views)] for sid in ids], dtype=np.int64
             )
             atomic_save_npy(tmp / SEEDS, seeds)
-        atomic_write_bytes(tmp / INDEX, json.dumps(ids).encode())
-        sums = {
-            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-        }
-        atomic_write_bytes(tmp / CHECKSUMS, json.dumps(sums, indent=1).encode())
-        atomic_write_bytes(tmp / FINGERPRINT, json.dumps(fingerprint_data, indent=1).encode())
+        seal(tmp, ids, fingerprint_data)
         old = None
         if cache_dir.exists():
             old = cache_dir.parent / f".{cache_dir.name}.old-{uuid.uuid4().hex[:8]}"

@@ -24,7 +24,7 @@ from torch import nn
 
 from mtkd.kd.cache import file_sha256, source_reach, teaches_source
 from mtkd.models.pretrained import Normalisation
-from mtkd.modules.checkpoint import load_net
+from mtkd.modules.checkpoint import load_net, read_tasks
 from mtkd.status import status_logger
 from mtkd.tasks import Task, build_tasks
 
@@ -162,6 +162,71 @@ def combine_per_source(
     return combined
 
 
+def plan_teaching(
+    entries: Sequence[TeacherEntry],
+    teacher_tasks: Sequence[dict[str, Task]],
+    configs: Sequence[Any],
+    run_tasks: dict[str, Any] | None,
+    data: Any | None,
+) -> tuple[dict[str, list[tuple[int, str]]], dict[str, Task], list[str]]:
+    """From the teachers' tasks and saved ``configs`` alone: which teachers teach which run task
+    (``assign``), the run's tasks some teacher teaches (what is cached) and the notes to show.
+    ``run_tasks``: the run's task specs (None: every teacher task); ``data``: the run's data
+    config (None: no size or preprocessing notes)."""
+    wanted = build_tasks(run_tasks) if run_tasks is not None else None
+    taught_by, notes = assign(entries, teacher_tasks, wanted)
+    tasks = {
+        ours: wanted[ours] if wanted else teacher_tasks[i][theirs]
+        for ours, [(i, theirs), *_] in taught_by.items()
+    }
+    if not tasks:
+        raise ValueError(
+            f"the teachers {[e.path for e in entries]} teach none of this run's tasks "
+            f"{sorted(wanted or {})}; pass teachers trained for them"
+        )
+    if data is not None:
+        sizes = [int(c.data.image_size) for c in configs]
+        notes += size_notes(entries, sizes, int(data.image_size))
+        notes += preprocessing_notes(entries, configs, data)
+    return taught_by, tasks, notes
+
+
+def provenance(
+    entries: Sequence[TeacherEntry],
+    taught_by: dict[str, list[tuple[int, str]]],
+    run_tasks: Sequence[str],
+) -> dict[str, list[dict[str, str]]]:
+    """For each of ``run_tasks``: the teacher files that produce it, [{path, sha256, task
+    (the teacher's name for it)}], empty for a task no teacher covers."""
+    files = {e.path: str(Path(e.path).resolve()) for e in entries}
+    hashes = {p: file_sha256(p) for p in files}
+    return {
+        name: [
+            {
+                "path": files[entries[i].path],
+                "sha256": hashes[entries[i].path],
+                "task": t,
+                **({"sources": entries[i].sources} if entries[i].sources else {}),
+            }
+            for i, t in taught_by.get(name, [])
+        ]
+        for name in run_tasks
+    }
+
+
+def teacher_provenance(
+    entries: Sequence[TeacherEntry], run_tasks: dict[str, Any], data: Any, names: Sequence[str]
+) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
+    """``TeacherEnsemble(entries, run_tasks, data)``'s ``provenance(names)`` and notes without
+    building it: read from the checkpoints' saved configs (tensors mapped, never loaded) and one
+    hash of each file, which is what a teacher cache check compares."""
+    read = [read_tasks(e.path) for e in entries]
+    taught_by, _, notes = plan_teaching(
+        entries, [t for t, _ in read], [c for _, c in read], run_tasks, data
+    )
+    return provenance(entries, taught_by, names), notes
+
+
 class TeacherEnsemble(L.LightningModule):
     def __init__(
         self,
@@ -178,27 +243,18 @@ class TeacherEnsemble(L.LightningModule):
             t if isinstance(t, TeacherEntry) else TeacherEntry(str(t)) for t in teachers
         ]
         loaded = [load_net(e.path) for e in self.entries]
-        wanted = build_tasks(run_tasks) if run_tasks is not None else None
-        self.taught_by, self.notes = assign(self.entries, [t for _, t, _ in loaded], wanted)
         self.teacher_tasks = [tasks for _, tasks, _ in loaded]
-        #: the run's tasks some teacher teaches (what is cached); the others train on labels only
-        self.tasks = {
-            ours: wanted[ours] if wanted else self.teacher_tasks[i][theirs]
-            for ours, [(i, theirs), *_] in self.taught_by.items()
-        }
-        if not self.tasks:
-            raise ValueError(
-                f"the teachers {[e.path for e in self.entries]} teach none of this run's tasks "
-                f"{sorted(wanted or {})}; pass teachers trained for them"
-            )
+        configs = [c for _, _, c in loaded]
+        #: tasks: the run's tasks some teacher teaches (what is cached); the others train on
+        #: labels only
+        self.taught_by, self.tasks, self.notes = plan_teaching(
+            self.entries, self.teacher_tasks, configs, run_tasks, data
+        )
         self.nets = nn.ModuleList([net for net, _, _ in loaded])
-        self.sizes = [int(c.data.image_size) for _, _, c in loaded]
-        own = [(tuple(c.data.mean), tuple(c.data.std)) for _, _, c in loaded]
+        self.sizes = [int(c.data.image_size) for c in configs]
+        own = [(tuple(c.data.mean), tuple(c.data.std)) for c in configs]
         given = [(tuple(data.mean), tuple(data.std)) if data is not None else o for o in own]
         self.inputs = nn.ModuleList([Renormalise(g, o) for g, o in zip(given, own)])
-        if data is not None:
-            self.notes += size_notes(self.entries, self.sizes, int(data.image_size))
-            self.notes += preprocessing_notes(self.entries, [c for _, _, c in loaded], data)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -257,22 +313,8 @@ class TeacherEnsemble(L.LightningModule):
         return {"sample_id": batch["sample_id"], "outputs": outputs, "features": features}
 
     def provenance(self, run_tasks: Sequence[str]) -> dict[str, list[dict[str, str]]]:
-        """For each of ``run_tasks``: the teacher files that produce it, [{path, sha256, task
-        (the teacher's name for it)}], empty for a task no teacher covers."""
-        files = {e.path: str(Path(e.path).resolve()) for e in self.entries}
-        hashes = {p: file_sha256(p) for p in files}
-        return {
-            name: [
-                {
-                    "path": files[self.entries[i].path],
-                    "sha256": hashes[self.entries[i].path],
-                    "task": t,
-                    **({"sources": self.entries[i].sources} if self.entries[i].sources else {}),
-                }
-                for i, t in self.taught_by.get(name, [])
-            ]
-            for name in run_tasks
-        }
+        """``provenance`` of this ensemble's teachers."""
+        return provenance(self.entries, self.taught_by, run_tasks)
 
 
 def size_notes(entries: Sequence[TeacherEntry], sizes: Sequence[int], run: int) -> list[str]:

@@ -29,14 +29,16 @@ RESAVE_CHECKPOINT = (
 )
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """An mtkd checkpoint, read weights-only; ``mmap``: its tensors mapped, not read (for its
+    saved config alone)."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
             f"checkpoint {file} does not exist; train one first (make train-teacher / make distill) "
             "or pass ckpt=<path to .ckpt>"
         )
-    ckpt = load_weights_only(file, f"checkpoint {file}", RESAVE_CHECKPOINT)
+    ckpt = load_weights_only(file, f"checkpoint {file}", RESAVE_CHECKPOINT, mmap=mmap)
     if not isinstance(ckpt, dict) or "config" not in ckpt.get("hyper_parameters", {}):
         raise ValueError(f"{file} is not an mtkd checkpoint (no saved config)")
     check_plugins(ckpt["hyper_parameters"]["config"].get("plugins", []), file)
@@ -101,17 +103,30 @@ def check_same_network(saved: dict[str, Any], cfg: DictConfig, source: str) -> N
     check_same_tasks(saved["tasks"], to_container(cfg.tasks), source)
 
 
-def load_net(
-    path: str | Path, expected_tasks: dict[str, Any] | None = None
-) -> tuple[MultiTaskNet, dict[str, Task], Any]:
-    """Rebuild the network of a checkpoint (teacher or student) and load its weights."""
-    ckpt = read_checkpoint(path)
+def _saved_tasks(
+    ckpt: dict[str, Any], path: str | Path, expected_tasks: dict[str, Any] | None = None
+) -> tuple[dict[str, Task], DictConfig]:
+    """The tasks and config a checkpoint was saved with (its plugins imported first)."""
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     import_plugins(list(cfg.get("plugins", [])))  # allowed by read_checkpoint
     specs = OmegaConf.to_container(cfg.tasks, resolve=True)
     if expected_tasks is not None:
         check_same_tasks(specs, expected_tasks, f"checkpoint {path}")
-    tasks = build_tasks(specs)
+    return build_tasks(specs), cfg
+
+
+def read_tasks(path: str | Path) -> tuple[dict[str, Task], DictConfig]:
+    """A checkpoint's tasks and saved config without its network: the tensors are mapped, never
+    read or loaded, so a teacher cache check costs no network build."""
+    return _saved_tasks(read_checkpoint(path, mmap=True), path)
+
+
+def load_net(
+    path: str | Path, expected_tasks: dict[str, Any] | None = None
+) -> tuple[MultiTaskNet, dict[str, Task], Any]:
+    """Rebuild the network of a checkpoint (teacher or student) and load its weights."""
+    ckpt = read_checkpoint(path)
+    tasks, cfg = _saved_tasks(ckpt, path, expected_tasks)
     net = MultiTaskNet(tasks, without_pretrained(cfg).model)
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
