@@ -191,9 +191,13 @@ def _taught_by(files: list[dict[str, Any]]) -> list[tuple[str, str, tuple[str, .
     return sorted((f["sha256"], f["task"], tuple(f.get("sources") or ())) for f in files)
 
 
+def sources_note(file: dict[str, Any]) -> str:
+    """`` [on a, b images only]`` for a teacher entry limited to some data sources, else ""."""
+    return f" [on {', '.join(file['sources'])} images only]" if file.get("sources") else ""
+
+
 def _teacher_line(file: dict[str, Any]) -> str:
-    sources = f" on {', '.join(file['sources'])}" if file.get("sources") else ""
-    return f"{file['path']} ({file['sha256'][:12]}){sources}"
+    return f"{file['path']} ({file['sha256'][:12]}){sources_note(file)}"
 
 
 def _changed_images(found: dict[str, Any], expected: dict[str, Any]) -> str | None:

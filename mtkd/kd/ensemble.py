@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from mtkd.kd.cache import file_sha256, source_reach, teaches_source
+from mtkd.kd.cache import file_sha256, source_reach, sources_note, teaches_source
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net, read_tasks
 from mtkd.status import status_logger
@@ -351,9 +351,7 @@ def announce(taught: dict[str, list[dict[str, str]]], notes: Sequence[str] = ())
     lines = ["teachers per task:"]
     for name, files in taught.items():
         who = ", ".join(
-            f"{f['path']}"
-            + (f" ({f['task']})" if f["task"] != name else "")
-            + (f" [on {', '.join(f['sources'])} images only]" if f.get("sources") else "")
+            f"{f['path']}" + (f" ({f['task']})" if f["task"] != name else "") + sources_note(f)
             for f in files
         )
         lines.append(f"  {name:<14} <- {who or 'no teacher: trained on labels only (kd alpha 0)'}")
