@@ -281,7 +281,7 @@ def open_checked_cache(
         int(found["storage"]["views"]),
     )
     check_fingerprint(found, expected, cfg.kd.cache_dir)
-    cache = TeacherCache(cfg.kd.cache_dir, tasks, full=cfg.cache.verify == "full")
+    cache = TeacherCache(cfg.kd.cache_dir, tasks, cfg.cache.verify == "full", found)
     announce(expected["task_teachers"], notes)
     return cache
 

@@ -386,11 +386,19 @@ class TeacherCache:
     """Read-only view of a complete cache; arrays are memory-mapped lazily in each process
     (DataLoader workers included), so memory does not grow with the cache size."""
 
-    def __init__(self, cache_dir: str | Path, tasks: dict[str, Task], full: bool = False) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        tasks: dict[str, Task],
+        full: bool = False,
+        found: dict[str, Any] | None = None,
+    ) -> None:
         """Open ``cache_dir`` after ``checked_files`` passed: ``full`` also hashes every file
-        (``cache.verify=full``), otherwise sizes and .npy headers only (milliseconds)."""
+        (``cache.verify=full``), otherwise sizes and .npy headers only (milliseconds).
+        ``found``: its fingerprint when the caller has read it already (it holds a digest per
+        image, so it is not parsed twice)."""
         self.dir = Path(cache_dir)
-        self.fingerprint = read_fingerprint(self.dir)
+        self.fingerprint = read_fingerprint(self.dir) if found is None else found
         taught = self.fingerprint.get("task_teachers", {})
         #: the tasks some teacher covers (the others have no array and train on labels only)
         self.tasks = {n: t for n, t in tasks.items() if taught.get(n)}
