@@ -22,7 +22,6 @@ Prints Markdown tables (copied into bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -46,7 +45,7 @@ from mtkd.kd.cache import TeacherCache  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher_source import build_teacher_source  # noqa: E402
-from mtkd.run_config import load_config  # noqa: E402
+from mtkd.run_config import apply_overrides, load_config  # noqa: E402
 from mtkd.stages import cache_teacher, fit, open_checked_cache  # noqa: E402
 from mtkd.tasks import register_kd_loss  # noqa: E402
 from mtkd.tasks.base import elementwise_loss  # noqa: E402
@@ -80,7 +79,7 @@ ARMS = {
 }
 
 
-def one_step(student: StudentModule, batch: dict, opt) -> float:
+def one_step(student: StudentModule, opt, batch: dict) -> float:
     """Seconds of one forward + backward + optimizer step."""
     start = time.perf_counter()
     opt.zero_grad()
@@ -90,20 +89,22 @@ def one_step(student: StudentModule, batch: dict, opt) -> float:
     return time.perf_counter() - start
 
 
-def use_arm(student: StudentModule, sources: dict, arm: str) -> None:
+def arm_student(cfg, arm: str, cache: TeacherCache, template: StudentModule):
+    """One arm's student, built with its teacher source and its dense tasks' KD loss, holding
+    the template's weights, and its own optimizer."""
     mode, loss = ARMS[arm]
-    student.teacher_source = sources[mode]
-    for task in student.tasks.values():
-        if task.kind in ("segmentation", "localization"):
-            task.kd = dataclasses.replace(task.kd, loss=loss)
+    dense = [n for n, t in template.tasks.items() if t.kind in ("segmentation", "localization")]
+    losses = [f"kd.tasks.{n}.loss={loss}" for n in dense] if loss else []
+    arm_cfg = apply_overrides(cfg, [f"kd.mode={mode}", *losses])
+    student = StudentModule(to_container(arm_cfg), build_teacher_source(mode, cache))
+    student.load_state_dict(template.state_dict())
+    student.teacher_source.setup(arm_cfg)
+    return student, torch.optim.AdamW(student.parameters(), lr=1e-4)
 
 
 def paired_steps(
-    student: StudentModule,
-    sources: dict,
+    arms: dict[str, tuple[StudentModule, torch.optim.Optimizer]],
     batches: list[dict],
-    opt,
-    arms: tuple,
     rounds: int,
     repeats: int,
 ) -> dict[str, list[float]]:
@@ -112,27 +113,27 @@ def paired_steps(
     fastest step, since another job on the shared cores only ever adds time; the machine's
     drift over seconds then cancels in each ratio. Python's cycle collector runs between
     batches, not inside a timed step. Two warm-up steps per arm first."""
-    for arm in arms:
-        use_arm(student, sources, arm)
+    names = list(arms)
+    for arm in names:
         for batch in batches[:2]:
-            one_step(student, batch, opt)
-    ratios: dict[str, list[float]] = {arm: [] for arm in arms[1:]}
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
+            one_step(*arms[arm], batch)
+    ratios: dict[str, list[float]] = {arm: [] for arm in names[1:]}
+    times: dict[str, list[float]] = {arm: [] for arm in names}
     gc.disable()
     try:
         for r in range(rounds):
             for i, batch in enumerate(batches):
                 gc.collect()
-                k = (r * len(batches) + i) % len(arms)
+                k = (r * len(batches) + i) % len(names)
                 took: dict[str, float] = {}
                 for _ in range(repeats):
-                    for arm in arms[k:] + arms[:k]:
-                        use_arm(student, sources, arm)
-                        took[arm] = min(took.get(arm, math.inf), one_step(student, batch, opt))
-                for arm in arms:
+                    for arm in names[k:] + names[:k]:
+                        step = one_step(*arms[arm], batch)
+                        took[arm] = min(took.get(arm, math.inf), step)
+                for arm in names:
                     times[arm].append(took[arm])
-                for arm in arms[1:]:
-                    ratios[arm].append(took[arm] / took[arms[0]])
+                for arm in names[1:]:
+                    ratios[arm].append(took[arm] / took[names[0]])
     finally:
         gc.enable()
     return {"ratios": ratios, "times": times}
@@ -152,23 +153,20 @@ def step_benchmark(
     cfg = load_config(
         "distill", [*synthetic_overrides(work, size, images), f"kd.teacher={teacher_ckpt}", *extra]
     )
-    cache = open_checked_cache(cfg, StudentModule(to_container(cfg)).tasks)
-    student = StudentModule(to_container(cfg))
-    dm = FundusDataModule(cfg.data, student.tasks, teacher=cache)
+    template = StudentModule(to_container(cfg))
+    cache = open_checked_cache(cfg, template.tasks)
+    dm = FundusDataModule(cfg.data, template.tasks, teacher=cache)
     loader = dm.train_dataloader()
     batches = [b for _, b in zip(range(steps), loader)]
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    sources = {mode: build_teacher_source(mode) for mode in ("none", "cached", "online")}
-    for source in sources.values():
-        source.setup(cfg)
+
+    def students(*names: str) -> dict:
+        return {arm: arm_student(cfg, arm, cache, template) for arm in names}
+
     # online KD in its own block: its teacher forward would otherwise sit between the pairs
-    cached = paired_steps(
-        student, sources, batches, opt, ("none", "cached", "cached_before"), rounds, repeats
-    )
-    online = paired_steps(
-        student, sources, batches, opt, ("none", "online"), online_rounds, repeats
-    )
-    teacher = sources["online"].ensemble
+    cached = paired_steps(students("none", "cached", "cached_before"), batches, rounds, repeats)
+    online_arms = students("none", "online")
+    online = paired_steps(online_arms, batches, online_rounds, repeats)
+    teacher = online_arms["online"][0].teacher_source.ensemble
     x = batches[0]["image"]
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -180,7 +178,7 @@ def step_benchmark(
         "seconds": {arm: statistics.median(t) for arm, t in cached["times"].items()}
         | {"online": statistics.median(online["times"]["online"])},
         "teacher_forward": teacher_forward,
-        "student_params": count_parameters(student.net),
+        "student_params": count_parameters(template.net),
         "teacher_params": count_parameters(teacher.nets),
         "batch_size": int(x.shape[0]),
     }

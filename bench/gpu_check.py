@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     torch.manual_seed(0)
     teacher, _ = build("teacher", args.teacher_model, device)
-    student, _ = build("distill", args.student_model, device)
+    student, student_cfg = build("distill", args.student_model, device)
     tasks = teacher.tasks
     batch = make_batch(tasks, args.size, args.batch, device)
     online = FrozenTeacher(teacher)
@@ -212,19 +212,20 @@ def run(args: argparse.Namespace) -> dict:
                     **row,
                 }
             )
-    # cached vs online KD: the same student step, teacher outputs from the batch or the network
+    # cached vs online KD: the same student weights and step, teacher outputs from the batch or
+    # the network; one student per source, each built with its source
     kd = {}
-    for mode in ("cached", "online"):
-        student.teacher_source = OnlineTeacher(online) if mode == "online" else CachedTeacher()
+    for mode, source in (("cached", CachedTeacher()), ("online", OnlineTeacher(online))):
+        arm = StudentModule(to_container(student_cfg), source, student.tasks).to(device)
+        arm.load_state_dict(student.state_dict())
         print(f"timing student KD {mode} ({args.kd_precision}) ...", flush=True)
-        step_loss = loss_fn(student, "distill")
+        step_loss = loss_fn(arm, "distill")
         kd[mode] = guarded(
-            lambda s=step_loss: time_steps(
-                student, s, batch, args.kd_precision, device, args.steps, args.warmup
+            lambda s=step_loss, a=arm: time_steps(
+                a, s, batch, args.kd_precision, device, args.steps, args.warmup
             ),
             f"KD {mode}",
         )
-    student.teacher_source = CachedTeacher()
     if "ms_step" in kd["cached"] and "ms_step" in kd["online"]:
         kd["online_over_cached"] = kd["online"]["ms_step"] / kd["cached"]["ms_step"]
     kd["precision"] = args.kd_precision

@@ -68,30 +68,68 @@ def load_samples(
     tasks: dict[str, DatasetTask] | None = None,
     teacher_covers: bool = False,
     read: list[Sample] | None = None,
+    prepared: list[Sample] | None = None,
 ) -> list[Sample]:
     """The configured samples, checked and split: ``read`` (what ``read_sources`` returned, for
     a caller that has read them already), each label checked against ``tasks``
     (``check_labels``; ``teacher_covers`` says a teacher cache supervises every training sample,
-    so a task without labels is KD-only instead of an error), the split file applied or written,
-    bad images handled, the label fraction applied and the masks ``tasks`` read checked against
-    their images' sizes (``check_masks``)."""
-    reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
+    so a task without labels is KD-only instead of an error), then ``prepare_samples`` (or the
+    ``prepared`` list it returned for ``read``), the splits saved in ``run_dir`` and the masks
+    ``tasks`` read checked against their images' sizes (``check_masks``)."""
     samples = read_sources(data_cfg) if read is None else read
     if tasks is not None:
         check_labels(samples, tasks, teacher_covers)
+    samples = prepare_samples(data_cfg, samples) if prepared is None else prepared
+    if run_dir is not None:
+        save_splits(samples, Path(run_dir) / "splits.json")
+    if tasks is not None:
+        check_masks(samples, tasks)
+    return samples
+
+
+def prepare_samples(data_cfg: Any, samples: list[Sample]) -> list[Sample]:
+    """The read samples as a run uses them: the split file applied or written, bad images
+    handled and the label fraction applied. Reads no label, so it needs no task."""
+    reuse = bool(data_cfg.split_file) and Path(data_cfg.split_file).exists()
     if reuse:
         samples = load_splits(samples, data_cfg.split_file)
     elif data_cfg.split_file:
         save_splits(samples, data_cfg.split_file)
     # After the split file, which covers every sample of the sources, bad images included.
     samples = drop_bad_images(samples, data_cfg)
-    if run_dir is not None:
-        save_splits(samples, Path(run_dir) / "splits.json")
     if data_cfg.label_fraction < 1.0:
         samples = [_maybe_unlabel(s, data_cfg.label_fraction, data_cfg.split_seed) for s in samples]
-    if tasks is not None:
-        check_masks(samples, tasks)
     return samples
+
+
+class SampleList:
+    """One run's configured samples, read and prepared once: the teacher cache's check (the
+    training images' digests), ``prepare_data`` and ``setup`` share them, so a fit reads and
+    pre-scans the sources once. Build it before the data module when something must see the
+    samples first, and hand it to ``FundusDataModule``."""
+
+    def __init__(self, data_cfg: Any) -> None:
+        self.cfg = data_cfg
+        self._read: list[Sample] | None = None
+        self._prepared: list[Sample] | None = None
+
+    def read(self) -> list[Sample]:
+        """The configured sources as read (``read_sources``)."""
+        if self._read is None:
+            self._read = read_sources(self.cfg)
+        return self._read
+
+    def prepared(self) -> list[Sample]:
+        """The read samples after ``prepare_samples``."""
+        if self._prepared is None:
+            self._prepared = prepare_samples(self.cfg, self.read())
+        return self._prepared
+
+    def train_digests(self) -> dict[str, str]:
+        """Each training sample id -> its image's content digest (``ref_digest``, hashed by the
+        image pre-scan already): what a teacher cache records, so an image replaced in place
+        after caching makes the cache stale."""
+        return {s.sample_id: ref_digest(s.image) for s in self.prepared() if s.split == "train"}
 
 
 def check_labels(
@@ -281,9 +319,11 @@ class FundusDataModule(L.LightningDataModule):
         run_dir: str | Path | None = None,
         predict_views: int = 0,
         scored_sources: list[str] | None = None,
+        samples: SampleList | None = None,
     ) -> None:
         """``scored_sources``: validate and test on these data sources' images only (the
-        splits are carved over every source as in training, so they stay the same)."""
+        splits are carved over every source as in training, so they stay the same).
+        ``samples``: the run's samples when something read them before (a new list if not)."""
         super().__init__()
         self.cfg = data_cfg
         self.scored_sources = scored_sources
@@ -291,42 +331,32 @@ class FundusDataModule(L.LightningDataModule):
         self.teacher = teacher
         self.run_dir = run_dir
         self.predict_views = predict_views
+        self.sample_list = SampleList(data_cfg) if samples is None else samples
         self.samples: list[Sample] | None = None
-        self._read: list[Sample] | None = None
         pp = data_cfg.preprocess
         self.preprocessor = Preprocessor(
             data_cfg.image_size, pp.fov_crop, pp.clahe, pp.local_mean, pp.cache_dir
         )
 
-    def sources(self) -> list[Sample]:
-        """The configured sources, read once per data module: ``prepare_data``, ``train_ids``
-        (the teacher cache's check) and ``setup`` share one read."""
-        if self._read is None:
-            self._read = read_sources(self.cfg)
-        return self._read
-
     def prepare_data(self) -> None:
         # Runs once per node before setup: generates synthetic data if missing, writes the
         # split file and checks every image once.
-        load_samples(self.cfg, read=self.sources())
-
-    def train_ids(self) -> list[str]:
-        """The training sample ids, as a teacher cache is keyed (labels unchecked)."""
-        return list(self.train_digests())
+        self.sample_list.prepared()
 
     def train_digests(self) -> dict[str, str]:
-        """Each training sample id -> its image's content digest (``ref_digest``, hashed by the
-        image pre-scan already): what a teacher cache records, so an image replaced in place
-        after caching makes the cache stale."""
-        samples = load_samples(self.cfg, read=self.sources())
-        return {s.sample_id: ref_digest(s.image) for s in samples if s.split == "train"}
+        """``SampleList.train_digests`` of this data module's samples."""
+        return self.sample_list.train_digests()
 
     def setup(self, stage: str | None = None) -> None:
         if self.samples is None:
             # Predicting (the teacher cache) reads no label, so it checks none.
-            tasks = None if stage == "predict" else self.tasks
             self.samples = load_samples(
-                self.cfg, self.run_dir, tasks, self.teacher is not None, read=self.sources()
+                self.cfg,
+                self.run_dir,
+                None if stage == "predict" else self.tasks,
+                self.teacher is not None,
+                read=self.sample_list.read(),
+                prepared=self.sample_list.prepared(),
             )
 
     def split(self, name: str) -> list[Sample]:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from data_modules.datamodule import FundusDataModule
+from data_modules.datamodule import FundusDataModule, SampleList
 from data_modules.io import atomic_write_bytes
 from data_modules.transforms import view_seed
 from mtkd.config import ConfigError, save_config, to_container
@@ -51,10 +51,11 @@ from mtkd.modules.checkpoint import (
     read_checkpoint,
     without_pretrained,
 )
+from mtkd.modules.common import MultiTaskModule
 from mtkd.modules.student import StudentModule
 from mtkd.modules.sync_batchnorm import TimmSyncBatchNorm
 from mtkd.modules.teacher import TeacherModule
-from mtkd.modules.teacher_source import NoTeacher
+from mtkd.modules.teacher_source import build_teacher_source, reads_cache
 from mtkd.run_config import apply_overrides
 from mtkd.status import status_logger
 from mtkd.tasks import CacheStorage, build_tasks
@@ -210,12 +211,8 @@ def fit(cfg: DictConfig) -> Path | None:
             # Lightning would fail later on, with a dump of the state_dict keys.
             saved = read_checkpoint(cfg.run.resume)["hyper_parameters"]["config"]
             check_same_network(saved, cfg, f"run.resume={cfg.run.resume}")
-        L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-        module = STAGE_MODULES[cfg.stage](to_container(cfg))
+        module, dm = build_run(cfg, None if smoke else run_dir)
         monitor, mode = monitor_of(cfg, module.tasks)
-        dm = FundusDataModule(cfg.data, module.tasks, run_dir=None if smoke else run_dir)
-        if isinstance(module, StudentModule) and module.teacher_source.reads_cache:
-            dm.teacher = open_checked_cache(cfg, module.tasks, dm.train_digests())
         dm.setup("fit")  # the label and image checks, before the logger writes anything
         best_ckpt = ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -255,6 +252,29 @@ def fit(cfg: DictConfig) -> Path | None:
         return best
 
 
+def build_run(
+    cfg: DictConfig, run_dir: Path | None = None
+) -> tuple[MultiTaskModule, FundusDataModule]:
+    """The LightningModule and DataModule of ``cfg``'s stage, and what they share built once
+    and handed to their constructors: the tasks, the samples (read and pre-scanned once), and
+    for a student the teacher cache, checked against those samples, inside its teacher source.
+    ``run_dir``: where the data module saves the splits (None: nowhere). ``run.seed`` is set
+    right before the network is made."""
+    config = to_container(cfg)
+    tasks = build_tasks(config["tasks"], config.get("kd", {}).get("tasks", {}))
+    samples = SampleList(cfg.data)
+    student = STAGE_MODULES[cfg.stage] is StudentModule
+    cache = None
+    if student and reads_cache(cfg.kd.mode):
+        cache = open_checked_cache(cfg, tasks, samples.train_digests())
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if student:
+        module = StudentModule(config, build_teacher_source(cfg.kd.mode, cache), tasks)
+    else:
+        module = TeacherModule(config, tasks)
+    return module, FundusDataModule(cfg.data, tasks, cache, run_dir, samples=samples)
+
+
 def open_checked_cache(
     cfg: DictConfig, tasks: dict, train: dict[str, str] | None = None
 ) -> TeacherCache:
@@ -263,8 +283,8 @@ def open_checked_cache(
     file hashes, no network built), else the files the cache recorded, hashed again, and the
     training images' contents; then its files (``TeacherCache``: sizes and .npy headers, every
     byte with ``cache.verify=full``). Logs which teachers teach which task. ``train``: the run's
-    training ids and image digests when its data module has read the sources already
-    (``FundusDataModule.train_digests``)."""
+    training ids and image digests when its samples were read already
+    (``SampleList.train_digests``)."""
     found = read_fingerprint(cfg.kd.cache_dir)
     named = distill_teachers(cfg.kd)
     if named:
@@ -276,7 +296,7 @@ def open_checked_cache(
         {n: taught.get(n, []) for n in tasks},
         tasks,
         cfg.data,
-        FundusDataModule(cfg.data, tasks).train_digests() if train is None else train,
+        SampleList(cfg.data).train_digests() if train is None else train,
         stored_storage(found),
         int(found["storage"]["views"]),
     )
@@ -421,8 +441,6 @@ def evaluate(
     module = cls.load_from_checkpoint(
         ckpt, map_location="cpu", weights_only=True, config=to_container(without_pretrained(cfg))
     )
-    if isinstance(module, StudentModule):
-        module.teacher_source = NoTeacher()  # evaluation never needs the teacher
     groups = joint_groups(module.tasks, joint)
     dm = FundusDataModule(cfg.data, module.tasks, scored_sources=sources)
     logger = make_logger(cfg, target.parent, job_type="evaluate")  # logs beside the metrics

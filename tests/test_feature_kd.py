@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.config import ConfigError, to_container
+from mtkd.config import ConfigError
 from mtkd.kd.cache import TeacherCache
 from mtkd.kd.ensemble import TeacherEnsemble
 from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule, feature_kd_loss
 from mtkd.run_config import load_config
-from mtkd.stages import cache_teacher, fit, make_trainer, open_checked_cache
+from mtkd.stages import build_run, cache_teacher, fit, make_trainer, open_checked_cache
 from tests.conftest import distill_cfg, tiny_overrides
 
 
@@ -96,11 +96,7 @@ def test_cache_teacher_refuses_embeddings_of_replayed_views(synth_root, tmp_path
 
 def train_one_epoch(cfg) -> tuple[StudentModule, object]:
     """A one-epoch distill through ``make_trainer`` on the checked cache."""
-    from data_modules.datamodule import FundusDataModule
-
-    student = StudentModule(to_container(cfg))
-    dm = FundusDataModule(cfg.data, student.tasks)
-    dm.teacher = open_checked_cache(cfg, student.tasks)
+    student, dm = build_run(cfg)
     trainer = make_trainer(cfg, None, [], logger=False)
     trainer.fit(student, datamodule=dm)
     return student, trainer
@@ -115,12 +111,9 @@ def test_distill_trains_the_adaptor_on_the_cached_embeddings(synth_root, tmp_pat
         "kd.features.weight=0.5",
         "trainer.enable_checkpointing=false",
     )
-    initial = []
-    for _ in range(2):  # the adaptor's initial weights, the same at each construction
-        torch.manual_seed(0)
-        initial.append(StudentModule(to_container(cfg)).feature_adaptors[0].weight.detach())
+    # the adaptor's initial weights, the same at each construction (run.seed)
+    initial = [build_run(cfg)[0].feature_adaptors[0].weight.detach() for _ in range(2)]
     assert torch.equal(*initial)
-    torch.manual_seed(0)
     student, trainer = train_one_epoch(cfg)
     dim = TeacherEnsemble([teacher_ckpt]).nets[0].pooled_dim
     adaptor = student.feature_adaptors[0]
@@ -148,5 +141,7 @@ def test_weight_zero_stores_no_embedding_and_adds_no_term(synth_root, tmp_path, 
     assert len(student.feature_adaptors) == 0
     assert not any(k.startswith("train/features") for k in trainer.callback_metrics)
     # A cache without embeddings is refused by a run that wants them, with the rebuild command.
-    with pytest.raises(ValueError, match="mtkd cache-teacher kd.features.weight=0.5"):
-        StudentModule(to_container(distill_cfg(synth_root, tmp_path, "kd.features.weight=0.5")))
+    with pytest.raises(
+        ValueError, match=r"has none; build it with `mtkd cache-teacher kd.features.weight=0.5"
+    ):
+        build_run(distill_cfg(synth_root, tmp_path, "kd.features.weight=0.5"))

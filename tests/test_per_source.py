@@ -16,7 +16,7 @@ from mtkd.config import ConfigError, to_container
 from mtkd.kd.cache import StaleCacheError, source_reach, taught_masks
 from mtkd.kd.ensemble import TeacherEntry, combine_per_source
 from mtkd.modules.student import StudentModule
-from mtkd.modules.teacher_source import OnlineTeacher
+from mtkd.modules.teacher_source import OnlineTeacher, build_teacher_source
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, open_checked_cache
 from mtkd.tasks import build_tasks
@@ -70,7 +70,7 @@ def test_a_teacher_limited_to_one_source_teaches_only_its_images(combined, tmp_p
     recorded = cache.fingerprint["task_teachers"]
     assert all(f["sources"] == ["synthetic"] for t in tasks for f in recorded[t])
 
-    module = StudentModule(to_container(cfg))
+    module = StudentModule(to_container(cfg), build_teacher_source("cached", cache))
     module.teacher_source.setup(module.cfg)
     assert set(module.teacher_source.reach) == {*tasks, "features_0"}  # and its embedding
     dm = FundusDataModule(cfg.data, tasks, teacher=cache)

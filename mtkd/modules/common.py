@@ -37,12 +37,16 @@ def fp32(fn, *args: torch.Tensor) -> torch.Tensor:
 
 
 class MultiTaskModule(L.LightningModule):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], tasks: dict[str, Task] | None = None) -> None:
+        """``tasks``: the run's tasks, built once from ``config`` by whoever builds the run
+        (``stages.build_run``); None builds them here (a checkpoint being loaded)."""
         super().__init__()
         self.save_hyperparameters({"config": config}, logger=False)
         self.cfg = OmegaConf.create(config)
         import_plugins(list(config.get("plugins", [])))
-        self.tasks = build_tasks(config["tasks"], config.get("kd", {}).get("tasks", {}))
+        if tasks is None:
+            tasks = build_tasks(config["tasks"], config.get("kd", {}).get("tasks", {}))
+        self.tasks = tasks
         self.net = MultiTaskNet(self.tasks, self.cfg.model)
         if self.cfg.model.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

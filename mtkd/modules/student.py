@@ -14,18 +14,16 @@ the student and are left out of the exported network (``net`` only).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkd.kd.cache import FINGERPRINT, TeacherCache, feature_name
+from mtkd.kd.cache import TeacherCache, feature_name
 from mtkd.modules.common import MultiTaskModule, fp32
 from mtkd.modules.teacher_source import TeacherSource, build_teacher_source
-from mtkd.tasks import masked_mean
+from mtkd.tasks import Task, masked_mean
 
 
 def feature_kd_loss(adapted: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -34,32 +32,41 @@ def feature_kd_loss(adapted: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return (F.normalize(adapted, dim=1) - F.normalize(teacher, dim=1)).pow(2).sum(dim=1)
 
 
-def with_feature_dims(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with ``kd.features.dims`` read from the teacher cache when feature KD is on
-    and they are not given; the checkpoint saves them, so evaluating or resuming needs no cache."""
+def with_feature_dims(config: dict[str, Any], cache: TeacherCache | None) -> dict[str, Any]:
+    """``config`` with ``kd.features.dims`` read from the run's teacher ``cache`` when feature
+    KD is on and they are not given; the checkpoint saves them, so evaluating or resuming needs
+    no cache."""
     kd = config.get("kd", {})
     features = kd.get("features", {})
     if float(features.get("weight", 0.0)) <= 0 or features.get("dims") is not None:
         return config
-    meta = Path(kd["cache_dir"]) / FINGERPRINT
-    dims = json.loads(meta.read_text()).get("features", {}).get("dims") if meta.is_file() else None
+    dims = cache.feature_dims if cache is not None else None
     if dims is None:
+        held = "has none" if cache is not None else "was not given to the student"
         raise ValueError(
             f"kd.features.weight={features['weight']} reads the teacher embeddings from the "
-            f"teacher cache, and {kd['cache_dir']} has none; build it with `mtkd cache-teacher "
-            f"kd.features.weight={features['weight']} kd.cache_dir={kd['cache_dir']}`"
+            f"teacher cache, and {kd.get('cache_dir')} {held}; build it with `mtkd cache-teacher "
+            f"kd.features.weight={features['weight']} kd.cache_dir={kd.get('cache_dir')}`"
         )
     return {**config, "kd": {**kd, "features": {**features, "dims": dims}}}
 
 
 class StudentModule(MultiTaskModule):
-    def __init__(self, config: dict[str, Any], teacher_source: TeacherSource | None = None) -> None:
-        """``teacher_source``: where teacher outputs come from; None builds ``kd.mode``'s source."""
-        super().__init__(with_feature_dims(config))
+    def __init__(
+        self,
+        config: dict[str, Any],
+        teacher_source: TeacherSource | None = None,
+        tasks: dict[str, Task] | None = None,
+    ) -> None:
+        """``teacher_source``: where teacher outputs come from (a cache-reading one holds the
+        run's checked cache); None builds ``kd.mode``'s source without a cache, enough for a
+        student loaded for inference. ``tasks``: see ``MultiTaskModule``."""
+        source = teacher_source
+        if source is None:
+            source = build_teacher_source(config["kd"]["mode"])
+        super().__init__(with_feature_dims(config, source.cache), tasks)
         kd = self.cfg.kd
-        self.teacher_source = (
-            build_teacher_source(kd.mode) if teacher_source is None else teacher_source
-        )
+        self.teacher_source = source
         # Each task holds its parsed kd.tasks.<task> entry (build_tasks); null takes the run's.
         self.alpha = {
             n: float(kd.alpha if t.kd.alpha is None else t.kd.alpha) for n, t in self.tasks.items()
@@ -78,16 +85,19 @@ class StudentModule(MultiTaskModule):
         self.feature_cache: TeacherCache | None = None
 
     def setup(self, stage: str) -> None:
+        """Training alone reads the teacher: testing or predicting a student needs none."""
+        if stage != "fit":
+            return
         self.teacher_source.setup(self.cfg)
-        if stage == "fit" and self.feature_adaptors:
+        if self.feature_adaptors:
             self.feature_cache = self.checked_feature_cache()
 
     def checked_feature_cache(self) -> TeacherCache:
-        """The data module's (checked) teacher cache, refused unless it holds one embedding per
+        """The teacher source's (checked) cache, refused unless it holds one embedding per
         adaptor of the lengths they map to."""
-        cache = getattr(self.trainer.datamodule, "teacher", None)
+        cache = self.teacher_source.cache
         weight = self.feature_weight
-        if not self.teacher_source.reads_cache or cache is None:
+        if cache is None:
             raise ValueError(
                 f"kd.features.weight={weight} reads the teacher embeddings from the teacher cache: "
                 "use kd.mode=cached (or kd.features.weight=0)"

@@ -9,9 +9,7 @@ its ``__init__`` are the options ``kd.mode={name: ..., option: value}`` sets.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 
 from data_modules.registry import Registry
 from mtkd.config import to_container
-from mtkd.kd.cache import FINGERPRINT, recorded_reach, taught_masks
+from mtkd.kd.cache import TeacherCache, recorded_reach, taught_masks
 from mtkd.kd.ensemble import TeacherEnsemble, announce, distill_teachers
 
 
@@ -29,8 +27,11 @@ class TeacherSource:
 
     #: the ``kd.mode`` value that selects this source
     name: ClassVar[str]
-    #: whether the data module must carry a teacher cache (``batch["teacher"]``)
+    #: whether the data module must carry a teacher cache (``batch["teacher"]``): such a
+    #: source is built with the opened, checked cache (``build_teacher_source``)
     reads_cache: ClassVar[bool] = False
+    #: the checked teacher cache the run reads, for a source that ``reads_cache``
+    cache: TeacherCache | None = None
     #: the tasks and embeddings taught on some data sources' images only (``source_reach``),
     #: known after ``setup``
     reach: dict[str, list[list[str] | None]] = {}
@@ -71,9 +72,18 @@ def register_teacher_source(name: str) -> Callable[[type[TeacherSource]], type[T
     return decorate
 
 
-def build_teacher_source(choice: str | Mapping[str, Any]) -> TeacherSource:
-    """A fresh source for ``kd.mode`` (a name or ``{name: ..., **options}``)."""
-    return TEACHER_SOURCES.create(choice)
+def reads_cache(choice: str | Mapping[str, Any]) -> bool:
+    """Whether ``kd.mode``'s source reads the teacher cache, so the run must open one first."""
+    return TEACHER_SOURCES.resolve(choice)[0].reads_cache
+
+
+def build_teacher_source(
+    choice: str | Mapping[str, Any], cache: TeacherCache | None = None
+) -> TeacherSource:
+    """A fresh source for ``kd.mode`` (a name or ``{name: ..., **options}``); one that reads
+    the teacher cache gets ``cache`` (opened and checked: ``stages.open_checked_cache``)."""
+    source, options = TEACHER_SOURCES.resolve(choice)
+    return source(cache, **options) if source.reads_cache else source(**options)
 
 
 @register_teacher_source("none")
@@ -86,13 +96,23 @@ class NoTeacher(TeacherSource):
 
 @register_teacher_source("cached")
 class CachedTeacher(TeacherSource):
-    """The teacher outputs the data module read from the cache for this sample and view."""
+    """The teacher outputs the data module read from ``cache`` for this sample and view.
+    ``cache`` is positional only: the opened cache passed in code, not a ``kd.mode`` option.
+    A student loaded for inference holds one without a cache."""
 
     reads_cache = True
 
+    def __init__(self, cache: TeacherCache | None = None, /) -> None:
+        self.cache = cache
+
     def setup(self, cfg: DictConfig) -> None:
-        found = json.loads((Path(cfg.kd.cache_dir) / FINGERPRINT).read_text())
-        self.reach = recorded_reach(found, cfg.tasks)
+        if self.cache is None:
+            raise ValueError(
+                "kd.mode=cached reads the teacher cache, and this student was built without one: "
+                "train it with `mtkd distill kd.cache_dir=DIR`, or in code pass "
+                "build_teacher_source('cached', open_checked_cache(cfg, tasks)) to StudentModule"
+            )
+        self.reach = recorded_reach(self.cache.fingerprint, cfg.tasks)
 
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         if "teacher" not in batch:
