@@ -65,7 +65,7 @@ class MultiTaskModule(L.LightningModule):
         # gloo ((4 + 3) / 2 -> 3), which skews the epoch mean when the ranks' sizes differ.
         self.eval_totals = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
         self._labeled = {s: torch.zeros(len(self.tasks)) for s in EVAL_STAGES}
-        #: per logged term, (sum of value x batch size, samples) over the epoch's batches
+        #: per task, (sum of its loss x batch size, samples) over the epoch's batches
         self._epoch_losses: dict[str, list[float]] = {}
         # What Task.stuck_hint reads beyond the logged metrics, filled in one validation pass.
         self.health = nn.ModuleDict(
@@ -100,14 +100,16 @@ class MultiTaskModule(L.LightningModule):
             )
 
     def log_train_terms(
-        self, terms: dict[str, torch.Tensor], total: torch.Tensor, batch_size: int
+        self, terms: dict[tuple[str, str], torch.Tensor], total: torch.Tensor, batch_size: int
     ) -> None:
-        for key, value in terms.items():
-            self.log(f"train/{key}", value.detach(), on_epoch=True, batch_size=batch_size)
-            if self.weighting.needs_epoch_means:
+        """Log each ``(task, term)`` as ``train/<task>/<term>`` and the total as ``train/loss``;
+        keep the epoch means of the ``(task, "loss")`` terms a weighting strategy reads."""
+        for (task, term), value in terms.items():
+            self.log(f"train/{task}/{term}", value.detach(), on_epoch=True, batch_size=batch_size)
+            if self.weighting.needs_epoch_means and term == "loss":
                 # Weighted by batch size, as Lightning's train/<task>/loss_epoch: an epoch's odd
                 # last batch must not count as much as a full one.
-                running = self._epoch_losses.setdefault(key, [0.0, 0.0])
+                running = self._epoch_losses.setdefault(task, [0.0, 0.0])
                 running[0] += float(value.detach()) * batch_size
                 running[1] += batch_size
         self.log(
@@ -121,9 +123,7 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         means = {
-            k.split("/")[0]: weighted / samples
-            for k, (weighted, samples) in self._epoch_losses.items()
-            if k.endswith("/loss")
+            task: weighted / samples for task, (weighted, samples) in self._epoch_losses.items()
         }
         self.weighting.end_epoch(means)
         for name, w in self.weighting.current().items():

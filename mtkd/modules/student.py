@@ -153,27 +153,28 @@ class StudentModule(MultiTaskModule):
             losses.append(per_sample.mean() if mask is None else masked_mean(per_sample, mask))
         return torch.stack(losses).mean()
 
-    def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and every logged term of one training batch."""
+    def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict[tuple[str, str], torch.Tensor]]:
+        """Total loss and every logged term of one training batch, keyed ``(task, term)``
+        with term ``sup``, ``kd`` or ``loss`` (and ``("features", "kd")``)."""
         if self.feature_adaptors:
             outputs, pooled = self.outputs_and_pooled(batch["image"])
         else:  # the network's own forward, as a wrapper around it (DDP) expects
             outputs = self(batch["image"])
         sup = self.supervised_losses(outputs, batch)
-        terms = {f"{n}/sup": v for n, v in sup.items()}
+        terms = {(n, "sup"): v for n, v in sup.items()}
         taught = self.teacher_source.taught(batch)
         kd = self.kd_losses(outputs, self.teacher_source.outputs(batch), taught)
-        terms.update({f"{n}/kd": v for n, v in kd.items()})
+        terms.update({(n, "kd"): v for n, v in kd.items()})
         # A task no teacher covers trains on labels only (alpha 0; announced at start-up).
         per_task = {
             n: (1 - self.alpha[n]) * sup[n] + self.alpha[n] * kd[n] if n in kd else sup[n]
             for n in self.tasks
         }
-        terms.update({f"{n}/loss": v for n, v in per_task.items()})
+        terms.update({(n, "loss"): v for n, v in per_task.items()})
         total = self.weighting(per_task)
         if self.feature_adaptors:
-            terms["features/kd"] = self.feature_loss(pooled, batch["sample_id"], taught)
-            total = total + self.feature_weight * terms["features/kd"]
+            terms["features", "kd"] = self.feature_loss(pooled, batch["sample_id"], taught)
+            total = total + self.feature_weight * terms["features", "kd"]
         return total, terms
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

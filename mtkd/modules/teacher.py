@@ -14,6 +14,6 @@ class TeacherModule(MultiTaskModule):
         total = self.weighting(losses)
         self.guard_finite(total, losses)
         self.log_train_terms(
-            {f"{n}/loss": v for n, v in losses.items()}, total, len(batch["image"])
+            {(n, "loss"): v for n, v in losses.items()}, total, len(batch["image"])
         )
         return total
