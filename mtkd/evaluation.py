@@ -15,9 +15,12 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from torchmetrics.classification import (
@@ -143,6 +146,17 @@ class MaskScores:
     def compute(self) -> dict[str, float]:
         return _pooled_scores(self.classes, self.metrics, self.positives)
 
+    def merge(self, other: MaskScores) -> None:
+        """Add the images ``other`` scored (another rank's share of the split)."""
+        for mine, theirs in zip(self.metrics, other.metrics):
+            for key, metric in mine.items():
+                metric.merge_state(theirs[key])
+        self.images += other.images
+        self.positives = [a + b for a, b in zip(self.positives, other.positives)]
+        self.ids += other.ids
+        self.image_positives += other.image_positives
+        self.image_states += other.image_states
+
     def resampled_metrics(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:
         """``compute``'s keys -> their value on each resample of the scored images (``draws``:
         R x N indices into them in sample-id order, as ``collect_outputs`` orders a task's
@@ -237,34 +251,6 @@ def score_original(
     scores.add_image(sample.sample_id, planes)
 
 
-class JointAccuracy:
-    """Fraction of the images labeled for every task of ``group`` on which every task's
-    predicted class (argmax) is right."""
-
-    def __init__(self, group: tuple[str, ...], tasks: dict[str, Task]) -> None:
-        self.group = group
-        self.tasks = tasks
-        self.key = f"{'+'.join(group)}/joint_acc"
-        self.right = 0
-        self.total = 0
-
-    def update(
-        self,
-        outputs: dict[str, torch.Tensor],
-        targets: dict[str, torch.Tensor],
-        has: dict[str, torch.Tensor],
-    ) -> None:
-        labeled = torch.stack([has[n] for n in self.group]).all(dim=0)
-        right = torch.stack(
-            [self.tasks[n].predicted_class(outputs[n]) == targets[n] for n in self.group]
-        )
-        self.right += int((right.all(dim=0) & labeled).sum())
-        self.total += int(labeled.sum())
-
-    def compute(self) -> float:
-        return self.right / self.total if self.total else math.nan
-
-
 def joint_groups(tasks: dict[str, Task], requested: list[str] | None) -> list[tuple[str, ...]]:
     """The task groups to score jointly: one per ``joint=a,b`` argument; ``joint=none`` for none;
     without the argument, each of ``JOINT_DEFAULTS`` whose tasks the checkpoint has."""
@@ -285,51 +271,113 @@ def joint_groups(tasks: dict[str, Task], requested: list[str] | None) -> list[tu
     return groups
 
 
-@torch.inference_mode()
-def challenge_metrics(
-    module: torch.nn.Module,
-    dm: FundusDataModule,
-    split: str,
-    resolution: str,
-    joint: list[tuple[str, ...]],
-    device: torch.device,
-) -> tuple[dict[str, float], dict[str, MaskScores]]:
-    """``<split>/<task>/<metric>`` for every segmentation task at the original resolution (when
-    ``resolution="original"``) and ``<split>/<a>+<b>/joint_acc`` per joint group, from one pass
-    over the split in this process: under DDP rank 0 runs it alone, so each sample counts once.
-    Also the scores of the tasks it rescored, for their intervals (``bootstrap_intervals``)."""
-    tasks = module.tasks
-    scores = {
-        n: MaskScores(t.required_masks())
-        for n, t in tasks.items()
-        if resolution == "original" and t.dense and t.required_masks()
-    }
-    joints = [JointAccuracy(g, tasks) for g in joint]
-    if not scores and not joints:
-        return {}, {}
-    dataset = dm.dataset(split)
-    samples = {s.sample_id: s for s in dataset.samples}
-    loader = DataLoader(dataset, batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers)
-    module.to(device).eval()
-    for batch in loader:
-        outputs = {k: v.float().cpu() for k, v in module(batch["image"].to(device)).items()}
-        for accuracy in joints:
-            accuracy.update(outputs, batch["targets"], batch["has"])
-        for name, task_scores in scores.items():
-            probs = tasks[name].activate(outputs[name]).numpy()
+class SplitRecorder(Callback):
+    """What ``mtkd evaluate`` scores beyond the module's own metrics, recorded in the same
+    Lightning pass over the split (``evaluate`` makes one pass, not three): every task's outputs
+    per labeled image (``keep_outputs``: for joint accuracy and the bootstrap intervals) and, with
+    ``resolution="original"``, each segmentation image scored on its original pixels. Under DDP
+    each rank records its share of the split and rank 0 gathers them, so each sample counts
+    once."""
+
+    def __init__(
+        self,
+        tasks: dict[str, Task],
+        dm: FundusDataModule,
+        split: str,
+        resolution: str,
+        keep_outputs: bool,
+    ) -> None:
+        self.tasks = tasks
+        self.dm = dm
+        self.split = split
+        self.keep_outputs = keep_outputs
+        self.rows: list[dict[str, tuple]] = []
+        self.scores = {
+            n: MaskScores(t.required_masks())
+            for n, t in tasks.items()
+            if resolution == "original" and t.dense and t.required_masks()
+        }
+        #: the split's samples by id and the masks its items read (its preprocessing cache key)
+        self.samples: dict[str, Sample] = {}
+        self.mask_names: list[str] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.record(outputs, batch)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        self.record(outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self.gather()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.gather()
+
+    def record(self, outputs: dict[str, torch.Tensor], batch: dict) -> None:
+        """One batch: the step's network ``outputs`` and the batch it ran on."""
+        outputs = {k: v.detach().float().cpu() for k, v in outputs.items()}
+        batch = {**batch, "has": {k: v.cpu() for k, v in batch["has"].items()}}
+        batch["targets"] = {k: v.cpu() for k, v in batch["targets"].items()}
+        batch["pixel_scale"] = batch["pixel_scale"].cpu()
+        if self.keep_outputs:
+            self.rows.append(batch_rows(outputs, batch, list(self.tasks)))
+        if self.scores and not self.samples:
+            dataset = self.dm.dataset(self.split)
+            self.samples = {s.sample_id: s for s in dataset.samples}
+            self.mask_names = dataset.mask_names
+        for name, task_scores in self.scores.items():
+            probs = self.tasks[name].activate(outputs[name]).numpy()
             for prob, sample_id, has in zip(probs, batch["sample_id"], batch["has"][name]):
                 if has:
-                    sample = samples[sample_id]
-                    box = dm.preprocessor(sample, dataset.mask_names).box
+                    sample = self.samples[sample_id]
+                    box = self.dm.preprocessor(sample, self.mask_names).box
                     score_original(task_scores, prob, sample, box)
-    rescored = {name: task_scores for name, task_scores in scores.items() if task_scores.images}
-    metrics = {
-        f"{split}/{name}/{key}": value
-        for name, task_scores in rescored.items()
-        for key, value in task_scores.compute().items()
-    }
-    metrics.update({f"{split}/{a.key}": a.compute() for a in joints if a.total})
-    return metrics, rescored
+
+    def gather(self) -> None:
+        """Rank 0 takes every rank's records (nothing to do in one process)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        shares: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (self.rows, self.scores))
+        if dist.get_rank() != 0:
+            return
+        self.rows = [r for rows, _ in shares for r in rows]
+        first, *others = [scores for _, scores in shares]
+        for scores in others:
+            for name, task_scores in scores.items():
+                first[name].merge(task_scores)
+        self.scores = first
+
+    def results(
+        self, split: str, joint: list[tuple[str, ...]], resamples: int
+    ) -> tuple[dict[str, float], dict[str, list[float]] | None]:
+        """``<split>/<task>/<metric>`` for every task rescored at the original resolution and
+        ``<split>/<a>+<b>/joint_acc`` per joint group; and with ``resamples`` > 0 the 95 %
+        percentile bootstrap interval of every metric over the split's labeled images (a
+        rescored task's at that resolution, from the same draws of its images), else None."""
+        outputs = assemble(self.rows)
+        rescored = {n: task_scores for n, task_scores in self.scores.items() if task_scores.images}
+        metrics = {
+            f"{split}/{name}/{key}": value
+            for name, task_scores in rescored.items()
+            for key, value in task_scores.compute().items()
+        }
+        for group in joint:
+            right = joint_outputs(self.tasks, outputs, group)
+            if right is not None:
+                metrics[f"{split}/{'+'.join(group)}/joint_acc"] = float(right.pred.mean())
+        if not resamples:
+            return metrics, None
+        working = {name: out for name, out in outputs.items() if name not in rescored}
+        values = resampled_values(self.tasks, working, joint, resamples)
+        for name, task_scores in rescored.items():
+            draws = resample_draws(len(task_scores.ids), resamples)
+            values.update(
+                {f"{name}/{k}": v for k, v in task_scores.resampled_metrics(draws).items()}
+            )
+        return metrics, {f"{split}/{key}": ci for key, ci in intervals(values).items()}
 
 
 # -- bootstrap intervals over test images ----------------------------------------------------------
@@ -353,26 +401,25 @@ class TaskOutputs:
     extras: dict[str, torch.Tensor]
 
 
-@torch.inference_mode()
-def collect_outputs(
-    net: torch.nn.Module, dm: FundusDataModule, split: str, device: torch.device
-) -> dict[str, TaskOutputs]:
-    """Every task's outputs on ``split`` (``net(image)`` -> raw outputs per task), kept per
-    sample for resampling. One pass in this process: under DDP rank 0 runs it over the whole
-    split, so each sample counts once."""
-    net.to(device).eval()
-    dataset = dm.dataset(split)
-    loader = DataLoader(dataset, batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers)
-    parts: dict[str, list[tuple]] = {name: [] for name in dm.tasks}
-    for batch in loader:
-        outputs = net(batch["image"].to(device))
-        for name, rows in parts.items():
-            has = batch["has"][name]
-            ids = [i for i, keep in zip(batch["sample_id"], has) if keep]
-            pred, target = outputs[name].float().cpu()[has], batch["targets"][name][has]
-            rows.append((ids, pred, target, batch["pixel_scale"][has]))
+def batch_rows(
+    outputs: dict[str, torch.Tensor], batch: dict, names: list[str]
+) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per task, the batch's labeled images: their ids, outputs, targets and pixel scales."""
+    rows = {}
+    for name in names:
+        has = batch["has"][name]
+        ids = [i for i, keep in zip(batch["sample_id"], has) if keep]
+        rows[name] = (ids, outputs[name].float().cpu()[has], batch["targets"][name][has])
+        rows[name] += (batch["pixel_scale"][has],)
+    return rows
+
+
+def assemble(batches: list[dict[str, tuple]]) -> dict[str, TaskOutputs]:
+    """``batch_rows`` of every batch -> each task's ``TaskOutputs`` in sample-id order (tasks
+    labeled on no image left out)."""
     collected = {}
-    for name, rows in parts.items():
+    for name in batches[0] if batches else []:
+        rows = [b[name] for b in batches]
         ids = [i for r in rows for i in r[0]]
         if not ids:
             continue
@@ -380,6 +427,19 @@ def collect_outputs(
         pred, target, scale = (torch.cat([r[k] for r in rows])[order] for k in (1, 2, 3))
         collected[name] = TaskOutputs([ids[i] for i in order], pred, target, {"pixel_scale": scale})
     return collected
+
+
+@torch.inference_mode()
+def collect_outputs(
+    net: torch.nn.Module, dm: FundusDataModule, split: str, device: torch.device
+) -> dict[str, TaskOutputs]:
+    """Every task's outputs on ``split`` (``net(image)`` -> raw outputs per task), kept per
+    sample for resampling, in one pass in this process (``report`` pairs two models with it)."""
+    net.to(device).eval()
+    dataset = dm.dataset(split)
+    loader = DataLoader(dataset, batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers)
+    names = list(dm.tasks)
+    return assemble([batch_rows(net(b["image"].to(device)), b, names) for b in loader])
 
 
 def resample_draws(n: int, resamples: int, seed: int = BOOTSTRAP_SEED) -> torch.Tensor:
@@ -463,26 +523,3 @@ def check_paired(a: dict[str, TaskOutputs], b: dict[str, TaskOutputs], what: str
                 f"{what}: task {name!r} is labeled on different test images for the two models "
                 "(different data configs); evaluate both on the same data to compare them"
             )
-
-
-def bootstrap_intervals(
-    module: torch.nn.Module,
-    dm: FundusDataModule,
-    split: str,
-    joint: list[tuple[str, ...]],
-    device: torch.device,
-    resamples: int,
-    rescored: dict[str, MaskScores] | None = None,
-) -> dict[str, list[float]]:
-    """``<split>/<task>/<metric>`` -> ``[lo, hi]``: the 95 % percentile bootstrap interval over
-    the split's labeled images, ``resamples`` seeded resamples. A task in ``rescored`` (scored at
-    the original resolution, ``challenge_metrics``) gets its intervals at that resolution, from
-    the same draws of its images."""
-    rescored = rescored or {}
-    outputs = collect_outputs(module, dm, split, device)
-    working = {name: out for name, out in outputs.items() if name not in rescored}
-    values = resampled_values(module.tasks, working, joint, resamples)
-    for name, scores in rescored.items():
-        draws = resample_draws(len(scores.ids), resamples)
-        values.update({f"{name}/{k}": v for k, v in scores.resampled_metrics(draws).items()})
-    return {f"{split}/{key}": ci for key, ci in intervals(values).items()}

@@ -407,8 +407,7 @@ def evaluate(
         BOOTSTRAP_SEED,
         LEVEL,
         RESOLUTIONS,
-        bootstrap_intervals,
-        challenge_metrics,
+        SplitRecorder,
         joint_groups,
     )
     from mtkd.outputs import check_output_file, check_saved_paths, default_output
@@ -444,19 +443,16 @@ def evaluate(
     groups = joint_groups(module.tasks, joint)
     dm = FundusDataModule(cfg.data, module.tasks, scored_sources=sources)
     logger = make_logger(cfg, target.parent, job_type="evaluate")  # logs beside the metrics
-    trainer = make_trainer(cfg, None, logger_callbacks(cfg, logger), logger)
+    recorder = SplitRecorder(module.tasks, dm, split, resolution, bool(resamples or groups))
+    trainer = make_trainer(cfg, None, [*logger_callbacks(cfg, logger), recorder], logger)
     run = trainer.validate if split == "val" else trainer.test
     results = run(module, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
-        device = trainer.strategy.root_device
-        challenge, rescored = challenge_metrics(module, dm, split, resolution, groups, device)
+        challenge, ci = recorder.results(split, groups, resamples)
         metrics.update(challenge)
-        ci, bootstrap_info = None, None
-        if resamples:
-            # Tasks scored at the original resolution get their intervals at that resolution.
-            ci = bootstrap_intervals(module, dm, split, groups, device, resamples, rescored)
-            bootstrap_info = {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": LEVEL}
+        drawn = {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": LEVEL}
+        bootstrap_info = None if ci is None else drawn
         where = (split if working else f"{split}, original resolution") + (
             f", {', '.join(sources)} images only" if sources else ""
         )

@@ -253,13 +253,14 @@ def test_ddp_only_rank_zero_writes(ddp_teacher):
 
 @pytest.fixture(scope="module")
 def ddp_evaluation(ddp_teacher, tmp_path_factory) -> tuple[dict, dict]:
-    """(single-process, 2-rank) metrics of ``evaluate`` on the 7-image test split, 2 per batch."""
+    """(single-process, 2-rank) metrics JSON of ``evaluate`` on the 7-image test split, 2 per
+    batch."""
     from mtkd.stages import evaluate
 
     work = tmp_path_factory.mktemp("ddp_eval")
     ckpt = str(ddp_teacher["run_dir"] / "checkpoints" / "best.ckpt")
     common = ["data.eval_batch_size=2"]
-    single = evaluate(
+    evaluate(
         ckpt,
         "test",
         [*common, "trainer.devices=1", "trainer.strategy=auto"],
@@ -278,7 +279,7 @@ def ddp_evaluation(ddp_teacher, tmp_path_factory) -> tuple[dict, dict]:
         "trainer.strategy=ddp",
         "trainer.sync_batchnorm=false",
     )
-    return single, json.loads((work / "ddp.json").read_text())["metrics"]
+    return tuple(json.loads((work / f"{n}.json").read_text()) for n in ("single", "ddp"))
 
 
 @pytest.mark.ddp
@@ -292,7 +293,7 @@ def test_ddp_evaluate_counts_each_sample_once(ddp_evaluation):
     torchmetrics gathers the states and the labeled counts are summed. A classification accuracy
     of k/7 with 0 < k < 7 cannot be reached by 8 samples, so matching it proves the count.
     """
-    single, ddp = ddp_evaluation
+    single, ddp = (payload["metrics"] for payload in ddp_evaluation)
     assert sorted(ddp) == sorted(single)
     for key, value in single.items():
         if key != "test/loss":  # the total: test_ddp_evaluate_total_loss
@@ -304,8 +305,20 @@ def test_ddp_evaluate_counts_each_sample_once(ddp_evaluation):
 @pytest.mark.ddp
 @pytest.mark.integration
 def test_ddp_evaluate_total_loss(ddp_evaluation):
-    single, ddp = ddp_evaluation
+    single, ddp = (payload["metrics"] for payload in ddp_evaluation)
     assert ddp["test/loss"] == pytest.approx(single["test/loss"], rel=1e-5)
+
+
+@pytest.mark.ddp
+@pytest.mark.integration
+def test_ddp_evaluate_gathers_every_image_for_joint_accuracy_and_intervals(ddp_evaluation):
+    """Joint accuracy and the bootstrap intervals come from the outputs each rank recorded in
+    the test pass, gathered on rank 0: the same images, so the same values as one process."""
+    single, ddp = ddp_evaluation
+    assert "test/dr_grade+dme_risk/joint_acc" in ddp["metrics"]
+    assert sorted(ddp["ci"]) == sorted(single["ci"]) and single["ci"]
+    for key, interval in single["ci"].items():
+        assert ddp["ci"][key] == pytest.approx(interval, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 @pytest.mark.ddp

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
+from data_modules.datamodule import FundusDataModule, FundusDataset
 from data_modules.preprocess import Preprocessor, crop_resize, uncrop
 from data_modules.samples import Sample
 from mtkd.cli import main
 from mtkd.evaluation import (
     BinnedAUROC,
     BinnedAveragePrecision,
-    JointAccuracy,
     MaskScores,
     joint_groups,
     score_original,
@@ -170,34 +170,33 @@ def test_a_resample_at_the_original_resolution_pools_its_drawn_images_as_compute
 
 
 @pytest.mark.unit
+def test_scores_merged_from_two_ranks_equal_one_process_scoring_every_image():
+    """Under DDP each rank scores its share of the split and rank 0 merges them (``merge``):
+    pooled values and resamples are those of one process that saw every image."""
+    generator = torch.Generator().manual_seed(1)
+    images = {
+        sid: [(torch.rand(300, generator=generator), torch.rand(300, generator=generator) < 0.3)]
+        for sid in "dacb"
+    }
+    whole, first, second = MaskScores(["x"]), MaskScores(["x"]), MaskScores(["x"])
+    for index, (sid, planes) in enumerate(images.items()):
+        whole.add_image(sid, [(p, t.long()) for p, t in planes])
+        (first if index % 2 else second).add_image(sid, [(p, t.long()) for p, t in planes])
+    first.merge(second)
+    assert first.images == 4 and first.positives == whole.positives
+    assert first.compute() == pytest.approx(whole.compute())
+    draws = torch.tensor([[0, 1, 2, 3], [3, 3, 0, 1]])
+    merged, expected = first.resampled_metrics(draws), whole.resampled_metrics(draws)
+    for key, values in expected.items():
+        assert torch.allclose(merged[key], values), key
+
+
+@pytest.mark.unit
 def test_a_sample_without_any_class_mask_is_not_scored(tmp_path):
     sample = Sample("s/test/1", "p1", _png(tmp_path / "i.png", np.full((8, 10, 3), 99, np.uint8)))
     scores = MaskScores(["a"])
     score_original(scores, np.ones((1, 8, 8), np.float32), sample, (1, 0, 8, 8))
     assert scores.images == 0 and scores.positives == [0]
-
-
-@pytest.mark.unit
-def test_joint_accuracy_counts_images_right_on_every_task():
-    tasks = build_tasks(
-        {
-            "dr": {"kind": "classification", "num_classes": 3},
-            "dme": {"kind": "classification", "num_classes": 2},
-        }
-    )
-    accuracy = JointAccuracy(("dr", "dme"), tasks)
-    # Samples 0-3 carry both labels; sample 4 has no DME label and is left out.
-    # dr right on 0, 1, 2, 4; dme right on 0, 2, 3 -> both right on 0 and 2 of 0-3.
-    dr = torch.eye(3)[[0, 1, 2, 0, 1]]
-    dme = torch.eye(2)[[1, 0, 0, 1, 1]]
-    outputs = {"dr": dr, "dme": dme}
-    targets = {"dr": torch.tensor([0, 1, 2, 1, 1]), "dme": torch.tensor([1, 1, 0, 1, 0])}
-    has = {"dr": torch.ones(5, dtype=torch.bool), "dme": torch.tensor([1, 1, 1, 1, 0]).bool()}
-    accuracy.update(outputs, targets, has)
-    assert (accuracy.right, accuracy.total) == (2, 4)
-    accuracy.update(outputs, targets, has)  # a second batch adds up
-    assert accuracy.compute() == pytest.approx(4 / 8)
-    assert accuracy.key == "dr+dme/joint_acc"
 
 
 @pytest.mark.unit
@@ -220,7 +219,7 @@ def test_cli_refuses_an_unknown_resolution_before_reading_the_checkpoint(capsys)
 
 
 @pytest.mark.integration
-def test_evaluate_original_resolution_end_to_end(tiny, capsys):
+def test_evaluate_original_resolution_end_to_end(tiny, capsys, monkeypatch):
     cfg = load_config(
         "teacher", tiny(**{"trainer.limit_train_batches": 1, "trainer.limit_val_batches": 1})
     )
@@ -229,7 +228,16 @@ def test_evaluate_original_resolution_end_to_end(tiny, capsys):
     capsys.readouterr()
     assert main(["evaluate", f"ckpt={best}", "joint=dr_grade,cdr"]) == 2  # before any test pass
     assert "joint=dr_grade,cdr: name two or more" in capsys.readouterr().err
+    loaded: list[str] = []  # the test images read, one per item: one pass over the split
+    item = FundusDataset.__getitem__
+    monkeypatch.setattr(
+        FundusDataset,
+        "__getitem__",
+        lambda self, i: loaded.append(self.samples[i].sample_id) or item(self, i),
+    )
     metrics = evaluate(str(best), "test", [], resolution="original", bootstrap=200)
+    test_ids = [s.sample_id for s in FundusDataModule(cfg.data, {}).split("test")]
+    assert sorted(loaded) == sorted(test_ids)  # original pixels, joint, intervals: 1 pass, not 3
     assert "on test, original resolution" in capsys.readouterr().out
     payload = json.loads((run_dir / "metrics_test_original.json").read_text())
     assert payload["metrics"] == pytest.approx(metrics, nan_ok=True)

@@ -142,7 +142,9 @@ class MultiTaskModule(L.LightningModule):
             and (self.current_epoch + 1) * 4 >= max(trainer.max_epochs or 1, 1)
         )
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def _eval_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
+        """Update the stage's metrics; returns the outputs, for callbacks that score more
+        (``mtkd evaluate``'s ``SplitRecorder``)."""
         outputs = self(batch["image"])
         losses = self.supervised_losses(outputs, batch)
         size = batch["image"].shape[0]
@@ -164,6 +166,7 @@ class MultiTaskModule(L.LightningModule):
                 self.eval_losses[stage][name].update(losses[name].detach(), weight=has.sum())
         total = self.weighting.fixed_total(losses)  # the same scale under every strategy
         self.eval_totals[stage].update(total.detach(), weight=size)
+        return outputs
 
     def _eval_epoch_end(self, stage: str) -> None:
         labeled = self.trainer.strategy.reduce(
@@ -202,14 +205,14 @@ class MultiTaskModule(L.LightningModule):
                 f"{self.trainer.max_epochs} epochs: {hint}"
             )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
