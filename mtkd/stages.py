@@ -42,6 +42,8 @@ from mtkd.kd.ensemble import (
     distill_teachers,
     teacher_provenance,
 )
+from mtkd.kd.storage import cache_storage
+from mtkd.kd.teacher_source import NoTeacher
 from mtkd.locks import directory_lock
 from mtkd.loggers import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
@@ -54,10 +56,9 @@ from mtkd.modules.checkpoint import (
 from mtkd.modules.student import StudentModule
 from mtkd.modules.sync_batchnorm import TimmSyncBatchNorm
 from mtkd.modules.teacher import TeacherModule
-from mtkd.modules.teacher_source import NoTeacher
 from mtkd.run_config import apply_overrides
 from mtkd.status import status_logger
-from mtkd.tasks import CacheStorage, build_tasks
+from mtkd.tasks import build_tasks
 from mtkd.threads import ThreadBudget
 
 log = status_logger(__name__)
@@ -284,17 +285,6 @@ def open_checked_cache(
     cache = TeacherCache(cfg.kd.cache_dir, tasks, cfg.cache.verify == "full", found)
     announce(expected["task_teachers"], notes)
     return cache
-
-
-def cache_storage(cfg: DictConfig) -> CacheStorage:
-    """How cache-teacher stores this run's teacher outputs: dense maps at ``cache.dense_size``
-    (null: the working size) unless ``cache.task_dense_size`` gives a task its own."""
-    return CacheStorage(
-        int(cfg.cache.dense_size or cfg.data.image_size),
-        cfg.cache.dense_dtype,
-        cfg.cache.logits_dtype,
-        {n: int(s) for n, s in cfg.cache.task_dense_size.items()},
-    )
 
 
 def cached_features(cfg: DictConfig, ensemble: TeacherEnsemble) -> dict[str, Any] | None:

@@ -43,7 +43,8 @@ from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
 from mtkd.kd.fidelity import MapFidelity
-from mtkd.tasks import CacheStorage, Task
+from mtkd.kd.storage import CacheStorage
+from mtkd.tasks import Task
 
 #: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task.
 #: 4: each training image's content digest (``images``). 5: a replayed view's transforms share

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.kd.cache import FINGERPRINT, TeacherCache, feature_name
+from mtkd.kd.teacher_source import TeacherSource, build_teacher_source
 from mtkd.modules.common import MultiTaskModule, fp32
-from mtkd.modules.teacher_source import TeacherSource, build_teacher_source
 from mtkd.tasks import masked_mean
 
 

@@ -19,8 +19,9 @@ from torchmetrics.classification import (
     MultilabelJaccardIndex,
 )
 
-from mtkd.tasks.base import Annotation, CacheStorage, Frame, Overlay, Task, TaskSpec, register_task
-from mtkd.tasks.kd_losses import register_kd_loss
+from mtkd.kd.losses import register_kd_loss
+from mtkd.kd.storage import CacheStorage
+from mtkd.tasks.base import Annotation, Frame, Overlay, Task, TaskSpec, register_task
 
 _EPS = 1e-4
 #: a pixel belongs to a class when its sigmoid probability reaches this (predict, overlays)
