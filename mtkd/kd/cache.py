@@ -42,6 +42,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
+from data_modules.preprocess import preprocess_steps
 from mtkd.kd.fidelity import MapFidelity
 from mtkd.kd.storage import CacheStorage
 from mtkd.tasks import Task
@@ -102,7 +103,6 @@ def fingerprint(
     so an image replaced in place after caching is named. ``features``: the cached teacher embeddings, {dims, dtype, teachers (file hashes)}
     in teacher order; None: none cached (left out, so a cache without them is written as
     before)."""
-    pp = data_cfg.preprocess
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
         # Replayed views depend on the augmentation and the library that samples it.
@@ -117,9 +117,7 @@ def fingerprint(
         "tasks": {name: task.identity() for name, task in sorted(tasks.items())},
         "preprocessing": {
             "image_size": int(data_cfg.image_size),
-            "fov_crop": bool(pp.fov_crop),
-            "clahe": bool(pp.clahe),
-            "local_mean": bool(pp.local_mean),
+            **preprocess_steps(data_cfg.preprocess),
             "mean": [float(v) for v in data_cfg.mean],
             "std": [float(v) for v in data_cfg.std],
         },

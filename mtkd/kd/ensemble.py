@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from data_modules.preprocess import preprocess_steps
 from mtkd.kd.cache import file_sha256, source_reach, sources_note, teaches_source
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net, read_tasks
@@ -29,9 +30,6 @@ from mtkd.status import status_logger
 from mtkd.tasks import Task, build_tasks
 
 log = status_logger(__name__)
-
-#: preprocessing steps that cannot be converted from the image tensor (only said, not undone)
-PREPROCESS_STEPS = ("fov_crop", "clahe", "local_mean")
 
 
 @dataclass(frozen=True)
@@ -334,13 +332,13 @@ def preprocessing_notes(
     """Preprocessing a teacher was trained with that the run does differently: image size and
     normalisation are converted from the tensor, these steps cannot be."""
     notes = []
+    ours = preprocess_steps(data.preprocess)
     for entry, cfg in zip(entries, configs):
-        for step in PREPROCESS_STEPS:
-            theirs, ours = bool(cfg.data.preprocess[step]), bool(data.preprocess[step])
-            if theirs != ours:
+        for step, theirs in preprocess_steps(cfg.data.preprocess).items():
+            if theirs != ours[step]:
                 notes.append(
                     f"teacher {entry.path} was trained with data.preprocess.{step}={theirs}, this "
-                    f"run has {ours}: it sees the run's images (only size and normalisation are "
+                    f"run has {ours[step]}: it sees the run's images (only size and normalisation are "
                     "converted)"
                 )
     return notes
