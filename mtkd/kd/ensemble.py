@@ -18,7 +18,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -28,6 +27,7 @@ from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net, read_tasks
 from mtkd.status import status_logger
 from mtkd.tasks import Task, build_tasks
+from mtkd.tasks.base import resize
 
 log = status_logger(__name__)
 
@@ -89,14 +89,6 @@ class Renormalise(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return image if self.identity else image * self.scale + self.shift
-
-
-def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a B x C x H x W batch (antialiased when shrinking, like the
-    preprocessing's own resize); a no-op at the same size."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def assign(

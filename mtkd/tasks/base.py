@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -358,6 +359,15 @@ def masked_mean(values: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     """Mean over the samples that carry a label; exactly 0 (with a graph) when none does."""
     has = has.to(values.dtype)
     return (values * has).sum() / has.sum().clamp(min=1.0)
+
+
+def resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a B x C x H x W batch, antialiased when shrinking like the
+    preprocessing's own resize (images fed to a teacher at its size, teacher maps brought back);
+    a no-op at the same size."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def elementwise_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
