@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
-from data_modules.transforms import view_seed
 from mtkd.config import ConfigError, save_config, to_container
 from mtkd.kd.cache import (
     FEATURE_DTYPE,
@@ -341,7 +340,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
             fp = fingerprint(
                 taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views, features
             )
-            merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
+            merge_shards(shard_dir, cache_dir, tasks, fp, train_ids)
             summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
             sizes = "".join(f"\n  {n:<16} {b:>8} bytes/sample" for n, b in summary.items())
             log.info(

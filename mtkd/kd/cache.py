@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
 from data_modules.preprocess import preprocess_steps
+from data_modules.transforms import view_seed
 from mtkd.kd.fidelity import MapFidelity
 from mtkd.kd.storage import CacheStorage
 from mtkd.tasks import Task
@@ -574,12 +575,13 @@ def merge_shards(
     tasks: dict[str, Task],
     fingerprint_data: dict[str, Any],
     expected_ids: list[str],
-    seed_fn=None,
 ) -> Path:
     """Assemble shards into a complete cache at ``cache_dir`` (atomic directory swap).
 
     Each sample id is written once whatever the sampler padded; a sample missing from the shards
-    is an error, so an incomplete prediction never yields a cache that looks complete.
+    is an error, so an incomplete prediction never yields a cache that looks complete. With
+    views, each view's augmentation seed (``view_seed``, what the predicting data module drew
+    with) is stored beside them, so a later run replays the recorded seeds.
     """
     shard_dir, cache_dir = Path(shard_dir), Path(cache_dir)
     check_replaceable(cache_dir)
@@ -634,7 +636,7 @@ def merge_shards(
         del arrays, embeddings
         if views:
             seeds = np.array(
-                [[seed_fn(sid, k) for k in range(views)] for sid in ids], dtype=np.int64
+                [[view_seed(sid, k) for k in range(views)] for sid in ids], dtype=np.int64
             )
             atomic_save_npy(tmp / SEEDS, seeds)
         seal(tmp, ids, fingerprint_data)
