@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from mtkd.config import to_container  # noqa: E402
 from mtkd.kd.cache import TeacherCache, fingerprint, seal  # noqa: E402
+from mtkd.kd.storage import cache_storage  # noqa: E402
 from mtkd.run_config import load_config  # noqa: E402
-from mtkd.stages import cache_storage  # noqa: E402
 from mtkd.tasks import Task, build_tasks  # noqa: E402
 
 #: rows written per chunk of random bytes (memory stays flat whatever the cache size)

@@ -35,9 +35,10 @@ from bench.synthetic_runs import synthetic_overrides  # noqa: E402
 from data_modules.datamodule import FundusDataModule  # noqa: E402
 from data_modules.synthetic import generate_synthetic  # noqa: E402
 from mtkd.kd.fidelity import KEPT_DICE_WARNING, MapFidelity  # noqa: E402
+from mtkd.kd.storage import CacheStorage  # noqa: E402
 from mtkd.run_config import load_config  # noqa: E402
 from mtkd.stages import cache_teacher, evaluate, fit  # noqa: E402
-from mtkd.tasks import CacheStorage, build_tasks  # noqa: E402
+from mtkd.tasks import build_tasks  # noqa: E402
 
 DENSE = ("anatomy", "lesions")
 #: synthetic photographs the fidelity table reads and a teacher trained here learns from

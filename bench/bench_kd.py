@@ -42,9 +42,9 @@ from bench.synthetic_runs import synthetic_overrides  # noqa: E402
 from data_modules.datamodule import FundusDataModule  # noqa: E402
 from mtkd.config import to_container  # noqa: E402
 from mtkd.kd.cache import TeacherCache  # noqa: E402
+from mtkd.kd.teacher_source import build_teacher_source  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
-from mtkd.modules.teacher_source import build_teacher_source  # noqa: E402
 from mtkd.run_config import apply_overrides, load_config  # noqa: E402
 from mtkd.stages import cache_teacher, fit, open_checked_cache  # noqa: E402
 from mtkd.tasks import register_kd_loss  # noqa: E402

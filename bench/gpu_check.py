@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mtkd.config import to_container  # noqa: E402
+from mtkd.kd.teacher_source import CachedTeacher, OnlineTeacher  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher import TeacherModule  # noqa: E402
-from mtkd.modules.teacher_source import CachedTeacher, OnlineTeacher  # noqa: E402
 from mtkd.run_config import load_config  # noqa: E402
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 NPZ_SEPARATOR = "#"
+#: the file endings read as photographs, wherever images are found by listing a folder
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 #: (path, device, inode, size, modification and inode change times) -> ``file_digest``

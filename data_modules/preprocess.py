@@ -37,6 +37,16 @@ IMAGE_CHECK = 2
 CHECKED_IMAGES = "checked_images.json"
 #: file name ending of a cache entry (``write_entry``); version-1 entries were ``.npz`` files
 ENTRY_SUFFIX = ".prep"
+#: the steps besides resizing, each switched by ``data.preprocess.<step>``; none can be undone
+#: from the preprocessed image
+STEPS = ("fov_crop", "clahe", "local_mean")
+
+
+def preprocess_steps(preprocess: Any) -> dict[str, bool]:
+    """Which ``STEPS`` ``preprocess`` (a ``data.preprocess`` config, or a ``Preprocessor``)
+    applies: the one description of them that the preprocessing cache key, the teacher cache's
+    fingerprint and an export's metadata record."""
+    return {step: bool(getattr(preprocess, step)) for step in STEPS}
 
 
 @dataclass
@@ -248,13 +258,7 @@ class Preprocessor:
         self._paths: dict[tuple[Any, ...], Path] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "fov_crop": self.fov_crop,
-            "clahe": self.clahe,
-            "local_mean": self.local_mean,
-            "version": CACHE_VERSION,
-        }
+        return {"size": self.size, **preprocess_steps(self), "version": CACHE_VERSION}
 
     def __call__(self, sample: Sample, mask_names: list[str] | None = None) -> Prepared:
         names = sorted(

@@ -144,7 +144,7 @@ class FeatureKDConfig:
 
 @dataclass
 class KDConfig:
-    #: a registered teacher source: a name or {name: ..., **options} (mtkd.modules.teacher_source)
+    #: a registered teacher source: a name or {name: ..., **options} (mtkd.kd.teacher_source)
     mode: Any = "cached"
     cache_dir: str = "runs/teacher_cache"
     #: one teacher with all its tasks (shorthand for kd.teachers=[{path: ...}])

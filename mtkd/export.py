@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from data_modules.io import atomic_write_bytes
-from data_modules.preprocess import FOV_THRESHOLD
+from data_modules.preprocess import FOV_THRESHOLD, preprocess_steps
 from mtkd.cli import Arg, Spec, parse_args
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
@@ -95,12 +95,7 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
             "layout": "RGB, float32, (pixel / 255 - mean) / std",
             "mean": list(cfg.data.mean),
             "std": list(cfg.data.std),
-            "preprocess": {
-                "fov_crop": bool(cfg.data.preprocess.fov_crop),
-                "fov_threshold": FOV_THRESHOLD,
-                "clahe": bool(cfg.data.preprocess.clahe),
-                "local_mean": bool(cfg.data.preprocess.local_mean),
-            },
+            "preprocess": {**preprocess_steps(cfg.data.preprocess), "fov_threshold": FOV_THRESHOLD},
         },
         "outputs": list(tasks),
         "tasks": {

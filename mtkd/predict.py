@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_modules.io import atomic_write_bytes
+from data_modules.io import IMAGE_SUFFIXES, atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD, Prepared, Preprocessor
 from data_modules.samples import Sample
 from data_modules.transforms import build_transform
@@ -25,7 +25,6 @@ from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_output_folder, default_output
 from mtkd.tasks import Frame, Task
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 #: the file that lists the predictions; it names the checkpoint, so it marks the folder as mtkd's
 PREDICTIONS = "predictions.json"
 #: ``<image file name>`` + this: the overlay PNG of each image

@@ -23,10 +23,10 @@ from mtkd.config import (
     recompose,
     to_container,
 )
+from mtkd.kd.teacher_source import TEACHER_SOURCES
 from mtkd.loggers import LOGGERS
 from mtkd.models.pretrained import pretrained_normalisation
 from mtkd.modules.optim import SCHEDULES, optimizer_names
-from mtkd.modules.teacher_source import TEACHER_SOURCES
 from mtkd.modules.weighting import WEIGHTINGS
 from mtkd.tasks import build_tasks
 

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.datamodule import FundusDataModule, SampleList
 from data_modules.io import atomic_write_bytes
-from data_modules.transforms import view_seed
 from mtkd.config import ConfigError, save_config, to_container
 from mtkd.kd.cache import (
     FEATURE_DTYPE,
@@ -42,6 +41,8 @@ from mtkd.kd.ensemble import (
     distill_teachers,
     teacher_provenance,
 )
+from mtkd.kd.storage import cache_storage
+from mtkd.kd.teacher_source import build_teacher_source, reads_cache
 from mtkd.locks import directory_lock
 from mtkd.loggers import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
@@ -55,10 +56,9 @@ from mtkd.modules.common import MultiTaskModule
 from mtkd.modules.student import StudentModule
 from mtkd.modules.sync_batchnorm import TimmSyncBatchNorm
 from mtkd.modules.teacher import TeacherModule
-from mtkd.modules.teacher_source import build_teacher_source, reads_cache
 from mtkd.run_config import apply_overrides
 from mtkd.status import status_logger
-from mtkd.tasks import CacheStorage, build_tasks
+from mtkd.tasks import build_tasks
 from mtkd.threads import ThreadBudget
 
 log = status_logger(__name__)
@@ -306,17 +306,6 @@ def open_checked_cache(
     return cache
 
 
-def cache_storage(cfg: DictConfig) -> CacheStorage:
-    """How cache-teacher stores this run's teacher outputs: dense maps at ``cache.dense_size``
-    (null: the working size) unless ``cache.task_dense_size`` gives a task its own."""
-    return CacheStorage(
-        int(cfg.cache.dense_size or cfg.data.image_size),
-        cfg.cache.dense_dtype,
-        cfg.cache.logits_dtype,
-        {n: int(s) for n, s in cfg.cache.task_dense_size.items()},
-    )
-
-
 def cached_features(cfg: DictConfig, ensemble: TeacherEnsemble) -> dict[str, Any] | None:
     """What the cache records of the teacher embeddings it stores (``kd.features.weight`` > 0),
     else None. Views are refused: a batch does not say which cached view it drew, so a view's
@@ -371,7 +360,7 @@ def cache_teacher(cfg: DictConfig) -> Path:
             fp = fingerprint(
                 taught, build_tasks(run_tasks), cfg.data, train_ids, storage, views, features
             )
-            merge_shards(shard_dir, cache_dir, tasks, fp, train_ids, seed_fn=view_seed)
+            merge_shards(shard_dir, cache_dir, tasks, fp, train_ids)
             summary = TeacherCache(cache_dir, tasks).nbytes_per_sample()
             sizes = "".join(f"\n  {n:<16} {b:>8} bytes/sample" for n, b in summary.items())
             log.info(

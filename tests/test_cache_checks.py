@@ -27,8 +27,9 @@ from mtkd.kd.cache import (
     merge_shards,
 )
 from mtkd.kd.ensemble import TeacherEntry, teacher_provenance
+from mtkd.kd.storage import cache_storage
 from mtkd.run_config import load_config
-from mtkd.stages import cache_storage, open_checked_cache
+from mtkd.stages import open_checked_cache
 from mtkd.tasks import build_tasks
 from tests.conftest import tiny_overrides
 

@@ -12,8 +12,9 @@ import torch
 
 from mtkd.config import ConfigError
 from mtkd.kd.fidelity import KEPT_DICE_WARNING, MapFidelity
+from mtkd.kd.storage import CacheStorage, cache_storage
 from mtkd.run_config import load_config
-from mtkd.tasks import CacheStorage, build_tasks
+from mtkd.tasks import build_tasks
 
 pytestmark = pytest.mark.unit
 
@@ -86,8 +87,6 @@ def test_per_task_size_overrides_the_default():
 def test_default_dense_size_is_the_working_size():
     cfg = load_config("distill", ["data.image_size=80"])
     assert cfg.cache.dense_size is None
-    from mtkd.stages import cache_storage
-
     storage = cache_storage(cfg)
     assert storage.for_task("anatomy").dense_size == 80
 

@@ -82,7 +82,7 @@ def test_apply_overrides_validates_saved_config():
 @pytest.mark.parametrize(
     ("override", "registry"),
     [
-        ("kd.mode=sideways", "mtkd.modules.teacher_source:TEACHER_SOURCES"),
+        ("kd.mode=sideways", "mtkd.kd.teacher_source:TEACHER_SOURCES"),
         ("run.weighting=sideways", "mtkd.modules.weighting:WEIGHTINGS"),
         ("logger.kind=sideways", "mtkd.loggers:LOGGERS"),
         ("optim.scheduler=sideways", "mtkd.modules.optim:SCHEDULES"),

@@ -17,9 +17,10 @@ from PIL import Image
 from data_modules.datamodule import FundusDataModule, load_samples
 from data_modules.manifest import read_manifest, write_manifest
 from mtkd.kd.cache import FINGERPRINT, StaleCacheError, check_fingerprint, fingerprint
+from mtkd.kd.storage import CacheStorage
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, open_checked_cache
-from mtkd.tasks import CacheStorage, build_tasks
+from mtkd.tasks import build_tasks
 from tests.conftest import tiny_overrides
 
 STORAGE = CacheStorage(32, "uint8", "float16", {})

@@ -41,24 +41,29 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.modules.student",
         "mtkd.modules.sync_batchnorm",
         "mtkd.modules.teacher",
-        "mtkd.modules.teacher_source",
         "mtkd.modules.weighting",
         "mtkd.kd",
         "mtkd.kd.cache",
         "mtkd.kd.ensemble",
         "mtkd.kd.fidelity",
+        "mtkd.kd.teacher_source",
         "mtkd.loggers",
         "mtkd.panels",
     ),
-    # profiling measures a network (models.multitask.count_parameters): not infrastructure
+    # profiling measures a network (models.multitask.count_parameters): not infrastructure.
+    # The kd package spans two layers: the task kinds register into its KD-loss registry and
+    # encode their cached arrays by its CacheStorage, so kd.losses and kd.storage sit here,
+    # below the kinds, while the rest of kd (cache, ensemble, teacher sources) uses the kinds;
+    # mtkd/kd/__init__.py imports nothing, so the package itself stays in the layer above
     "models / tasks": (
+        "mtkd.kd.losses",
+        "mtkd.kd.storage",
         "mtkd.models",
         "mtkd.models.multitask",
         "mtkd.models.pretrained",
         "mtkd.tasks",
         "mtkd.tasks.base",
         "mtkd.tasks.classification",
-        "mtkd.tasks.kd_losses",
         "mtkd.tasks.localization",
         "mtkd.tasks.multilabel",
         "mtkd.tasks.regression",

@@ -251,7 +251,7 @@ def test_cached_equals_online(synth_root, tmp_path, teacher_ckpts, storage, tole
     online_cfg = distill_cfg(
         synth_root, tmp_path, "kd=online", f"kd.teacher={teacher_ckpts[0]}", "data.augment=[]"
     )
-    from mtkd.modules.teacher_source import OnlineTeacher
+    from mtkd.kd.teacher_source import OnlineTeacher
 
     student.teacher_source = OnlineTeacher()
     student.cfg = online_cfg

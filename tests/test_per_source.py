@@ -15,8 +15,8 @@ from data_modules.datamodule import FundusDataModule
 from mtkd.config import ConfigError, to_container
 from mtkd.kd.cache import StaleCacheError, source_reach, taught_masks
 from mtkd.kd.ensemble import TeacherEntry, combine_per_source
+from mtkd.kd.teacher_source import OnlineTeacher, build_teacher_source
 from mtkd.modules.student import StudentModule
-from mtkd.modules.teacher_source import OnlineTeacher, build_teacher_source
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, open_checked_cache
 from mtkd.tasks import build_tasks

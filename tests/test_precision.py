@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from mtkd.kd.teacher_source import OnlineTeacher
 from mtkd.modules import common, student
-from mtkd.modules.teacher_source import OnlineTeacher
 from mtkd.run_config import load_config
 from mtkd.stages import fit
 from mtkd.tasks.regression import RegressionTask

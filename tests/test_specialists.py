@@ -19,9 +19,9 @@ from mtkd.cli import main as cli_main
 from mtkd.config import to_container
 from mtkd.kd.cache import StaleCacheError
 from mtkd.kd.ensemble import TeacherEnsemble, TeacherEntry, assign
+from mtkd.kd.teacher_source import OnlineTeacher
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule
-from mtkd.modules.teacher_source import OnlineTeacher
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, fit, open_checked_cache
 from mtkd.tasks import build_tasks

@@ -10,15 +10,15 @@ import torch
 
 from data_modules.datamodule import FundusDataModule
 from mtkd.config import ConfigError, to_container
-from mtkd.modules.optim import build_optimizer, build_schedule
-from mtkd.modules.student import StudentModule
-from mtkd.modules.teacher import TeacherModule
-from mtkd.modules.teacher_source import (
+from mtkd.kd.teacher_source import (
     CachedTeacher,
     NoTeacher,
     TeacherSource,
     build_teacher_source,
 )
+from mtkd.modules.optim import build_optimizer, build_schedule
+from mtkd.modules.student import StudentModule
+from mtkd.modules.teacher import TeacherModule
 from mtkd.run_config import load_config
 from mtkd.stages import monitor_of
 from mtkd.tasks import build_tasks

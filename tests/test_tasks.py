@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from mtkd.kd.storage import CacheStorage
 from mtkd.modules.common import fp32
-from mtkd.tasks import Annotation, CacheStorage, build_tasks, masked_mean
+from mtkd.tasks import Annotation, build_tasks, masked_mean
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +52,7 @@ def test_combined_extreme_teachers_stay_finite_through_the_fp16_cache():
     teachers = [torch.tensor([[200.0, 0.0, -200.0]]), torch.tensor([[0.0, 200.0, -200.0]])]
     combined = task.combine_teachers([t.half().float() for t in teachers])
     assert combined[0].tolist() == pytest.approx([-math.log(2), -math.log(2), -400.0])
-    storage = CacheStorage(logits_dtype="float16")
+    storage = CacheStorage(dense_size=32, logits_dtype="float16")
     cached = torch.from_numpy(task.decode_cache(task.encode_cache(combined, storage)[0]))[None]
     loss = task.kd_loss(torch.zeros(1, 3), cached, 4.0)
     assert torch.isfinite(loss).all()

@@ -20,9 +20,8 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from data_modules.io import atomic_write_bytes, file_digest
+from data_modules.io import IMAGE_SUFFIXES, atomic_write_bytes, file_digest
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 #: PNG text key of a derived mask: the content digest of the file it was derived from
 SOURCE_DIGEST = "mtkd-source-digest"
 
@@ -99,7 +98,7 @@ def find_csv(folder: Path, pattern: str, required: bool = True) -> Path | None:
 def image_stem(name: str) -> str:
     """A file name as written in a CSV, without its image extension (if it has one)."""
     path = Path(name)
-    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else name
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else name
 
 
 def image_index(folder: Path) -> dict[str, Path]:
@@ -108,7 +107,7 @@ def image_index(folder: Path) -> dict[str, Path]:
         raise FileNotFoundError(
             f"expected the image folder {folder}, but it does not exist; check the dataset root"
         )
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return {p.stem: p for p in files}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_modules.adapters._common import IMAGE_EXTENSIONS
+from data_modules.io import IMAGE_SUFFIXES
 from data_modules.samples import Sample, register_source
 
 
@@ -17,7 +17,7 @@ def read_folder(root: Path, name: str = "folder") -> list[Sample]:
     samples = []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(
+        if path.suffix.lower() not in IMAGE_SUFFIXES or any(
             part.startswith(".") for part in relative.parts
         ):
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtkd.modules.teacher_source import OnlineTeacher, register_teacher_source
+from mtkd.kd.teacher_source import OnlineTeacher, register_teacher_source
 
 
 @register_teacher_source("online_every")

@@ -42,8 +42,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
+from data_modules.preprocess import preprocess_steps
+from data_modules.transforms import view_seed
 from mtkd.kd.fidelity import MapFidelity
-from mtkd.tasks import CacheStorage, Task
+from mtkd.kd.storage import CacheStorage
+from mtkd.tasks import Task
 
 #: 2: teacher files recorded and compared always; checksums.json. 3: teachers per task.
 #: 4: each training image's content digest (``images``). 5: a replayed view's transforms share
@@ -101,7 +104,6 @@ def fingerprint(
     so an image replaced in place after caching is named. ``features``: the cached teacher embeddings, {dims, dtype, teachers (file hashes)}
     in teacher order; None: none cached (left out, so a cache without them is written as
     before)."""
-    pp = data_cfg.preprocess
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
         # Replayed views depend on the augmentation and the library that samples it.
@@ -116,9 +118,7 @@ def fingerprint(
         "tasks": {name: task.identity() for name, task in sorted(tasks.items())},
         "preprocessing": {
             "image_size": int(data_cfg.image_size),
-            "fov_crop": bool(pp.fov_crop),
-            "clahe": bool(pp.clahe),
-            "local_mean": bool(pp.local_mean),
+            **preprocess_steps(data_cfg.preprocess),
             "mean": [float(v) for v in data_cfg.mean],
             "std": [float(v) for v in data_cfg.std],
         },
@@ -575,12 +575,13 @@ def merge_shards(
     tasks: dict[str, Task],
     fingerprint_data: dict[str, Any],
     expected_ids: list[str],
-    seed_fn=None,
 ) -> Path:
     """Assemble shards into a complete cache at ``cache_dir`` (atomic directory swap).
 
     Each sample id is written once whatever the sampler padded; a sample missing from the shards
-    is an error, so an incomplete prediction never yields a cache that looks complete.
+    is an error, so an incomplete prediction never yields a cache that looks complete. With
+    views, each view's augmentation seed (``view_seed``, what the predicting data module drew
+    with) is stored beside them, so a later run replays the recorded seeds.
     """
     shard_dir, cache_dir = Path(shard_dir), Path(cache_dir)
     check_replaceable(cache_dir)
@@ -635,7 +636,7 @@ def merge_shards(
         del arrays, embeddings
         if views:
             seeds = np.array(
-                [[seed_fn(sid, k) for k in range(views)] for sid in ids], dtype=np.int64
+                [[view_seed(sid, k) for k in range(views)] for sid in ids], dtype=np.int64
             )
             atomic_save_npy(tmp / SEEDS, seeds)
         seal(tmp, ids, fingerprint_data)

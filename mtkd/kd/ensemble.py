@@ -18,20 +18,18 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from data_modules.preprocess import preprocess_steps
 from mtkd.kd.cache import file_sha256, source_reach, sources_note, teaches_source
 from mtkd.models.pretrained import Normalisation
 from mtkd.modules.checkpoint import load_net, read_tasks
 from mtkd.status import status_logger
 from mtkd.tasks import Task, build_tasks
+from mtkd.tasks.base import resize
 
 log = status_logger(__name__)
-
-#: preprocessing steps that cannot be converted from the image tensor (only said, not undone)
-PREPROCESS_STEPS = ("fov_crop", "clahe", "local_mean")
 
 
 @dataclass(frozen=True)
@@ -91,14 +89,6 @@ class Renormalise(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return image if self.identity else image * self.scale + self.shift
-
-
-def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a B x C x H x W batch (antialiased when shrinking, like the
-    preprocessing's own resize); a no-op at the same size."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def assign(
@@ -334,13 +324,13 @@ def preprocessing_notes(
     """Preprocessing a teacher was trained with that the run does differently: image size and
     normalisation are converted from the tensor, these steps cannot be."""
     notes = []
+    ours = preprocess_steps(data.preprocess)
     for entry, cfg in zip(entries, configs):
-        for step in PREPROCESS_STEPS:
-            theirs, ours = bool(cfg.data.preprocess[step]), bool(data.preprocess[step])
-            if theirs != ours:
+        for step, theirs in preprocess_steps(cfg.data.preprocess).items():
+            if theirs != ours[step]:
                 notes.append(
                     f"teacher {entry.path} was trained with data.preprocess.{step}={theirs}, this "
-                    f"run has {ours}: it sees the run's images (only size and normalisation are "
+                    f"run has {ours[step]}: it sees the run's images (only size and normalisation are "
                     "converted)"
                 )
     return notes

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.io import atomic_write_bytes
 from mtkd.config import ConfigError, ModelConfig, import_plugins, to_container
 from mtkd.models.multitask import MultiTaskNet
-from mtkd.safe_load import load_weights_only, why_unreadable
+from mtkd.safe_load import load_weights_only
 from mtkd.tasks import Task, build_tasks
 
 #: what to do with a checkpoint that holds pickled objects besides its tensors
@@ -144,8 +144,8 @@ def without_pretrained(cfg: Any) -> Any:
 class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints written through a temporary file in the same folder and a rename (Lightning's
     own writer stages the file under /tmp and moves it, a copy when /tmp is another filesystem,
-    so a kill can leave a truncated ``last.ckpt``), and always read with ``weights_only=True``,
-    whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
+    so a kill can leave a truncated ``last.ckpt``), and always read by ``load_weights_only``, as
+    ``read_checkpoint`` reads them, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
@@ -157,14 +157,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except OSError:
-            raise  # missing or unreadable: the system's own message names the path
-        except Exception as exc:  # torch raises many types for one damaged file
-            raise ConfigError(
-                f"checkpoint {path} {why_unreadable(path, exc, RESAVE_CHECKPOINT)}"
-            ) from None
+        return load_weights_only(path, f"checkpoint {path}", RESAVE_CHECKPOINT, map_location)
 
 
 RNG_KEY = "mtkd_rng"

@@ -2,7 +2,7 @@
 
 Supervised terms average over labeled samples; KD terms over every sample with a teacher
 output, so unlabeled images contribute KD only; a task no teacher covers trains on labels only.
-Teacher outputs come from the injected ``TeacherSource`` (``mtkd.modules.teacher_source``): the
+Teacher outputs come from the injected ``TeacherSource`` (``mtkd.kd.teacher_source``): the
 cache, the frozen teacher on the same view, or none (no KD: every task on labels only).
 
 Feature-level KD (``kd.features.weight`` > 0; Li & Bilen, ECCV 2020, on the global pooled vector
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.kd.cache import TeacherCache, feature_name
+from mtkd.kd.teacher_source import TeacherSource, build_teacher_source
 from mtkd.modules.common import MultiTaskModule, fp32
-from mtkd.modules.teacher_source import TeacherSource, build_teacher_source
 from mtkd.tasks import Task, masked_mean
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtkd.kd.losses import TaskKD, kd_loss_names, parse_task_kd, register_kd_loss
 from mtkd.tasks.base import (
     TASK_KINDS,
     Annotation,
-    CacheStorage,
     Frame,
     Overlay,
     Task,
@@ -18,7 +18,6 @@ from mtkd.tasks.base import (
     task_kinds,
 )
 from mtkd.tasks.classification import ClassificationTask
-from mtkd.tasks.kd_losses import TaskKD, kd_loss_names, parse_task_kd, register_kd_loss
 from mtkd.tasks.localization import LocalizationTask
 from mtkd.tasks.multilabel import MultilabelTask
 from mtkd.tasks.regression import RegressionTask
@@ -26,7 +25,6 @@ from mtkd.tasks.segmentation import SegmentationTask
 
 __all__ = [
     "Annotation",
-    "CacheStorage",
     "ClassificationTask",
     "Frame",
     "LocalizationTask",

@@ -2,7 +2,7 @@
 
 A task kind is one class registered by name. It owns everything kind-specific: its head, how it
 reads its target from an annotated sample, its supervised loss and default KD loss (the registry
-of ``mtkd.tasks.kd_losses``), its metrics, how its teacher output is stored in the cache, and how
+of ``mtkd.kd.losses``), its metrics, how its teacher output is stored in the cache, and how
 its output is read by a person (channel names, predict's summary, overlays, W&B captions) or by a
 deployed model (``activation``). Nothing outside ``mtkd/tasks`` names a task kind.
 """
@@ -18,12 +18,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
 from data_modules.contract import Annotation
 from data_modules.registry import Registry
-from mtkd.tasks.kd_losses import TaskKD, kd_loss_function
+from mtkd.kd.losses import TaskKD, kd_loss_function
+from mtkd.kd.storage import CacheStorage
 
 TASK_KINDS: Registry[type[Task]] = Registry("tasks.<t>.kind", "task kind", "@register_task(kind)")
 
@@ -37,23 +39,6 @@ class TaskSpec:
     #: fields that only steer the training loss, not what the task outputs: left out of the
     #: task's identity, so changing them reuses teacher caches and checkpoints
     loss_only: ClassVar[tuple[str, ...]] = ("weight",)
-
-
-@dataclass(frozen=True)
-class CacheStorage:
-    """How teacher outputs are stored: dense maps at ``dense_size`` pixels a side (or a task's
-    own size in ``task_dense_size``) in ``dense_dtype`` (uint8-quantised probabilities, float16
-    or float32), logits in ``logits_dtype``."""
-
-    dense_size: int = 32
-    dense_dtype: str = "uint8"
-    logits_dtype: str = "float16"
-    task_dense_size: dict[str, int] = field(default_factory=dict)
-
-    def for_task(self, name: str) -> CacheStorage:
-        """The storage of one task's array: its own dense size where it has one."""
-        size = self.task_dense_size.get(name, self.dense_size)
-        return dataclasses.replace(self, dense_size=size, task_dense_size={})
 
 
 @dataclass
@@ -128,7 +113,7 @@ class Task(abc.ABC):
     #: be scored jointly (IDRiD's DR + DME grading: both right on the same image) and get a
     #: confusion matrix in W&B.
     single_class: ClassVar[bool] = False
-    #: The registered KD loss (``mtkd.tasks.kd_losses``) used unless ``kd.tasks.<task>.loss``
+    #: The registered KD loss (``mtkd.kd.losses``) used unless ``kd.tasks.<task>.loss``
     #: names another; None: the kind has no KD loss (``kd_loss`` then says how to add one).
     default_kd_loss: ClassVar[str | None] = None
 
@@ -374,6 +359,15 @@ def masked_mean(values: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     """Mean over the samples that carry a label; exactly 0 (with a graph) when none does."""
     has = has.to(values.dtype)
     return (values * has).sum() / has.sum().clamp(min=1.0)
+
+
+def resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a B x C x H x W batch, antialiased when shrinking like the
+    preprocessing's own resize (images fed to a teacher at its size, teacher maps brought back);
+    a no-op at the same size."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def elementwise_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:

@@ -12,8 +12,8 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassCohenKappa
 
+from mtkd.kd.losses import register_kd_loss
 from mtkd.tasks.base import Annotation, Frame, Task, TaskSpec, global_head, register_task
-from mtkd.tasks.kd_losses import register_kd_loss
 
 
 @dataclass

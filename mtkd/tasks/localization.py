@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+from mtkd.kd.losses import register_kd_loss
+from mtkd.kd.storage import CacheStorage
 from mtkd.tasks.base import (
     Annotation,
-    CacheStorage,
     Frame,
     Overlay,
     Task,
@@ -27,7 +28,6 @@ from mtkd.tasks.base import (
     global_head,
     register_task,
 )
-from mtkd.tasks.kd_losses import register_kd_loss
 
 HEADS = ("pooled", "heatmap")
 

@@ -11,8 +11,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC, MultilabelF1Score
 
+from mtkd.kd.losses import register_kd_loss
 from mtkd.tasks.base import Annotation, Frame, Task, TaskSpec, global_head, register_task
-from mtkd.tasks.kd_losses import register_kd_loss
 
 
 @dataclass

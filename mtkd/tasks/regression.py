@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
+from mtkd.kd.losses import register_kd_loss
+from mtkd.kd.storage import CacheStorage
 from mtkd.tasks.base import (
     Annotation,
-    CacheStorage,
     Task,
     TaskSpec,
     elementwise_loss,
     global_head,
     register_task,
 )
-from mtkd.tasks.kd_losses import register_kd_loss
 
 
 class R2OrNaN(R2Score):

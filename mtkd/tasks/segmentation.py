@@ -19,8 +19,17 @@ from torchmetrics.classification import (
     MultilabelJaccardIndex,
 )
 
-from mtkd.tasks.base import Annotation, CacheStorage, Frame, Overlay, Task, TaskSpec, register_task
-from mtkd.tasks.kd_losses import register_kd_loss
+from mtkd.kd.losses import register_kd_loss
+from mtkd.kd.storage import CacheStorage
+from mtkd.tasks.base import (
+    Annotation,
+    Frame,
+    Overlay,
+    Task,
+    TaskSpec,
+    register_task,
+    resize,
+)
 
 _EPS = 1e-4
 #: a pixel belongs to a class when its sigmoid probability reaches this (predict, overlays)
@@ -160,13 +169,9 @@ class SegmentationTask(Task):
         return torch.sigmoid(pred.float())
 
     def teacher_at(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Probability maps resized bilinearly (antialiased when shrinking); a no-op at the
-        same size, the usual case: the loader already brings cached maps to the working size."""
-        if tuple(output.shape[-2:]) == tuple(size):
-            return output
-        return F.interpolate(
-            output, size=size, mode="bilinear", align_corners=False, antialias=True
-        )
+        """Probability maps resized (``resize``); a no-op at the same size, the usual case: the
+        loader already brings cached maps to the working size."""
+        return resize(output, size)
 
     def cache_shape(self, storage: CacheStorage) -> tuple[int, ...]:
         return (self.out_channels, storage.dense_size, storage.dense_size)
