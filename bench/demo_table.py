@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from mtkd.commands.reporting import verdict_line
 from mtkd.modules.checkpoint import read_checkpoint
-from mtkd.report import verdict_line
 from mtkd.tasks import build_tasks
 
 ROLES = ("teacher", "student", "baseline")

@@ -19,15 +19,31 @@ PACKAGES = ("mtkd", "data_modules")
 #: ``pkg.*`` entry places a whole package. data_modules is the bottom: it imports nothing of mtkd,
 #: while mtkd's own small helpers ("infrastructure") may use it (config saves with data_modules.io).
 LAYERS: dict[str, tuple[str, ...]] = {
+    # cli builds its table from mtkd.commands: one module per command, and the modules that
+    # hold a command's work (reporting, prediction, ...), which its main imports when run
     "commands": (
         "mtkd.cli",
-        "mtkd.demo",
-        "mtkd.export",
-        "mtkd.predict",
-        "mtkd.report",
-        "mtkd.starter",
-        "mtkd.study",
-        "mtkd.sweeps",
+        "mtkd.commands",
+        "mtkd.commands.args",
+        "mtkd.commands.cache_check",
+        "mtkd.commands.cache_teacher",
+        "mtkd.commands.demo",
+        "mtkd.commands.demo_runs",
+        "mtkd.commands.distill",
+        "mtkd.commands.evaluate",
+        "mtkd.commands.export",
+        "mtkd.commands.exporting",
+        "mtkd.commands.init",
+        "mtkd.commands.predict",
+        "mtkd.commands.prediction",
+        "mtkd.commands.report",
+        "mtkd.commands.reporting",
+        "mtkd.commands.study",
+        "mtkd.commands.study_runs",
+        "mtkd.commands.sweep_local",
+        "mtkd.commands.sweeps",
+        "mtkd.commands.synth",
+        "mtkd.commands.train_teacher",
     ),
     # evaluation is the evaluate stage's scoring (stages.evaluate, report); it needs only tasks.
     # run_config checks a composed config against the registries of the layers below it

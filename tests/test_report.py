@@ -11,19 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from mtkd.models.multitask import count_parameters
-from mtkd.modules.checkpoint import load_net
-from mtkd.profiling import Profile, count_macs, profile_net
-from mtkd.report import (
+from mtkd.commands.report import main
+from mtkd.commands.reporting import (
     ROLES,
     build_report,
     kd_verdict,
     load_result,
-    main,
     markdown_table,
     ratios,
     verdict_line,
 )
+from mtkd.models.multitask import count_parameters
+from mtkd.modules.checkpoint import load_net
+from mtkd.profiling import Profile, count_macs, profile_net
 from mtkd.tasks import build_tasks
 from tests.conftest import PNG_MAGIC, TinyRuns
 

@@ -23,7 +23,6 @@ import sweeps
 import yaml
 
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args, whole_number
 from mtkd.config import ConfigError, key_problem, yaml_error
 from mtkd.status import status_logger
 
@@ -256,22 +255,3 @@ def run_sweep(
         new += 1
         write_results(sweep, trials, sweep_dir)
     return ranked(trials, sweep["metric"]["goal"])
-
-
-COMMAND_ARGS = Spec(
-    {
-        "sweep": Arg("the W&B sweep YAML", required="mtkd/configs/sweeps/<name>.yaml"),
-        "count": Arg("trials to run (default: the whole grid)", type=whole_number),
-    },
-    overrides=f"{CONFIG_OVERRIDES}, applied to every trial",
-)
-
-
-def main(args: list[str]) -> None:
-    """``mtkd sweep-local sweep=FILE [count=N] [key=value ...]`` (extra overrides go to every
-    trial)."""
-    opts, rest = parse_args("sweep-local", COMMAND_ARGS, args)
-    sweep = load_sweep(opts["sweep"])
-    trials = run_sweep(sweep, opts["count"], rest)
-    print("\n" + results_markdown(sweep, trials))
-    print(f"results written to {SWEEPS_ROOT / sweep['name']}/results.md and results.json")

@@ -34,9 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
+from mtkd.commands.reporting import markdown_table
 from mtkd.config import dotlist, read_group, search_path, to_container
-from mtkd.report import markdown_table
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, pipeline_keys_taken, refuse_fast_dev_run
 from mtkd.status import status_logger
@@ -92,17 +91,9 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
 
 
-COMMAND_ARGS = Spec(
-    {"study": Arg("a file of the study config group, or a YAML path", "label_efficiency")},
-    overrides=f"study.KEY=VALUE items set the study's fields; the others are {CONFIG_OVERRIDES}",
-)
-
-
-def load_study(args: list[str]) -> tuple[StudyConfig, list[str]]:
-    """``study=NAME`` (a file of the ``study`` config group, or a YAML path), ``study.KEY=VALUE``
-    items, and the remaining stage overrides."""
-    opts, rest = parse_args("study", COMMAND_ARGS, args)
-    name = opts["study"]
+def load_study(name: str, rest: list[str]) -> tuple[StudyConfig, list[str]]:
+    """The study ``name`` (a file of the ``study`` config group, or a YAML path) with the
+    ``study.KEY=VALUE`` items of ``rest`` applied, and the stage overrides (the other items)."""
     values = [a.removeprefix("study.") for a in rest if a.startswith("study.")]
     stage = [a for a in rest if not a.startswith("study.")]
     path, _ = search_path(stage)
@@ -481,8 +472,3 @@ def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
     log_study(overrides, study, header, rows, out / "study.png")
     print(f"\n{note}\n\n{table}\n\nwritten to {out}: results.md, results.json, study.png")
     return results
-
-
-def main(args: list[str]) -> None:
-    study, overrides = load_study(args)
-    run_study(study, overrides)

@@ -21,7 +21,13 @@ import torch
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import Arg, Spec, parse_args
+from mtkd.commands.prediction import (
+    activate,
+    draw_overlay,
+    layer_colors,
+    legend_handles,
+    spatial_layers,
+)
 from mtkd.evaluation import (
     BOOTSTRAP_RESAMPLES,
     LEVEL,
@@ -34,7 +40,6 @@ from mtkd.evaluation import (
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_saved_paths
-from mtkd.predict import activate, draw_overlay, layer_colors, legend_handles, spatial_layers
 from mtkd.profiling import THROUGHPUT_BATCH, Profile, profile_net
 from mtkd.status import status_logger
 from mtkd.tasks import Task
@@ -43,11 +48,6 @@ log = status_logger(__name__)
 
 #: role -> column title; the order of the columns
 ROLES = {"teacher": "teacher", "student": "student KD", "baseline": "student no KD"}
-DEFAULT_RUNS = {
-    "teacher": "runs/teacher",
-    "student": "runs/student",
-    "baseline": "runs/student_nokd",
-}
 METRICS_FILE = "metrics_test.json"
 #: the differences the report tests, A − B on the same test images
 PAIRS = (("student", "baseline"), ("student", "teacher"))
@@ -442,19 +442,3 @@ Tinted masks and `X` points: ground truth (where labeled) and each model's predi
 
 ![test predictions](predictions.png)
 """
-
-
-COMMAND_ARGS = Spec(
-    {
-        **{role: Arg(f"the {role} run folder", default) for role, default in DEFAULT_RUNS.items()},
-        "out": Arg("folder to write the report to", "runs/report"),
-    }
-)
-
-
-def main(args: list[str]) -> None:
-    opts, _ = parse_args("report", COMMAND_ARGS, args)
-    runs: dict[str, str | Path] = {role: opts[role] for role in DEFAULT_RUNS}
-    report = build_report(runs, opts["out"])
-    print(f"\n{report.table}\n\n{INTERVALS_NOTE}\n\n{report.intervals}\n\n{report.verdict}")
-    print(f"\n{report.efficiency}\n\nreport written to {report.path}")

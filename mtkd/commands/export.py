@@ -1,0 +1,27 @@
+"""``mtkd export``: the deployable student (the files it writes: mtkd.commands.exporting)."""
+
+from __future__ import annotations
+
+from mtkd.commands.args import Arg, Command, Spec, parse_args
+
+ARGS = Spec(
+    {
+        "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
+        "out": Arg(
+            "folder to write (default: export/ beside the run, <stem>_export/ beside a "
+            "checkpoint outside a run)"
+        ),
+    }
+)
+
+
+def main(args: list[str]) -> None:
+    from mtkd.commands.exporting import export
+
+    opts, _ = parse_args("export", ARGS, args)
+    export(opts["ckpt"], opts["out"])
+
+
+COMMAND = Command(
+    "export", "student-only weights, ONNX and metadata (ckpt=PATH [out=DIR])", ARGS, main
+)
