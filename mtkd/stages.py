@@ -43,7 +43,6 @@ from mtkd.kd.ensemble import (
     teacher_provenance,
 )
 from mtkd.locks import directory_lock
-from mtkd.loggers import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
     RngState,
     SafeCheckpointIO,
@@ -59,6 +58,7 @@ from mtkd.run_config import apply_overrides
 from mtkd.status import status_logger
 from mtkd.tasks import CacheStorage, build_tasks
 from mtkd.threads import ThreadBudget
+from mtkd.tracking.loggers import logger_callbacks, make_logger
 
 log = status_logger(__name__)
 

@@ -85,7 +85,7 @@ def test_apply_overrides_validates_saved_config():
     [
         ("kd.mode=sideways", "mtkd.modules.teacher_source:TEACHER_SOURCES"),
         ("run.weighting=sideways", "mtkd.modules.weighting:WEIGHTINGS"),
-        ("logger.kind=sideways", "mtkd.loggers:LOGGERS"),
+        ("logger.kind=sideways", "mtkd.tracking.loggers:LOGGERS"),
         ("optim.scheduler=sideways", "mtkd.modules.optim:SCHEDULES"),
     ],
 )

@@ -22,10 +22,10 @@ from mtkd.commands.prediction import layer_colors, predict, prepare, spatial_lay
 from mtkd.config import to_container
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule
-from mtkd.panels import ValidationPanels
 from mtkd.run_config import load_config
 from mtkd.stages import fit
 from mtkd.tasks import build_tasks, kd_loss_names
+from mtkd.tracking.wandb_panels import ValidationPanels
 from tests.conftest import PNG_MAGIC, REPO
 
 EXAMPLES = REPO / "examples" / "extending"

@@ -48,7 +48,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # evaluation is the evaluate stage's scoring (stages.evaluate, report); it needs only tasks.
     # run_config checks a composed config against the registries of the layers below it
     "stages": ("mtkd.stages", "mtkd.evaluation", "mtkd.run_config"),
-    # loggers and panels are the training run's loggers and callbacks (panels draws tasks)
+    # tracking: the training run's loggers and their callbacks (W&B's panels draw tasks)
     "modules / kd": (
         "mtkd.modules",
         "mtkd.modules.checkpoint",
@@ -63,8 +63,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.kd.cache",
         "mtkd.kd.ensemble",
         "mtkd.kd.fidelity",
-        "mtkd.loggers",
-        "mtkd.panels",
+        "mtkd.tracking",
+        "mtkd.tracking.loggers",
+        "mtkd.tracking.wandb_logger",
+        "mtkd.tracking.wandb_panels",
     ),
     # profiling measures a network (models.multitask.count_parameters): not infrastructure
     "models / tasks": (

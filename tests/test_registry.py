@@ -11,7 +11,6 @@ import pytest
 from data_modules.registry import Registry, parse_choice
 from data_modules.samples import SOURCES, read_source
 from mtkd.config import ConfigError
-from mtkd.loggers import LOGGERS
 from mtkd.modules.optim import SCHEDULES
 from mtkd.modules.teacher_source import TEACHER_SOURCES
 from mtkd.modules.weighting import WEIGHTINGS, DynamicWeightAveraging, build_weighting
@@ -19,6 +18,7 @@ from mtkd.run_config import load_config
 from mtkd.tasks import Task, register_task
 from mtkd.tasks.base import TASK_KINDS
 from mtkd.tasks.kd_losses import kd_losses
+from mtkd.tracking.loggers import LOGGERS
 
 pytestmark = pytest.mark.unit
 

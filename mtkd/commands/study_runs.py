@@ -427,18 +427,13 @@ def log_study(
 ) -> None:
     """The table and plot as one W&B run (job type study) in the study's group, when the
     configured logger is W&B."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from mtkd.loggers import make_logger
+    from mtkd.tracking.loggers import make_logger
+    from mtkd.tracking.wandb_logger import log_study_summary
 
     cfg = load_config(
         "distill", [*overrides, f"logger.group={study.name}", "logger.name=study_summary"]
     )
-    logger = make_logger(cfg, Path(study.out), job_type="study")
-    if isinstance(logger, WandbLogger):
-        logger.log_table("study/results", columns=header, data=rows)
-        logger.log_image("study/plot", images=[str(png)])
-        logger.experiment.finish()
+    log_study_summary(make_logger(cfg, Path(study.out), job_type="study"), header, rows, png)
 
 
 def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
