@@ -2,7 +2,7 @@
 
     python bench/demo_table.py runs/demo_variants demo   # the demo's KD student, every seed
 
-One row per task (its main metric, ``Task.monitor``): the teacher, the KD student and its no-KD
+One row per task (its main metric, ``Task.main_metric``): the teacher, the KD student and its no-KD
 twin per seed, and the paired 95 % bootstrap interval of KD - no KD, all from each seed's
 ``mtkd report`` (report.json; "tie" where the interval spans 0); then each seed's verdict line.
 """
@@ -36,7 +36,7 @@ def table(root: Path, variant: str) -> str:
         return report["runs"][role]["metrics"][key]
 
     for name, task in tasks.items():
-        key = f"{name}/{task.monitor[0]}"
+        key = f"{name}/{task.main_metric}"
         cells = [" / ".join(f"{value(r, role, key):.3f}" for r in reports) for role in ROLES]
         diffs = []
         for r in reports:
@@ -46,7 +46,7 @@ def table(root: Path, variant: str) -> str:
                 f"**{gap:+.3f}** [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["significant"] else "tie"
             )
         lines.append(
-            f"| {name} ({task.monitor[0]}) | " + " | ".join([*cells, " / ".join(diffs)]) + " |"
+            f"| {name} ({task.main_metric}) | " + " | ".join([*cells, " / ".join(diffs)]) + " |"
         )
     lines.append("")
     for seed, r in zip(seeds, reports):

@@ -107,7 +107,7 @@ def metric_rows(tasks: dict[str, Task], results: list[RunResult]) -> list[list[s
     others alphabetically; losses are left out (they are not comparable across KD settings)."""
     rows = []
     for name, task in tasks.items():
-        main = task.monitor[0]
+        main = task.main_metric
         found = {k.split("/", 1)[1] for r in results for k in r.metrics if k.startswith(f"{name}/")}
         found.discard("loss")
         for metric in sorted(found, key=lambda m: (m != main, m)):
@@ -147,11 +147,11 @@ def bootstrap_comparison(
     header += [f"{ROLES[a]} − {ROLES[b]}" for a, b in pairs]
     rows = []
     for name, task in tasks.items():
-        metric, mode = task.monitor
+        metric = task.main_metric
         key = f"{name}/{metric}"
         if not all(key in bounds[r] for r in roles):
             continue
-        row = [name, f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"]
+        row = [name, f"{metric} ({'higher' if task.higher_is_better() else 'lower'} is better)"]
         for r in results:
             lo, hi = bounds[r.role][key]
             row.append(f"{r.metrics[key]:.3f} [{lo:.3f}, {hi:.3f}]")
@@ -176,12 +176,12 @@ def kd_verdict(tasks: dict[str, Task], paired: dict[str, dict[str, Any]]) -> dic
     better side of 0, lost where it lies on the worse side, tied where it spans 0."""
     verdict: dict[str, list[str]] = {"won": [], "lost": [], "tied": []}
     for name, task in tasks.items():
-        metric, mode = task.monitor
-        diff = paired.get(f"{name}/{metric}")
+        diff = paired.get(f"{name}/{task.main_metric}")
         if diff is None:
             continue
-        better = diff["lo"] > 0 if mode == "max" else diff["hi"] < 0
-        worse = diff["hi"] < 0 if mode == "max" else diff["lo"] > 0
+        higher = task.higher_is_better()
+        better = diff["lo"] > 0 if higher else diff["hi"] < 0
+        worse = diff["hi"] < 0 if higher else diff["lo"] > 0
         verdict["won" if better else "lost" if worse else "tied"].append(name)
     return verdict
 
@@ -258,12 +258,12 @@ def metrics_figure(tasks: dict[str, Task], results: list[RunResult]) -> bytes:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = ["#4c72b0", "#dd8452", "#8c8c8c"]
     for ax, (name, task) in zip(axes, tasks.items()):
-        metric, mode = task.monitor
+        metric = task.main_metric
         values = [r.metrics.get(f"{name}/{metric}", np.nan) for r in results]
         bars = ax.bar(range(len(results)), values, color=colors[: len(results)])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(results)), [ROLES[r.role] for r in results], fontsize=8)
-        better = "higher" if mode == "max" else "lower"
+        better = "higher" if task.higher_is_better() else "lower"
         ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(tasks) :]:

@@ -2,7 +2,7 @@
 study. For each label fraction, seed and arm (``kd``: the teacher cache teaches every training
 image, the unlabeled remainder by KD only; ``nokd``: labels only), train the same student under
 the same budget and score it on the test split; then the mean and 95 % t-interval across seeds
-of each task's headline metric (``Task.monitor``), the KD gain, a plot and results JSON.
+of each task's headline metric (``Task.main_metric``), the KD gain, a plot and results JSON.
 
 The honest protocol (``study.teacher=fraction``, the default) trains one teacher per fraction on
 that fraction's labels only, so it never saw the labels the student lacks; ``study.teacher=all``
@@ -317,9 +317,9 @@ def summarise(
     by seed, signed so that positive favours KD)."""
     summary = {}
     for name, task in tasks.items():
-        metric, mode = task.monitor
+        metric, higher = task.main_metric, task.higher_is_better()
         key = f"test/{name}/{metric}"
-        sign = 1.0 if mode == "max" else -1.0
+        sign = 1.0 if higher else -1.0
         rows, gains = [], []
         for fraction in study.fractions:
             by_arm = {}
@@ -344,6 +344,7 @@ def summarise(
                     gains.append(
                         {"fraction": fraction, "n": len(diffs), "mean": mean, "lo": lo, "hi": hi}
                     )
+        mode = "max" if higher else "min"
         summary[name] = {"metric": metric, "mode": mode, "rows": rows, "gain": gains}
     return summary
 
