@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mtkd.commands.reporting import verdict_line
+from mtkd.markdown import markdown_table
 from mtkd.modules.checkpoint import read_checkpoint
 from mtkd.tasks import build_tasks
 
@@ -26,11 +27,14 @@ def table(root: Path, variant: str) -> str:
     tasks = build_tasks(saved["hyper_parameters"]["config"]["tasks"])
     reports = [json.loads((d / f"report_{variant}" / "report.json").read_text()) for d in seeds]
     names = " / ".join(d.name.removeprefix("seed") for d in seeds)
-    lines = [
-        f"| task (main metric) | teacher, seeds {names} | KD student | no-KD student "
-        f"| KD − no KD [95 % paired], seed {names} |",
-        "| --- | --- | --- | --- | --- |",
+    header = [
+        "task (main metric)",
+        f"teacher, seeds {names}",
+        "KD student",
+        "no-KD student",
+        f"KD − no KD [95 % paired], seed {names}",
     ]
+    rows = []
 
     def value(report: dict, role: str, key: str) -> float:
         return report["runs"][role]["metrics"][key]
@@ -45,10 +49,8 @@ def table(root: Path, variant: str) -> str:
             diffs.append(
                 f"**{gap:+.3f}** [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["significant"] else "tie"
             )
-        lines.append(
-            f"| {name} ({task.main_metric}) | " + " | ".join([*cells, " / ".join(diffs)]) + " |"
-        )
-    lines.append("")
+        rows.append([f"{name} ({task.main_metric})", *cells, " / ".join(diffs)])
+    lines = [markdown_table(header, rows), ""]
     for seed, r in zip(seeds, reports):
         lines.append(f"    {seed.name}: {verdict_line(r['bootstrap']['verdict'])}")
     return "\n".join(lines)

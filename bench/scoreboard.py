@@ -19,6 +19,7 @@ from pathlib import Path
 
 from scipy import stats
 
+from mtkd.markdown import markdown_table
 from mtkd.modules.checkpoint import read_checkpoint
 from mtkd.tasks import build_tasks
 
@@ -74,11 +75,11 @@ def mean_interval(values: list[float]) -> str:
 def table(dataset: Path) -> str:
     cols = columns(dataset)
     header = ["run", *(f"{t} {m}" for t, m, _ in cols)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
 
     def row(label: str, values: dict[str, float] | None) -> None:
         cells = [f"{values[f'test/{t}/{m}']:.3f}" if values else "-" for t, m, _ in cols]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label, *cells])
 
     row("teacher (Lite2, pretrained)", metrics(dataset / "teacher", "test"))
     for model, model_name in MODELS.items():
@@ -95,7 +96,7 @@ def table(dataset: Path) -> str:
             mean_interval([metrics(r, "test")[f"test/{t}/{m}"] for r in runs]) for t, m, _ in cols
         ]
         label = f"{MODELS[model]}, {ARMS[arm]}: mean ± {LEVEL:.0%} t-interval, {len(runs)} seeds"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label, *cells])
     for seed in SEEDS:
         report = dataset / "report" / f"seed{seed}" / "report.json"
         if not report.is_file():
@@ -107,10 +108,11 @@ def table(dataset: Path) -> str:
             cells.append(
                 f"[{d['lo']:+.3f}, {d['hi']:+.3f}]{' *' if d['significant'] else ''}" if d else "-"
             )
-        lines.append(
-            f"| KD - no KD, seed {seed}, paired {LEVEL:.0%} bootstrap | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines) + f"\n\nKD variant repeated over seeds (chosen on validation): {best}\n"
+        rows.append([f"KD - no KD, seed {seed}, paired {LEVEL:.0%} bootstrap", *cells])
+    return (
+        markdown_table(header, rows)
+        + f"\n\nKD variant repeated over seeds (chosen on validation): {best}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd",
         "mtkd.config",
         "mtkd.locks",
+        "mtkd.markdown",
         "mtkd.outputs",
         "mtkd.safe_load",
         "mtkd.status",

@@ -17,10 +17,10 @@ from mtkd.commands.reporting import (
     build_report,
     kd_verdict,
     load_result,
-    markdown_table,
     ratios,
     verdict_line,
 )
+from mtkd.markdown import markdown_table
 from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.profiling import Profile, count_macs, profile_net

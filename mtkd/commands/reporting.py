@@ -37,6 +37,7 @@ from mtkd.evaluation import (
     paired_differences,
     resampled_values,
 )
+from mtkd.markdown import markdown_table
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_saved_paths
@@ -115,11 +116,6 @@ def metric_rows(tasks: dict[str, Task], results: list[RunResult]) -> list[list[s
             label = f"{metric} *" if metric == main else metric
             rows.append([name, label, *("–" if v is None else f"{v:.4f}" for v in values)])
     return rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def bootstrap_comparison(

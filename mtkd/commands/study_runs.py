@@ -34,8 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from data_modules.io import atomic_write_bytes
-from mtkd.commands.reporting import markdown_table
 from mtkd.config import dotlist, read_group, search_path, to_container
+from mtkd.markdown import markdown_table
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, pipeline_keys_taken, refuse_fast_dev_run
 from mtkd.status import status_logger

@@ -24,6 +24,7 @@ import yaml
 
 from data_modules.io import atomic_write_bytes
 from mtkd.config import ConfigError, key_problem, yaml_error
+from mtkd.markdown import markdown_table
 from mtkd.status import status_logger
 
 log = status_logger(__name__)
@@ -195,20 +196,14 @@ def results_markdown(sweep: dict[str, Any], trials: list[Trial]) -> str:
     """A markdown table of the trials, best first."""
     metric, goal = sweep["metric"]["name"], sweep["metric"]["goal"]
     names = list(sweep["parameters"])
-    lines = [
-        f"# Sweep {sweep['name']}: {metric} ({goal})",
-        "",
-        "| rank | trial | " + " | ".join(names) + f" | {metric} | state | seconds |",
-        "|" + "---|" * (len(names) + 5),
-    ]
+    rows = []
     for rank, t in enumerate(ranked(trials, goal), 1):
         value = "" if t.metric is None else f"{t.metric:.4f}"
         state = t.state if t.error is None else f"{t.state}: {t.error}"
-        cells = [str(t.params.get(n, "")) for n in names]
-        lines.append(
-            f"| {rank} | {t.name} | " + " | ".join(cells) + f" | {value} | {state} | {t.seconds} |"
-        )
-    return "\n".join(lines) + "\n"
+        params = [t.params.get(n, "") for n in names]
+        rows.append([rank, t.name, *params, value, state, t.seconds])
+    header = ["rank", "trial", *names, metric, "state", "seconds"]
+    return f"# Sweep {sweep['name']}: {metric} ({goal})\n\n{markdown_table(header, rows)}\n"
 
 
 def write_results(sweep: dict[str, Any], trials: list[Trial], sweep_dir: Path) -> None:
