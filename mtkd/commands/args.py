@@ -98,6 +98,15 @@ def boolean(text: str) -> bool:
     return text == "true"
 
 
+def output_folder(name: str) -> Arg:
+    """The ``out=`` of a command that writes ``name`` files for a checkpoint, by default beside
+    its run (``mtkd.outputs.default_output``)."""
+    return Arg(
+        f"folder to write (default: {name}/ beside the run, <stem>_{name}/ beside a checkpoint "
+        "outside a run)"
+    )
+
+
 #: the remaining items of a command that runs a stage
 CONFIG_OVERRIDES = "config overrides: group=option or a.b=value (see `mtkd --help`)"
 

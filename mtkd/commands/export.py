@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from mtkd.commands.args import Arg, Command, Spec, parse_args
+from mtkd.commands.args import Arg, Command, Spec, output_folder, parse_args
 
 ARGS = Spec(
     {
         "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
-        "out": Arg(
-            "folder to write (default: export/ beside the run, <stem>_export/ beside a "
-            "checkpoint outside a run)"
-        ),
+        "out": output_folder("export"),
     }
 )
 

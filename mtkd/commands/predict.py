@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from mtkd.commands.args import Arg, Command, Spec, parse_args
+from mtkd.commands.args import Arg, Command, Spec, output_folder, parse_args
 
 ARGS = Spec(
     {
         "ckpt": Arg("checkpoint to predict with", required="path/to/best.ckpt"),
         "images": Arg("an image file or a folder of images", required="image file or folder"),
-        "out": Arg(
-            "folder to write (default: predictions/ beside the run, <stem>_predictions/ beside "
-            "a checkpoint outside a run)"
-        ),
+        "out": output_folder("predictions"),
     }
 )
 
