@@ -51,6 +51,8 @@ def test_ratios_and_markdown_table() -> None:
         "throughput_speedup": 8.0,
     }
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
+    numbers = markdown_table(["run", "s"], [["a", 1.5]], right={1})  # cells written with str
+    assert numbers == "| run | s |\n| --- | ---: |\n| a | 1.5 |"
 
 
 @pytest.mark.unit
