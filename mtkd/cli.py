@@ -53,7 +53,7 @@ def command_table() -> dict[str, Command]:
 
 def usage(commands: dict[str, Command]) -> str:
     """``mtkd --help``: one wrapped entry per command, then the overrides every stage takes."""
-    entries = [
+    entries = "\n".join(
         textwrap.fill(
             f"{name:<14} {command.summary}",
             width=97,
@@ -62,10 +62,8 @@ def usage(commands: dict[str, Command]) -> str:
             break_long_words=False,
         )
         for name, command in commands.items()
-    ]
-    return "usage: mtkd <command> [key=value ...]\n\ncommands:\n{}\n\n{}".format(
-        "\n".join(entries), OVERRIDES_HELP
     )
+    return f"usage: mtkd <command> [key=value ...]\n\ncommands:\n{entries}\n\n{OVERRIDES_HELP}"
 
 
 def main(argv: list[str] | None = None) -> int:
