@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from mtkd.config import to_container  # noqa: E402
 from mtkd.kd.cache import TeacherCache, fingerprint, seal  # noqa: E402
 from mtkd.kd.storage import cache_storage  # noqa: E402
+from mtkd.markdown import markdown_table  # noqa: E402
 from mtkd.run_config import load_config  # noqa: E402
 from mtkd.tasks import Task, build_tasks  # noqa: E402
 
@@ -128,16 +129,28 @@ def main() -> None:
         f"\n## Opening a teacher cache: quick vs full check ({args.size} px dense maps, uint8; "
         f"median of {args.repeats} opens)\n"
     )
-    print(
-        "| samples | cache MiB | quick, warm (ms) | quick, cold (ms) | full, warm (s) "
-        "| full, cold (s) | full / quick (cold) |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for samples, mib, quick_warm, quick_cold, full_warm, full_cold in rows:
-        print(
-            f"| {samples:,} | {mib:,.0f} | {quick_warm * 1e3:.1f} | {quick_cold * 1e3:.1f} | "
-            f"{full_warm:.2f} | {full_cold:.2f} | {full_cold / quick_cold:,.0f}x |"
-        )
+    header = [
+        "samples",
+        "cache MiB",
+        "quick, warm (ms)",
+        "quick, cold (ms)",
+        "full, warm (s)",
+        "full, cold (s)",
+        "full / quick (cold)",
+    ]
+    cells = [
+        [
+            f"{samples:,}",
+            f"{mib:,.0f}",
+            f"{quick_warm * 1e3:.1f}",
+            f"{quick_cold * 1e3:.1f}",
+            f"{full_warm:.2f}",
+            f"{full_cold:.2f}",
+            f"{full_cold / quick_cold:,.0f}x",
+        ]
+        for samples, mib, quick_warm, quick_cold, full_warm, full_cold in rows
+    ]
+    print(markdown_table(header, cells, right=range(len(header))))
 
 
 if __name__ == "__main__":

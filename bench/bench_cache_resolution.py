@@ -36,6 +36,7 @@ from data_modules.datamodule import FundusDataModule  # noqa: E402
 from data_modules.synthetic import generate_synthetic  # noqa: E402
 from mtkd.kd.fidelity import KEPT_DICE_WARNING, MapFidelity  # noqa: E402
 from mtkd.kd.storage import CacheStorage  # noqa: E402
+from mtkd.markdown import markdown_table  # noqa: E402
 from mtkd.run_config import load_config  # noqa: E402
 from mtkd.stages import cache_teacher, evaluate, fit  # noqa: E402
 from mtkd.tasks import build_tasks  # noqa: E402
@@ -56,8 +57,7 @@ def fidelity_table(work: Path, size: int, cache_sizes: list[int]) -> None:
         f"map read back at {size} px vs the teacher's; warning below {KEPT_DICE_WARNING})\n"
     )
     channels = [(n, c) for n in DENSE for c in tasks[n].channel_names()]
-    print("| cache size | " + " | ".join(f"{n}/{c}" for n, c in channels) + " | bytes/sample |")
-    print("|---" * (len(channels) + 2) + "|")
+    rows = []
     for cache_size in cache_sizes:
         storage = CacheStorage(dense_size=cache_size)
         fidelity = MapFidelity()
@@ -69,7 +69,9 @@ def fidelity_table(work: Path, size: int, cache_sizes: list[int]) -> None:
             index = tasks[n].channel_names().index(c)
             cells.append(f"{kept[n].get(index, float('nan')):.3f}" if n in kept else "1.000")
         nbytes = sum(int(torch.tensor(t.cache_shape(storage)).prod()) for t in tasks.values())
-        print(f"| {cache_size} | " + " | ".join(cells) + f" | {nbytes:,} |")
+        rows.append([cache_size, *cells, f"{nbytes:,}"])
+    header = ["cache size", *(f"{n}/{c}" for n, c in channels), "bytes/sample"]
+    print(markdown_table(header, rows))
 
 
 def student_table(
@@ -111,9 +113,11 @@ def student_table(
     teacher_metrics = evaluate(str(teacher), "test", [*base, "logger=none"], bootstrap=0)
     keys = ["anatomy/dice_vessels", "anatomy/dice_optic_disc", "anatomy/dice", "lesions/dice"]
     print(f"\n## Student test Dice by teacher-cache size ({size} px, {epochs} student epochs)\n")
-    print("| arm | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
-    for name, metrics in {"teacher": teacher_metrics, **rows}.items():
-        print(f"| {name} | " + " | ".join(f"{metrics[f'test/{k}']:.3f}" for k in keys) + " |")
+    table = [
+        [name, *(f"{metrics[f'test/{k}']:.3f}" for k in keys)]
+        for name, metrics in {"teacher": teacher_metrics, **rows}.items()
+    ]
+    print(markdown_table(["arm", *keys], table))
     (work / "students.json").write_text(json.dumps(rows))
 
 

@@ -43,6 +43,7 @@ from data_modules.datamodule import FundusDataModule  # noqa: E402
 from mtkd.config import to_container  # noqa: E402
 from mtkd.kd.cache import TeacherCache  # noqa: E402
 from mtkd.kd.teacher_source import build_teacher_source  # noqa: E402
+from mtkd.markdown import markdown_table  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.run_config import apply_overrides, load_config  # noqa: E402
@@ -307,13 +308,15 @@ def print_io(io: dict, size: int, threads: int, consumption: float | None) -> No
         f"\n## Cache I/O ({size} px, cache.dense_size={dense}, {io['samples']} "
         f"samples cached, {io['train_samples']} read per pass; 1 process, {threads} thread(s))\n"
     )
-    print("| measure | samples/s |\n|---|---|")
-    print(f"| cache-teacher write (teacher forward included) | {io['write_samples_per_s']:.1f} |")
     cached, plain = io["read_join_augment_samples_per_s"], io["no_teacher_augment_samples_per_s"]
-    print(f"| read + join + augment (loader, per process) | {cached:.1f} |")
-    print(f"| same loader without teacher outputs | {plain:.1f} |")
+    rows = [
+        ["cache-teacher write (teacher forward included)", f"{io['write_samples_per_s']:.1f}"],
+        ["read + join + augment (loader, per process)", f"{cached:.1f}"],
+        ["same loader without teacher outputs", f"{plain:.1f}"],
+    ]
     if consumption is not None:
-        print(f"| student consumption (no-KD step, this CPU) | {consumption:.1f} |")
+        rows.append(["student consumption (no-KD step, this CPU)", f"{consumption:.1f}"])
+    print(markdown_table(["measure", "samples/s"], rows))
     print(
         f"\n15 loader workers (a 16-core GPU machine, one core left to the training process) "
         f"could feed {15 * cached:.0f} samples/s with teacher maps ({15 * plain:.0f} without), "
@@ -325,17 +328,30 @@ def print_io(io: dict, size: int, threads: int, consumption: float | None) -> No
 
 
 def print_ratio_table(steps: dict, arms: tuple[str, ...]) -> None:
-    print(
-        "| arm | s/step (median) | ratio to no-KD: median | IQR | min - max | "
-        "~95 % interval of the median | pairs |\n|---|---|---|---|---|---|---|"
-    )
+    header = [
+        "arm",
+        "s/step (median)",
+        "ratio to no-KD: median",
+        "IQR",
+        "min - max",
+        "~95 % interval of the median",
+        "pairs",
+    ]
+    rows = []
     for arm in arms:
         r = spread(steps["ratios"][arm])
-        print(
-            f"| {arm} | {steps['seconds'][arm]:.3f} | {r['median']:.4f} | "
-            f"{r['q1']:.3f} - {r['q3']:.3f} ({r['q3'] - r['q1']:.3f}) | "
-            f"{r['min']:.3f} - {r['max']:.3f} | {r['ci_lo']:.4f} - {r['ci_hi']:.4f} | {r['n']} |"
+        rows.append(
+            [
+                arm,
+                f"{steps['seconds'][arm]:.3f}",
+                f"{r['median']:.4f}",
+                f"{r['q1']:.3f} - {r['q3']:.3f} ({r['q3'] - r['q1']:.3f})",
+                f"{r['min']:.3f} - {r['max']:.3f}",
+                f"{r['ci_lo']:.4f} - {r['ci_hi']:.4f}",
+                r["n"],
+            ]
         )
+    print(markdown_table(header, rows))
 
 
 def main() -> None:
@@ -409,13 +425,13 @@ def main() -> None:
     )
     print_io(io, args.size, args.threads, b / none)
     print("\n## Memory while reading 20,000 random rows\n")
-    print(
-        "| cache rows | cache MB | anonymous RSS MB | file-backed RSS MB | peak RSS MB |\n|---|---|---|---|---|"
-    )
-    for rows, m in memory.items():
-        print(
-            f"| {rows:,} | {m['cache_mb']:.0f} | {m['rss_anon_mb']:.1f} | {m['rss_file_mb']:.1f} | {m['peak_rss_mb']:.1f} |"
-        )
+    header = ["cache rows", "cache MB", "anonymous RSS MB", "file-backed RSS MB", "peak RSS MB"]
+    table = [
+        [f"{rows:,}", f"{m['cache_mb']:.0f}"]
+        + [f"{m[k]:.1f}" for k in ("rss_anon_mb", "rss_file_mb", "peak_rss_mb")]
+        for rows, m in memory.items()
+    ]
+    print(markdown_table(header, table))
 
 
 if __name__ == "__main__":

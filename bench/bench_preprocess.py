@@ -43,6 +43,7 @@ from data_modules.io import NPZ_SEPARATOR, load_image
 from data_modules.preprocess import ENTRY_SUFFIX, Prepared, Preprocessor
 from data_modules.samples import Sample, read_source
 from data_modules.synthetic import generate_synthetic
+from mtkd.markdown import markdown_table
 from mtkd.run_config import load_config
 from mtkd.tasks import build_tasks
 
@@ -174,13 +175,12 @@ def main() -> None:
         f"average) -> {size}x{size}, batch {batch_size}, num_workers=0, torch threads "
         f"{torch.get_num_threads()}; cache entries {entry_kib:.1f} KiB each\n"
     )
-    print("| mode | samples/s | ms/sample | speed-up vs no cache |")
-    print("|---|---:|---:|---:|")
-    for mode, per_sample in rows:
-        print(
-            f"| {mode} | {1 / per_sample:.1f} | {1000 * per_sample:.2f} | "
-            f"{no_cache / per_sample:.1f}x |"
-        )
+    header = ["mode", "samples/s", "ms/sample", "speed-up vs no cache"]
+    cells = [
+        [mode, f"{1 / per_sample:.1f}", f"{1000 * per_sample:.2f}", f"{no_cache / per_sample:.1f}x"]
+        for mode, per_sample in rows
+    ]
+    print(markdown_table(header, cells, right={1, 2, 3}))
     speed_up, share = no_cache / warm, ceiling / warm
     print(f"\nwarm cache / no cache: {speed_up:.1f}x (target >= 30x: {met(speed_up >= 30)})")
     print(f"warm / ceiling = {100 * share:.0f} % (target >= 80 %: {met(share >= 0.8)})")

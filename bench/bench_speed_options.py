@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_check import build, loss_fn, make_batch, time_steps  # noqa: E402
 
 from mtkd.config import to_container  # noqa: E402
+from mtkd.markdown import markdown_table  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher import TeacherModule  # noqa: E402
 from mtkd.run_config import load_config  # noqa: E402
@@ -242,18 +243,15 @@ def main(argv=None) -> int:
         f"{args.threads} thread(s), best of {args.rounds} x {args.steps} timed steps "
         "(img/s; x = vs baseline)\n"
     )
-    print("| option | teacher (ResNet-18 U-Net) | student (MobileNetV3-small, cached KD) |")
-    print("|---|---:|---:|")
-    for option, cells in table.items():
-        print(f"| {option} | {cells.get('teacher', '-')} | {cells.get('student', '-')} |")
+    header = ["option", "teacher (ResNet-18 U-Net)", "student (MobileNetV3-small, cached KD)"]
+    rows = [[o, cells.get("teacher", "-"), cells.get("student", "-")] for o, cells in table.items()]
+    print(markdown_table(header, rows, right={1, 2}))
     print(
         f"\n### Training DataLoader alone, {args.size} px, batch {args.batch}, "
         f"{args.samples}-image synthetic set, 2 epochs (os.cpu_count()={os.cpu_count()})\n"
     )
-    print("| data.* | samples/s | first epoch (s) |")
-    print("|---|---:|---:|")
-    for name, rate, first in loader:
-        print(f"| {name} | {rate:.1f} | {first:.2f} |")
+    rows = [[name, f"{rate:.1f}", f"{first:.2f}"] for name, rate, first in loader]
+    print(markdown_table(["data.*", "samples/s", "first epoch (s)"], rows, right={1, 2}))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtkd.markdown import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
 MTKD = str(Path(sys.executable).with_name("mtkd"))
 CORES = len(os.sched_getaffinity(0))
@@ -100,10 +102,11 @@ def ddp_threads(args: argparse.Namespace, work: Path) -> None:
         f"64 px, 64 synthetic images), wall time per run incl. start-up, {args.repeats} runs "
         "per arm alternated\n"
     )
-    print("| arm | median s | runs s |\n|---|---|---|")
-    for arm, values in times.items():
-        runs = ", ".join(f"{v:.1f}" for v in values)
-        print(f"| {arm} | {statistics.median(values):.1f} | {runs} |")
+    rows = [
+        [arm, f"{statistics.median(values):.1f}", ", ".join(f"{v:.1f}" for v in values)]
+        for arm, values in times.items()
+    ]
+    print(markdown_table(["arm", "median s", "runs s"], rows))
     before, after = (statistics.median(v) for v in times.values())
     print(f"\ntorch default / mtkd default = {before / after:.2f}x")
 
@@ -135,12 +138,13 @@ def wait_policy(args: argparse.Namespace, work: Path) -> None:
         f"{args.burners} CPU-bound processes; wall time per run incl. start-up, {args.repeats} "
         f"runs per cell alternated; fair share = quiet x {share:.1f}\n"
     )
-    print("| wait policy | quiet s | loaded s | loaded / fair share | runs (quiet; loaded) |")
-    print("|---|---|---|---|---|")
+    rows = []
     for arm in POLICIES:
         quiet, loaded = (statistics.median(times[arm, x]) for x in ("quiet", "loaded"))
         runs = "; ".join(", ".join(f"{v:.1f}" for v in times[arm, x]) for x in ("quiet", "loaded"))
-        print(f"| {arm} | {quiet:.1f} | {loaded:.1f} | {loaded / (quiet * share):.2f} | {runs} |")
+        rows.append([arm, f"{quiet:.1f}", f"{loaded:.1f}", f"{loaded / (quiet * share):.2f}", runs])
+    header = ["wait policy", "quiet s", "loaded s", "loaded / fair share", "runs (quiet; loaded)"]
+    print(markdown_table(header, rows))
     before = [statistics.median(times[next(iter(POLICIES)), x]) for x in ("quiet", "loaded")]
     for arm in list(POLICIES)[1:]:
         quiet, loaded = (statistics.median(times[arm, x]) for x in ("quiet", "loaded"))

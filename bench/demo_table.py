@@ -2,7 +2,7 @@
 
     python bench/demo_table.py runs/demo_variants demo   # the demo's KD student, every seed
 
-One row per task (its main metric, ``Task.monitor``): the teacher, the KD student and its no-KD
+One row per task (its main metric, ``Task.main_metric``): the teacher, the KD student and its no-KD
 twin per seed, and the paired 95 % bootstrap interval of KD - no KD, all from each seed's
 ``mtkd report`` (report.json; "tie" where the interval spans 0); then each seed's verdict line.
 """
@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from mtkd.commands.reporting import verdict_line
+from mtkd.markdown import markdown_table
 from mtkd.modules.checkpoint import read_checkpoint
-from mtkd.report import verdict_line
 from mtkd.tasks import build_tasks
 
 ROLES = ("teacher", "student", "baseline")
@@ -26,17 +27,20 @@ def table(root: Path, variant: str) -> str:
     tasks = build_tasks(saved["hyper_parameters"]["config"]["tasks"])
     reports = [json.loads((d / f"report_{variant}" / "report.json").read_text()) for d in seeds]
     names = " / ".join(d.name.removeprefix("seed") for d in seeds)
-    lines = [
-        f"| task (main metric) | teacher, seeds {names} | KD student | no-KD student "
-        f"| KD − no KD [95 % paired], seed {names} |",
-        "| --- | --- | --- | --- | --- |",
+    header = [
+        "task (main metric)",
+        f"teacher, seeds {names}",
+        "KD student",
+        "no-KD student",
+        f"KD − no KD [95 % paired], seed {names}",
     ]
+    rows = []
 
     def value(report: dict, role: str, key: str) -> float:
         return report["runs"][role]["metrics"][key]
 
     for name, task in tasks.items():
-        key = f"{name}/{task.monitor[0]}"
+        key = f"{name}/{task.main_metric}"
         cells = [" / ".join(f"{value(r, role, key):.3f}" for r in reports) for role in ROLES]
         diffs = []
         for r in reports:
@@ -45,10 +49,8 @@ def table(root: Path, variant: str) -> str:
             diffs.append(
                 f"**{gap:+.3f}** [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["significant"] else "tie"
             )
-        lines.append(
-            f"| {name} ({task.monitor[0]}) | " + " | ".join([*cells, " / ".join(diffs)]) + " |"
-        )
-    lines.append("")
+        rows.append([f"{name} ({task.main_metric})", *cells, " / ".join(diffs)])
+    lines = [markdown_table(header, rows), ""]
     for seed, r in zip(seeds, reports):
         lines.append(f"    {seed.name}: {verdict_line(r['bootstrap']['verdict'])}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ MTKD=${MTKD:-.venv/bin/mtkd}
 OUT=${OUT:-runs/demo_variants}
 SEEDS=${SEEDS:-0 1 2}
 common=(logger=csv trainer.enable_progress_bar=false)
-students=(trainer.max_epochs=10 data.label_fraction=0.25)  # mtkd/demo.py's STUDENT_* settings
+students=(trainer.max_epochs=10 data.label_fraction=0.25)  # mtkd/commands/demo_runs.py's STUDENT_* settings
 # Each variant's overrides; a variant in TWINNED changes more than KD, so its no-KD twin gets the
 # same overrides (the comparison stays KD vs no KD under one setting).
 declare -A VARIANTS=(

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from mtkd.config import to_container  # noqa: E402
 from mtkd.kd.teacher_source import CachedTeacher, OnlineTeacher  # noqa: E402
+from mtkd.markdown import markdown_table  # noqa: E402
 from mtkd.models.multitask import count_parameters  # noqa: E402
 from mtkd.modules.student import StudentModule  # noqa: E402
 from mtkd.modules.teacher import TeacherModule  # noqa: E402
@@ -249,29 +250,42 @@ def markdown(r: dict) -> str:
         "",
         "## Training throughput",
         "",
-        "| model | config | params (M) | precision | img/s | ms/step | peak GPU memory (GiB) |",
-        "|---|---|---:|---|---:|---:|---:|",
     ]
-    for row in r["train"]:
-        lines.append(
-            f"| {row['model']} | {row['config']} | {row['params_m']:.1f} | {row['precision']} | "
-            f"{fmt(row.get('img_s'))} | {fmt(row.get('ms_step'))} | "
-            f"{fmt(row.get('peak_gib'), '.2f')} |" + (f" {row['error']}" if "error" in row else "")
-        )
+    header = [
+        "model",
+        "config",
+        "params (M)",
+        "precision",
+        "img/s",
+        "ms/step",
+        "peak GPU memory (GiB)",
+    ]
+    rows = [
+        [
+            row["model"],
+            row["config"],
+            f"{row['params_m']:.1f}",
+            row["precision"],
+            fmt(row.get("img_s")),
+            fmt(row.get("ms_step")),
+            fmt(row.get("peak_gib"), ".2f"),
+            *([row["error"]] if "error" in row else []),  # past the last column, as a note
+        ]
+        for row in r["train"]
+    ]
+    lines.append(markdown_table(header, rows, right={2, 4, 5, 6}))
     kd = r["kd"]
     lines += [
         "",
         f"## KD step: cached vs online teacher (student, {kd['precision']})",
         "",
-        "| teacher outputs | img/s | ms/step | peak GPU memory (GiB) |",
-        "|---|---:|---:|---:|",
     ]
-    for mode in ("cached", "online"):
-        row = kd[mode]
-        lines.append(
-            f"| {mode} | {fmt(row.get('img_s'))} | {fmt(row.get('ms_step'))} | "
-            f"{fmt(row.get('peak_gib'), '.2f')} |"
-        )
+    rows = [
+        [mode, fmt(row.get("img_s")), fmt(row.get("ms_step")), fmt(row.get("peak_gib"), ".2f")]
+        for mode, row in ((m, kd[m]) for m in ("cached", "online"))
+    ]
+    header = ["teacher outputs", "img/s", "ms/step", "peak GPU memory (GiB)"]
+    lines.append(markdown_table(header, rows, right={1, 2, 3}))
     lines += ["", f"online / cached step time: {fmt(kd.get('online_over_cached'), '.2f')}x", ""]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@
 
 ``best`` picks, on the validation split (never the test split), the KD variant
 (``<model>/<arm>``) whose headline task's main metric is best; the headline task is the first of
-the run's tasks (``dr_grade`` for IDRiD and RetinaMNIST), its main metric ``Task.monitor``.
+the run's tasks (``dr_grade`` for IDRiD and RetinaMNIST), its main metric ``Task.main_metric``.
 ``table`` prints every run's test metrics, the 3-seed means with t-intervals, and per seed the
 paired bootstrap interval of KD - no KD from ``mtkd report``.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from scipy import stats
 
+from mtkd.markdown import markdown_table
 from mtkd.modules.checkpoint import read_checkpoint
 from mtkd.tasks import build_tasks
 
@@ -40,12 +41,11 @@ def columns(dataset: Path) -> list[tuple[str, str, str]]:
     test = metrics(dataset / "teacher", "test")
     cols = []
     for name, task in tasks.items():
-        metric, mode = task.monitor
-        cols.append((name, metric, mode))
         extra = [k.split("/")[2] for k in test if k.startswith(f"test/{name}/")]
-        cols += [(name, m, mode) for m in sorted(extra) if m.startswith("dist_px") or m == "auroc"]
-        if name == "dr_grade" and "acc" in extra:
-            cols.append((name, "acc", "max"))
+        shown = [m for m in sorted(extra) if m.startswith("dist_px") or m == "auroc"]
+        shown += ["acc"] if name == "dr_grade" and "acc" in extra else []
+        for metric in [task.main_metric, *shown]:
+            cols.append((name, metric, "max" if task.higher_is_better(metric) else "min"))
     cols += [(k.split("/")[1], "joint_acc", "max") for k in test if k.endswith("/joint_acc")]
     return list(dict.fromkeys(cols))
 
@@ -53,14 +53,13 @@ def columns(dataset: Path) -> list[tuple[str, str, str]]:
 def best_variant(dataset: Path) -> str:
     saved = read_checkpoint(dataset / "teacher" / "checkpoints" / "best.ckpt")
     name, task = next(iter(build_tasks(saved["hyper_parameters"]["config"]["tasks"]).items()))
-    metric, mode = task.monitor
-    key = f"val/{name}/{metric}"
+    key = f"val/{name}/{task.main_metric}"
     scores = {
         f"{model}/{arm}": metrics(dataset / model / arm / "seed0", "val")[key]
         for model in MODELS
         for arm in ("kd", "kdfeat")
     }
-    pick = max if mode == "max" else min
+    pick = max if task.higher_is_better() else min
     return pick(scores, key=scores.__getitem__)
 
 
@@ -76,11 +75,11 @@ def mean_interval(values: list[float]) -> str:
 def table(dataset: Path) -> str:
     cols = columns(dataset)
     header = ["run", *(f"{t} {m}" for t, m, _ in cols)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
 
     def row(label: str, values: dict[str, float] | None) -> None:
         cells = [f"{values[f'test/{t}/{m}']:.3f}" if values else "-" for t, m, _ in cols]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label, *cells])
 
     row("teacher (Lite2, pretrained)", metrics(dataset / "teacher", "test"))
     for model, model_name in MODELS.items():
@@ -97,7 +96,7 @@ def table(dataset: Path) -> str:
             mean_interval([metrics(r, "test")[f"test/{t}/{m}"] for r in runs]) for t, m, _ in cols
         ]
         label = f"{MODELS[model]}, {ARMS[arm]}: mean ± {LEVEL:.0%} t-interval, {len(runs)} seeds"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label, *cells])
     for seed in SEEDS:
         report = dataset / "report" / f"seed{seed}" / "report.json"
         if not report.is_file():
@@ -109,10 +108,11 @@ def table(dataset: Path) -> str:
             cells.append(
                 f"[{d['lo']:+.3f}, {d['hi']:+.3f}]{' *' if d['significant'] else ''}" if d else "-"
             )
-        lines.append(
-            f"| KD - no KD, seed {seed}, paired {LEVEL:.0%} bootstrap | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines) + f"\n\nKD variant repeated over seeds (chosen on validation): {best}\n"
+        rows.append([f"KD - no KD, seed {seed}, paired {LEVEL:.0%} bootstrap", *cells])
+    return (
+        markdown_table(header, rows)
+        + f"\n\nKD variant repeated over seeds (chosen on validation): {best}\n"
+    )
 
 
 if __name__ == "__main__":

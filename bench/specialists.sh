@@ -46,7 +46,7 @@ step() {  # run a command and print its wall time
   echo "[specialists] $((SECONDS - start)) s: $*"
 }
 
-table() {  # part_dir run... : headline test metric per task (each task's monitor metric)
+table() {  # part_dir run... : headline test metric per task (each task's main metric)
   local dir=$1
   shift
   $PY - "$dir" "$@" <<'EOF'
@@ -62,7 +62,7 @@ ckpt = dir / runs[-1] / "checkpoints" / "best.ckpt"
 tasks = build_tasks(read_checkpoint(ckpt)["hyper_parameters"]["config"]["tasks"])
 lines = [f"| task | metric | {' | '.join(runs)} |", "|---" * (len(runs) + 2) + "|"]
 for name, task in tasks.items():
-    metric = task.monitor[0]
+    metric = task.main_metric
     cells = [metrics[r].get(f"test/{name}/{metric}") for r in runs]
     shown = " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
     lines.append(f"| {name} | {metric} | {shown} |")

@@ -112,7 +112,7 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    #: a registered logger: a name or {name: ..., **options} (mtkd.loggers)
+    #: a registered logger: a name or {name: ..., **options} (mtkd.tracking.loggers)
     kind: Any = "csv"
     project: str = "mtkd"
     group: str | None = None

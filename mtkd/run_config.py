@@ -24,11 +24,11 @@ from mtkd.config import (
     to_container,
 )
 from mtkd.kd.teacher_source import TEACHER_SOURCES
-from mtkd.loggers import LOGGERS
 from mtkd.models.pretrained import pretrained_normalisation
 from mtkd.modules.optim import SCHEDULES, optimizer_names
 from mtkd.modules.weighting import WEIGHTINGS
 from mtkd.tasks import build_tasks
+from mtkd.tracking.loggers import LOGGERS
 
 
 def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,6 @@ from mtkd.kd.ensemble import (
 from mtkd.kd.storage import cache_storage
 from mtkd.kd.teacher_source import build_teacher_source, reads_cache
 from mtkd.locks import directory_lock
-from mtkd.loggers import logger_callbacks, make_logger
 from mtkd.modules.checkpoint import (
     RngState,
     SafeCheckpointIO,
@@ -60,6 +60,7 @@ from mtkd.run_config import apply_overrides
 from mtkd.status import status_logger
 from mtkd.tasks import build_tasks
 from mtkd.threads import ThreadBudget
+from mtkd.tracking.loggers import logger_callbacks, make_logger
 
 log = status_logger(__name__)
 
@@ -80,7 +81,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path | None, callbacks: list, logger:
 
 def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
     """The checkpoint metric: ``run.monitor`` (``<stage>/<task>/<metric>``, ``<stage>/loss`` or
-    ``<stage>/score``, its mode from the torchmetrics metric's ``higher_is_better``), else
+    ``<stage>/score``, its mode from ``Task.higher_is_better``), else
     val/score: the tasks' main metrics, so the best checkpoint is where the heads predict best,
     not where a summed loss that hides a stuck head is lowest."""
     key = cfg.run.monitor or "val/score"
@@ -89,15 +90,14 @@ def monitor_of(cfg: DictConfig, tasks: dict) -> tuple[str, str]:
         return key, "min"
     if len(parts) == 2 and parts[-1] == "score":
         return key, "max"
-    metrics = tasks[parts[1]].metrics() if len(parts) == 3 and parts[1] in tasks else {}
-    higher = metrics[parts[-1]].higher_is_better if parts[-1] in metrics else None
-    if higher is None:
-        valid = [f"val/{n}/{m}" for n, t in tasks.items() for m in t.metrics()]
-        raise ConfigError(
-            f"run.monitor={key!r} is not a metric with a direction; choose val/score, val/loss, "
-            f"val/<task>/loss or one of {valid}"
-        )
-    return key, "max" if higher else "min"
+    if len(parts) == 3 and parts[1] in tasks:
+        with suppress(LookupError):
+            return key, "max" if tasks[parts[1]].higher_is_better(parts[-1]) else "min"
+    valid = [f"val/{n}/{m}" for n, t in tasks.items() for m in t.metrics()]
+    raise ConfigError(
+        f"run.monitor={key!r} is not a metric with a direction; choose val/score, val/loss, "
+        f"val/<task>/loss or one of {valid}"
+    )
 
 
 #: what a command that chains the stages (demo, study) sets itself for each one: where it writes,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtkd.commands.reporting import build_report
 from mtkd.evaluation import (
     TaskOutputs,
     joint_outputs,
@@ -19,7 +20,6 @@ from mtkd.evaluation import (
     resampled_values,
 )
 from mtkd.modules.checkpoint import load_net
-from mtkd.report import build_report
 from mtkd.stages import evaluate
 from mtkd.tasks import build_tasks
 from tests.conftest import TinyRuns

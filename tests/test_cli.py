@@ -1,12 +1,15 @@
 """The declarative argument layer of the commands: one spec per command, parsed by
-``mtkd.cli.parse_args``; unknown keys fail listing the valid ones; ``--help`` lists them."""
+``mtkd.commands.args.parse_args``; unknown keys fail listing the valid ones; ``--help`` lists them."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
 from mtkd import cli
-from mtkd.cli import Arg, Spec, parse_args, whole_number
+from mtkd.commands.args import Arg, Spec, boolean, parse_args, whole_number
 
 pytestmark = pytest.mark.unit
 
@@ -49,17 +52,17 @@ def test_missing_repeated_and_badly_typed_arguments_are_refused():
 
 
 def test_positional_argument():
-    spec = Spec({"force": Arg("overwrite", False, cli.boolean)}, positional="DIR")
+    spec = Spec({"force": Arg("overwrite", False, boolean)}, positional="DIR")
     assert parse_args("init", spec, ["here", "force=true"])[0] == {"DIR": "here", "force": True}
     with pytest.raises(ValueError, match="init needs one DIR"):
         parse_args("init", spec, ["force=true"])
 
 
-@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("command", sorted(cli.command_table()))
 def test_every_command_lists_its_arguments_on_help(command, capsys):
     assert cli.main([command, "--help"]) == 0
     printed = capsys.readouterr().out
-    spec = cli.load(cli.COMMANDS[command][1])
+    spec = cli.command_table()[command].spec
     assert printed.startswith(f"usage: mtkd {command}")
     for name in spec.args:
         assert f"  {name}=" in printed, name
@@ -68,3 +71,21 @@ def test_every_command_lists_its_arguments_on_help(command, capsys):
 def test_an_unknown_key_of_a_command_fails_before_any_work(capsys):
     assert cli.main(["synth", "size=3"]) == 2
     assert "valid: out=, n=, image_size=, seed=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]])
+def test_help_loads_no_torch(argv):
+    """The command table is the command modules' declarations; their work, and torch with it,
+    is imported only when a command runs."""
+    code = f"import sys; from mtkd.cli import main; main({argv!r}); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "False"
+    assert "usage: mtkd" in done.stdout
+
+
+def test_the_table_lists_every_command_module_by_its_declared_name():
+    table = cli.command_table()
+    assert list(table)[:3] == ["init", "synth", "train-teacher"]
+    assert len(table) == len(cli.COMMAND_MODULES)
+    assert all(name == command.name for name, command in table.items())
+    assert "  sweep-local    run a W&B sweep YAML offline" in cli.usage(table)

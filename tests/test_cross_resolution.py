@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from data_modules.datamodule import FundusDataModule
+from mtkd.commands.reporting import build_report
 from mtkd.kd.cache import TeacherCache
 from mtkd.modules.checkpoint import load_net
-from mtkd.report import build_report
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit
 from tests.conftest import STUDENT_DECODER, distill_cfg, tiny_overrides

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import mtkd.demo
-from mtkd.demo import RUN_DIRS, main, run_demo
+import mtkd.commands.demo_runs
+from mtkd.commands.demo import main
+from mtkd.commands.demo_runs import RUN_DIRS, run_demo
 
 
 @pytest.mark.unit
@@ -53,9 +54,9 @@ def test_a_second_demo_replaces_the_runs_of_the_first_and_says_so(
         trained.append((cfg.run.dir, cfg.run.overwrite))
         return Path(cfg.run.dir) / "checkpoints" / "best.ckpt"
 
-    monkeypatch.setattr(mtkd.demo, "fit", fake_fit)
+    monkeypatch.setattr(mtkd.commands.demo_runs, "fit", fake_fit)
     for name in ("cache_teacher", "evaluate", "build_report"):
-        monkeypatch.setattr(mtkd.demo, name, lambda *args, **kwargs: None)
+        monkeypatch.setattr(mtkd.commands.demo_runs, name, lambda *args, **kwargs: None)
     run_demo(["trainer.max_epochs=1"], runs)
     assert trained == [(str(runs / name), True) for name in RUN_DIRS]
     held = ", ".join(str(runs / name) for name in RUN_DIRS)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mtkd.export import export, main
+from mtkd.commands.export import main
+from mtkd.commands.exporting import export
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.tasks import build_tasks

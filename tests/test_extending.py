@@ -17,15 +17,15 @@ from omegaconf import OmegaConf
 from data_modules.manifest import read_manifest
 from data_modules.preprocess import Preprocessor
 from data_modules.transforms import build_transform
+from mtkd.commands.exporting import export
+from mtkd.commands.prediction import layer_colors, predict, prepare, spatial_layers
 from mtkd.config import to_container
-from mtkd.export import export
 from mtkd.modules.checkpoint import load_net
 from mtkd.modules.student import StudentModule
-from mtkd.panels import ValidationPanels
-from mtkd.predict import layer_colors, predict, prepare, spatial_layers
 from mtkd.run_config import load_config
 from mtkd.stages import fit
 from mtkd.tasks import build_tasks, kd_loss_names
+from mtkd.tracking.wandb_panels import ValidationPanels
 from tests.conftest import PNG_MAGIC, REPO
 
 EXAMPLES = REPO / "examples" / "extending"

@@ -163,9 +163,9 @@ def test_pretrained_heatmap_checkpoint_exports_and_predicts_points(tiny, tmp_pat
 
     import onnxruntime as ort
 
-    from mtkd.export import export
+    from mtkd.commands.exporting import export
+    from mtkd.commands.prediction import predict
     from mtkd.modules.checkpoint import load_net
-    from mtkd.predict import predict
     from mtkd.run_config import load_config
     from mtkd.stages import fit
 

@@ -19,20 +19,36 @@ PACKAGES = ("mtkd", "data_modules")
 #: ``pkg.*`` entry places a whole package. data_modules is the bottom: it imports nothing of mtkd,
 #: while mtkd's own small helpers ("infrastructure") may use it (config saves with data_modules.io).
 LAYERS: dict[str, tuple[str, ...]] = {
+    # cli builds its table from mtkd.commands: one module per command, and the modules that
+    # hold a command's work (reporting, prediction, ...), which its main imports when run
     "commands": (
         "mtkd.cli",
-        "mtkd.demo",
-        "mtkd.export",
-        "mtkd.predict",
-        "mtkd.report",
-        "mtkd.starter",
-        "mtkd.study",
-        "mtkd.sweeps",
+        "mtkd.commands",
+        "mtkd.commands.args",
+        "mtkd.commands.cache_check",
+        "mtkd.commands.cache_teacher",
+        "mtkd.commands.demo",
+        "mtkd.commands.demo_runs",
+        "mtkd.commands.distill",
+        "mtkd.commands.evaluate",
+        "mtkd.commands.export",
+        "mtkd.commands.exporting",
+        "mtkd.commands.init",
+        "mtkd.commands.predict",
+        "mtkd.commands.prediction",
+        "mtkd.commands.report",
+        "mtkd.commands.reporting",
+        "mtkd.commands.study",
+        "mtkd.commands.study_runs",
+        "mtkd.commands.sweep_local",
+        "mtkd.commands.sweeps",
+        "mtkd.commands.synth",
+        "mtkd.commands.train_teacher",
     ),
     # evaluation is the evaluate stage's scoring (stages.evaluate, report); it needs only tasks.
     # run_config checks a composed config against the registries of the layers below it
     "stages": ("mtkd.stages", "mtkd.evaluation", "mtkd.run_config"),
-    # loggers and panels are the training run's loggers and callbacks (panels draws tasks)
+    # tracking: the training run's loggers and their callbacks (W&B's panels draw tasks)
     "modules / kd": (
         "mtkd.modules",
         "mtkd.modules.checkpoint",
@@ -47,8 +63,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.kd.ensemble",
         "mtkd.kd.fidelity",
         "mtkd.kd.teacher_source",
-        "mtkd.loggers",
-        "mtkd.panels",
+        "mtkd.tracking",
+        "mtkd.tracking.loggers",
+        "mtkd.tracking.wandb_logger",
+        "mtkd.tracking.wandb_panels",
     ),
     # profiling measures a network (models.multitask.count_parameters): not infrastructure.
     # The kd package spans two layers: the task kinds register into its KD-loss registry and
@@ -75,6 +93,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd",
         "mtkd.config",
         "mtkd.locks",
+        "mtkd.markdown",
         "mtkd.outputs",
         "mtkd.safe_load",
         "mtkd.status",

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from mtkd.cli import main
+from mtkd.commands.sweeps import load_sweep
 from mtkd.config import ConfigError, search_path, to_container
 from mtkd.models.pretrained import read_state
 from mtkd.modules.checkpoint import SafeCheckpointIO, check_same_network, read_checkpoint
 from mtkd.run_config import load_config
-from mtkd.sweeps import load_sweep
 
 pytestmark = pytest.mark.unit
 

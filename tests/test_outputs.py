@@ -199,8 +199,8 @@ def test_evaluate_of_a_foreign_loose_checkpoint_writes_beside_it_and_generates_n
 def test_predict_and_export_write_beside_a_loose_checkpoint_and_refuse_foreign_files(
     runs: TinyRuns, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
-    from mtkd.export import export
-    from mtkd.predict import predict
+    from mtkd.commands.exporting import export
+    from mtkd.commands.prediction import predict
 
     ckpt = _loose_copy(runs.student, tmp_path / "loose")
     image = tmp_path / "photo.jpg"

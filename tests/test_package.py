@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from mtkd.cli import main
+from mtkd.commands.init import write_starter
 from mtkd.config import BUILTIN_CONFIGS, ConfigError
 from mtkd.run_config import apply_overrides, load_config
-from mtkd.starter import write_starter
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,8 @@ import pytest
 from data_modules.manifest import read_manifest
 from data_modules.preprocess import Preprocessor
 from mtkd import cli
+from mtkd.commands.prediction import predict, prepare
 from mtkd.modules.checkpoint import load_net
-from mtkd.predict import predict, prepare
 from tests.conftest import DATA_DIR, PNG_MAGIC, TinyRuns
 
 IDRID_IMAGE = (

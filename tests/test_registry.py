@@ -13,12 +13,12 @@ from data_modules.samples import SOURCES, read_source
 from mtkd.config import ConfigError
 from mtkd.kd.losses import kd_losses
 from mtkd.kd.teacher_source import TEACHER_SOURCES
-from mtkd.loggers import LOGGERS
 from mtkd.modules.optim import SCHEDULES
 from mtkd.modules.weighting import WEIGHTINGS, DynamicWeightAveraging, build_weighting
 from mtkd.run_config import load_config
 from mtkd.tasks import Task, register_task
 from mtkd.tasks.base import TASK_KINDS
+from mtkd.tracking.loggers import LOGGERS
 
 pytestmark = pytest.mark.unit
 

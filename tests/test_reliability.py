@@ -408,7 +408,7 @@ def test_predict_writes_the_good_images_and_lists_the_bad_ones(
     synth_root, tmp_path, teacher_and_cache, capsys
 ):
     from mtkd.cli import main
-    from mtkd.predict import predict
+    from mtkd.commands.prediction import predict
 
     teacher, _ = teacher_and_cache
     photos = tmp_path / "photos"
@@ -439,7 +439,7 @@ def test_predict_interrupted_half_way_may_be_rerun(
 ):
     """A predict killed after its first overlay leaves a marker naming its checkpoint, so the
     rerun replaces the overlays (it used to refuse them as someone else's files)."""
-    import mtkd.predict as predict_module
+    import mtkd.commands.prediction as predict_module
 
     teacher, _ = teacher_and_cache
     photos = tmp_path / "photos"
@@ -516,17 +516,21 @@ def test_cli_refuses_a_file_shaped_run_dir_before_work(synth_root, tmp_path, cap
 @pytest.mark.unit
 def test_cli_turns_any_failure_into_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     import mtkd.cli as cli
+    from mtkd.commands.args import Command, Spec
 
     def broken(args):
         raise TypeError("boom")
 
-    monkeypatch.setattr(cli, "resolve", lambda command: broken)
+    def synth_running(main):
+        return lambda: {"synth": Command("synth", "", Spec({}), main)}
+
+    monkeypatch.setattr(cli, "command_table", synth_running(broken))
     assert cli.main(["synth"]) == 2
     assert capsys.readouterr().err.strip() == (
         "mtkd synth: error: unexpected TypeError: boom. Rerun with MTKD_DEBUG=1 for the traceback "
         "and report it"
     )
-    monkeypatch.setattr(cli, "resolve", lambda command: lambda a: open("/nonexistent/x", "w"))
+    monkeypatch.setattr(cli, "command_table", synth_running(lambda a: open("/nonexistent/x", "w")))
     assert cli.main(["synth"]) == 2
     assert "No such file or directory" in capsys.readouterr().err
     monkeypatch.setenv("MTKD_DEBUG", "1")

@@ -11,19 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from mtkd.models.multitask import count_parameters
-from mtkd.modules.checkpoint import load_net
-from mtkd.profiling import Profile, count_macs, profile_net
-from mtkd.report import (
+from mtkd.commands.report import main
+from mtkd.commands.reporting import (
     ROLES,
     build_report,
     kd_verdict,
     load_result,
-    main,
-    markdown_table,
     ratios,
     verdict_line,
 )
+from mtkd.markdown import markdown_table
+from mtkd.models.multitask import count_parameters
+from mtkd.modules.checkpoint import load_net
+from mtkd.profiling import Profile, count_macs, profile_net
 from mtkd.tasks import build_tasks
 from tests.conftest import PNG_MAGIC, TinyRuns
 
@@ -51,6 +51,8 @@ def test_ratios_and_markdown_table() -> None:
         "throughput_speedup": 8.0,
     }
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
+    numbers = markdown_table(["run", "s"], [["a", 1.5]], right={1})  # cells written with str
+    assert numbers == "| run | s |\n| --- | ---: |\n| a | 1.5 |"
 
 
 @pytest.mark.unit

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import mtkd.commands.study_runs
 import mtkd.stages
-import mtkd.study
-from mtkd.study import load_study, run_study, t_interval, trained
+from mtkd.commands.study_runs import load_study, run_study, t_interval, trained
 from tests.conftest import PNG_MAGIC
 
 
@@ -31,11 +31,11 @@ def test_t_interval_by_hand_and_with_one_seed() -> None:
 @pytest.mark.unit
 def test_study_refuses_what_it_sets_itself_and_bad_values() -> None:
     with pytest.raises(ValueError, match=r"the study sets \['data.label_fraction', 'run.dir'\]"):
-        load_study(["run.dir=x", "data.label_fraction=0.5"])
+        load_study("label_efficiency", ["run.dir=x", "data.label_fraction=0.5"])
     with pytest.raises(ValueError, match=r"study.fractions=\[0.0\].*study.teacher='some'"):
-        load_study(["study.fractions=[0.0]", "study.teacher=some"])
+        load_study("label_efficiency", ["study.fractions=[0.0]", "study.teacher=some"])
     with pytest.raises(ValueError, match="valid keys: study.name"):
-        load_study(["study.epochs=3"])
+        load_study("label_efficiency", ["study.epochs=3"])
 
 
 @pytest.mark.integration
@@ -65,7 +65,7 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
         return real_open(cfg, tasks, *train_ids)
 
     monkeypatch.setattr(mtkd.stages, "open_checked_cache", spy)
-    study, overrides = load_study(args)
+    study, overrides = load_study("label_efficiency", args)
     results = run_study(study, overrides)
     printed = capsys.readouterr().out
 
@@ -112,7 +112,7 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
     for name in ("metrics_test.json", "metrics_val.json"):
         (out / "f0.5" / "seed1" / "nokd" / name).unlink()
     caplog.clear()
-    again = run_study(*load_study(args))
+    again = run_study(*load_study("label_efficiency", args))
     assert again["summary"] == results["summary"]
     last = out / "f0.5" / "seed1" / "nokd" / "checkpoints" / "last.ckpt"
     assert f"f0.5_s1_nokd: interrupted earlier, resuming from {last}" in caplog.text
@@ -124,14 +124,14 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
         raise AssertionError("a finished study trained again")
 
     for name in ("fit", "cache_teacher", "evaluate"):
-        monkeypatch.setattr(mtkd.study, name, no_training)
+        monkeypatch.setattr(mtkd.commands.study_runs, name, no_training)
     caplog.clear()
-    again = run_study(*load_study(args))
+    again = run_study(*load_study("label_efficiency", args))
     assert again["summary"] == results["summary"]
     assert "f0.5_s1_nokd: finished earlier, kept" in caplog.text
 
     with pytest.raises(ValueError, match="student_epochs differ.*study.out=DIR"):
-        run_study(*load_study([*args, "study.student_epochs=2"]))
+        run_study(*load_study("label_efficiency", [*args, "study.student_epochs=2"]))
 
 
 class Stop(Exception):
@@ -151,9 +151,9 @@ def test_a_config_folder_that_shadows_a_group_file_is_refused_naming_the_keys(
     out, shadow = tmp_path / "study", tmp_path / "configs"
     shadow.mkdir()
     args = ["study.fractions=[0.5]", "study.seeds=[0]", f"study.out={out}", f"config_dir={shadow}"]
-    monkeypatch.setattr(mtkd.study, "teacher_for", stop)
+    monkeypatch.setattr(mtkd.commands.study_runs, "teacher_for", stop)
     with pytest.raises(Stop):
-        run_study(*load_study(args))
+        run_study(*load_study("label_efficiency", args))
     configs = json.loads((out / "protocol.json").read_text())["configs"]
     assert sorted(configs) == ["student_kd", "student_nokd", "teacher"]
     assert (
@@ -167,20 +167,22 @@ def test_a_config_folder_that_shadows_a_group_file_is_refused_naming_the_keys(
     (shadow / "kd").mkdir()
     (shadow / "kd" / "cached.yaml").write_text("mode: cached\nalpha: 0.9\n")
     with pytest.raises(ValueError) as refused:
-        run_study(*load_study(args))
+        run_study(*load_study("label_efficiency", args))
     assert str(refused.value).startswith(
         f"{out} holds a study run with other settings (configs.student_kd.kd.alpha differ, see "
         f"{out / 'protocol.json'}); give it another folder with study.out=DIR"
     )
     (shadow / "kd" / "cached.yaml").unlink()
     with pytest.raises(Stop):  # the same configs again
-        run_study(*load_study([*args, "study.seeds=[0,1]"]))
+        run_study(*load_study("label_efficiency", [*args, "study.seeds=[0,1]"]))
 
 
 @pytest.mark.unit
 def test_study_refuses_fast_dev_run_before_any_stage(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="study: trainer.fast_dev_run writes no checkpoint"):
-        run_study(*load_study([f"study.out={tmp_path}", "trainer.fast_dev_run=true"]))
+        run_study(
+            *load_study("label_efficiency", [f"study.out={tmp_path}", "trainer.fast_dev_run=true"])
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -194,7 +196,7 @@ def test_a_run_is_read_back_resumed_or_trained_from_what_it_left(
         resumed.append(cfg.run.resume)
         return Path(cfg.run.dir) / "checkpoints" / "best.ckpt"
 
-    monkeypatch.setattr(mtkd.study, "fit", fake_fit)
+    monkeypatch.setattr(mtkd.commands.study_runs, "fit", fake_fit)
     for left, expected in [
         (("last.ckpt", "best.ckpt"), "last.ckpt"),
         (("best.ckpt",), "best.ckpt"),

@@ -14,10 +14,10 @@ import yaml
 from omegaconf import OmegaConf
 
 from mtkd.cli import main as cli_main
+from mtkd.commands.sweeps import Trial, load_sweep, propose, ranked, run_sweep, stage_args
 from mtkd.config import BUILTIN_CONFIGS, GROUPS
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.run_config import load_config
-from mtkd.sweeps import Trial, load_sweep, propose, ranked, run_sweep, stage_args
 from mtkd.tasks import build_tasks
 
 SWEEPS = sorted((BUILTIN_CONFIGS / "sweeps").glob("*.yaml"))

@@ -45,8 +45,36 @@ def test_a_lower_is_better_metric_of_a_plugin_kind_maps_through_one_over_one_plu
 
     from mtkd.tasks.base import Task
 
-    lower = SimpleNamespace(monitor=("err", "min"))  # all the default score reads
+    lower = SimpleNamespace(main_metric="err", higher_is_better=lambda: False)  # all score reads
     assert float(Task.score(lower, {"err": torch.tensor(3.0)})) == 0.25
+
+
+#: what each built-in kind's main metric is, and which way it improves
+DIRECTIONS = {
+    "grade": ("kappa", True),
+    "lesions": ("dice", True),
+    "signs": ("auroc", True),
+    "cdr": ("mae", False),
+    "points": ("dist", False),
+}
+
+
+@pytest.mark.parametrize("task", sorted(SPECS))
+def test_each_kind_takes_its_direction_from_its_torchmetrics_metric(task):
+    """The one owner of a direction is the metric's ``higher_is_better``: what report, study,
+    score and the checkpoint monitor read through ``Task.higher_is_better``."""
+    built = build_tasks(SPECS)[task]
+    metric, higher = DIRECTIONS[task]
+    assert built.main_metric == metric
+    assert built.higher_is_better() is higher
+    assert built.metrics()[metric].higher_is_better is higher
+
+
+def test_a_loss_is_better_lower_and_a_metric_without_a_direction_is_refused():
+    task = build_tasks(SPECS)["grade"]
+    assert task.higher_is_better("loss") is False
+    with pytest.raises(LookupError, match="has no metric 'bogus' with a direction"):
+        task.higher_is_better("bogus")
 
 
 @pytest.mark.integration

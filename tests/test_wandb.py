@@ -15,10 +15,10 @@ import torch
 import wandb
 from wandb.proto import wandb_internal_pb2 as pb
 
-from mtkd.loggers import RUN_ID_KEY, teacher_student_rows, wandb_offline_reason
-from mtkd.panels import label_map
 from mtkd.run_config import load_config
 from mtkd.stages import fit
+from mtkd.tracking.wandb_logger import RUN_ID_KEY, teacher_student_rows, wandb_offline_reason
+from mtkd.tracking.wandb_panels import label_map
 
 #: LevelDB log format of ``run-<id>.wandb``: 7-byte file header, then 32 KiB blocks of chunks,
 #: each ``crc32 (4) | length (2, little endian) | type (1: full, 2: first, 3: middle, 4: last)``.

@@ -26,7 +26,7 @@ class BinaryTask(Task):
     activation = "sigmoid"  # export metadata, predict and panels read probabilities
     default_temperature = 2.0
     default_kd_loss = "bce"
-    monitor = ("auroc", "max")
+    main_metric = "auroc"
 
     @property
     def out_channels(self) -> int:

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from mtkd.loggers import register_logger
+from mtkd.tracking.loggers import register_logger
 
 
 class JsonLines(Logger):

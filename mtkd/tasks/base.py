@@ -105,8 +105,9 @@ class Task(abc.ABC):
     #: How a cached teacher output follows geometric augmentation: "none", "mask" or "points".
     teacher_spatial: ClassVar[str] = "none"
     default_temperature: ClassVar[float] = 1.0
-    #: The metric that summarises this task and whether higher is better.
-    monitor: ClassVar[tuple[str, str]] = ("loss", "min")
+    #: The metric that summarises this task: a key of ``metrics()``, or its loss. Its direction
+    #: is the metric's own (``higher_is_better``), never written here.
+    main_metric: ClassVar[str] = "loss"
     #: How the raw output becomes probabilities: "softmax", "sigmoid" or "none" (export metadata).
     activation: ClassVar[str] = "none"
     #: Whether each output names one class (``predicted_class``), so that several such tasks can
@@ -271,15 +272,31 @@ class Task(abc.ABC):
         global head predicts, a dense head's highest probability and pixel ranking)."""
         return None
 
+    def higher_is_better(self, metric: str | None = None) -> bool:
+        """Whether a higher ``metric`` (default: the main one) is better: the torchmetrics
+        metric's own ``higher_is_better``, the one owner of a direction (report, study, score and
+        the checkpoint monitor read it here); a loss, no torchmetrics metric, is better lower.
+        Raises LookupError for a metric the task lacks or one that declares no direction."""
+        metric = metric or self.main_metric
+        if metric == "loss":
+            return False
+        metrics = self.metrics()
+        higher = metrics[metric].higher_is_better if metric in metrics else None
+        if higher is None:
+            raise LookupError(
+                f"task kind {self.kind!r} has no metric {metric!r} with a direction "
+                f"(higher_is_better); its metrics: {list(metrics)}"
+            )
+        return higher
+
     def score(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The main metric (``monitor``) of ``values`` on one scale for every kind: in [0, 1],
+        """The main metric (``main_metric``) of ``values`` on one scale for every kind: in [0, 1],
         higher is better, 0 at chance or worse where the kind knows chance, so ``val/score`` (the
         default checkpoint monitor) can average tasks of different units and notices a head that
         never leaves its prior, which a summed loss hides. This default takes a higher-is-better
         metric clipped to [0, 1] and maps a lower-is-better one through 1 / (1 + value)."""
-        metric, mode = self.monitor
-        value = values[metric].float().nan_to_num(0.0)
-        return value.clamp(0, 1) if mode == "max" else 1 / (1 + value.clamp(min=0))
+        value = values[self.main_metric].float().nan_to_num(0.0)
+        return value.clamp(0, 1) if self.higher_is_better() else 1 / (1 + value.clamp(min=0))
 
     def stuck_hint(self, values: dict[str, torch.Tensor]) -> str | None:
         """Why this head looks stuck, from its validation ``values`` (its metrics and health

@@ -34,7 +34,7 @@ class ClassificationTask(Task):
     single_class = True
     default_temperature = 4.0
     default_kd_loss = "kl"
-    monitor = ("kappa", "max")
+    main_metric = "kappa"
 
     def validate(self) -> None:
         if self.spec.num_classes < 2:

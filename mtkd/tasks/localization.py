@@ -173,7 +173,7 @@ class LocalizationTask(Task):
     spec_class = LocalizationSpec
     teacher_spatial = "points"
     default_kd_loss = "mse"
-    monitor = ("dist", "min")
+    main_metric = "dist"
 
     def validate(self) -> None:
         if not self.spec.points:

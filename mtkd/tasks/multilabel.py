@@ -26,7 +26,7 @@ class MultilabelTask(Task):
     activation = "sigmoid"
     default_temperature = 2.0
     default_kd_loss = "bce"
-    monitor = ("auroc", "max")
+    main_metric = "auroc"
 
     def validate(self) -> None:
         if len(self.spec.classes) < 2:

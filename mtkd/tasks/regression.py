@@ -44,7 +44,7 @@ class RegressionSpec(TaskSpec):
 @register_task("regression")
 class RegressionTask(Task):
     spec_class = RegressionSpec
-    monitor = ("mae", "min")
+    main_metric = "mae"
 
     def validate(self) -> None:
         if self.spec.loss not in ("mse", "l1"):

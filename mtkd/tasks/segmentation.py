@@ -99,7 +99,7 @@ class SegmentationTask(Task):
     dense = True
     teacher_spatial = "mask"
     default_kd_loss = "kl_dice"
-    monitor = ("dice", "max")
+    main_metric = "dice"
 
     def validate(self) -> None:
         if not self.spec.classes:

@@ -8,7 +8,7 @@ import json
 import shlex
 from pathlib import Path
 
-from mtkd.cli import Arg, Spec, boolean, parse_args
+from mtkd.commands.args import Arg, Command, Spec, boolean, parse_args
 from mtkd.status import status_logger
 
 log = status_logger(__name__)
@@ -83,7 +83,7 @@ def write_starter(root: Path, force: bool = False) -> list[Path]:
     return list(files)
 
 
-COMMAND_ARGS = Spec(
+ARGS = Spec(
     {"force": Arg("true: overwrite the files of an existing folder", False, boolean)},
     positional="DIR",
 )
@@ -91,6 +91,15 @@ COMMAND_ARGS = Spec(
 
 def main(args: list[str]) -> None:
     """``mtkd init DIR [force=true]``."""
-    opts, _ = parse_args("init", COMMAND_ARGS, args)
+    opts, _ = parse_args("init", ARGS, args)
     files = write_starter(Path(opts["DIR"]), opts["force"])
     log.info(f"starter project written: {', '.join(str(f) for f in files)}\nnext: {files[-1]}")
+
+
+COMMAND = Command(
+    "init",
+    "write a starter project folder (DIR [force=true]: data and task configs of your own, a "
+    "README of the commands)",
+    ARGS,
+    main,
+)

@@ -23,8 +23,8 @@ import sweeps
 import yaml
 
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args, whole_number
 from mtkd.config import ConfigError, key_problem, yaml_error
+from mtkd.markdown import markdown_table
 from mtkd.status import status_logger
 
 log = status_logger(__name__)
@@ -196,20 +196,14 @@ def results_markdown(sweep: dict[str, Any], trials: list[Trial]) -> str:
     """A markdown table of the trials, best first."""
     metric, goal = sweep["metric"]["name"], sweep["metric"]["goal"]
     names = list(sweep["parameters"])
-    lines = [
-        f"# Sweep {sweep['name']}: {metric} ({goal})",
-        "",
-        "| rank | trial | " + " | ".join(names) + f" | {metric} | state | seconds |",
-        "|" + "---|" * (len(names) + 5),
-    ]
+    rows = []
     for rank, t in enumerate(ranked(trials, goal), 1):
         value = "" if t.metric is None else f"{t.metric:.4f}"
         state = t.state if t.error is None else f"{t.state}: {t.error}"
-        cells = [str(t.params.get(n, "")) for n in names]
-        lines.append(
-            f"| {rank} | {t.name} | " + " | ".join(cells) + f" | {value} | {state} | {t.seconds} |"
-        )
-    return "\n".join(lines) + "\n"
+        params = [t.params.get(n, "") for n in names]
+        rows.append([rank, t.name, *params, value, state, t.seconds])
+    header = ["rank", "trial", *names, metric, "state", "seconds"]
+    return f"# Sweep {sweep['name']}: {metric} ({goal})\n\n{markdown_table(header, rows)}\n"
 
 
 def write_results(sweep: dict[str, Any], trials: list[Trial], sweep_dir: Path) -> None:
@@ -256,22 +250,3 @@ def run_sweep(
         new += 1
         write_results(sweep, trials, sweep_dir)
     return ranked(trials, sweep["metric"]["goal"])
-
-
-COMMAND_ARGS = Spec(
-    {
-        "sweep": Arg("the W&B sweep YAML", required="mtkd/configs/sweeps/<name>.yaml"),
-        "count": Arg("trials to run (default: the whole grid)", type=whole_number),
-    },
-    overrides=f"{CONFIG_OVERRIDES}, applied to every trial",
-)
-
-
-def main(args: list[str]) -> None:
-    """``mtkd sweep-local sweep=FILE [count=N] [key=value ...]`` (extra overrides go to every
-    trial)."""
-    opts, rest = parse_args("sweep-local", COMMAND_ARGS, args)
-    sweep = load_sweep(opts["sweep"])
-    trials = run_sweep(sweep, opts["count"], rest)
-    print("\n" + results_markdown(sweep, trials))
-    print(f"results written to {SWEEPS_ROOT / sweep['name']}/results.md and results.json")

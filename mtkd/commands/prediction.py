@@ -20,7 +20,6 @@ from data_modules.io import IMAGE_SUFFIXES, atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD, Prepared, Preprocessor
 from data_modules.samples import Sample
 from data_modules.transforms import build_transform
-from mtkd.cli import Arg, Spec, parse_args
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_output_folder, default_output
 from mtkd.tasks import Frame, Task
@@ -246,20 +245,3 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         print(f"{len(unreadable)} image(s) could not be read and have no predictions:")
         print("\n".join(f"  {reason}" for reason in reasons))
     return payload
-
-
-COMMAND_ARGS = Spec(
-    {
-        "ckpt": Arg("checkpoint to predict with", required="path/to/best.ckpt"),
-        "images": Arg("an image file or a folder of images", required="image file or folder"),
-        "out": Arg(
-            "folder to write (default: predictions/ beside the run, <stem>_predictions/ beside "
-            "a checkpoint outside a run)"
-        ),
-    }
-)
-
-
-def main(args: list[str]) -> None:
-    opts, _ = parse_args("predict", COMMAND_ARGS, args)
-    predict(opts["ckpt"], opts["images"], opts["out"])

@@ -1,28 +1,29 @@
-"""Loggers from the ``logger`` config group, a registry (``logger.kind``, a name or
-``{name: ..., **options}``): W&B (online/offline) through Lightning's WandbLogger, CSV, or none
-(``@register_logger`` adds one); and the callbacks that keep a W&B run useful to researchers."""
+"""W&B, every line of it: the ``wandb`` and ``wandb_offline`` loggers (Lightning's WandbLogger,
+offline when asked or when W&B is unreachable), the callbacks that keep a W&B run useful to
+researchers (run id in checkpoints, final summary, teacher vs student table, image panels from
+wandb_panels) and the study's summary run."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from data_modules.registry import Registry, parse_choice
+from data_modules.registry import parse_choice
 from mtkd.config import to_container
 from mtkd.modules.checkpoint import read_checkpoint
 from mtkd.status import status_logger
+from mtkd.tracking.loggers import register_logger
 
 log = status_logger(__name__)
 
@@ -30,54 +31,18 @@ log = status_logger(__name__)
 RUN_ID_KEY = "wandb_run_id"
 
 
-def logger_callbacks(cfg: DictConfig, logger: Any) -> list[Callback]:
+def wandb_callbacks(cfg: DictConfig, logger: WandbLogger) -> list[Callback]:
     """Callbacks that feed a W&B logger: run id in checkpoints, final summary, image panels."""
-    if not isinstance(logger, WandbLogger):
-        return []
     callbacks: list[Callback] = [WandbRunRecord(cfg, logger)]
     if cfg.logger.log_images:
-        from mtkd.panels import ValidationPanels
+        from mtkd.tracking.wandb_panels import ValidationPanels
 
         callbacks.append(ValidationPanels(cfg, logger))
     return callbacks
 
 
-#: (config, run folder, job type, checkpoint whose W&B run to continue, **options) -> Lightning
-#: logger (or False for none)
-LoggerFactory = Callable[..., Any]
-
-#: ``logger.kind`` -> factory, called with those four arguments and the choice's options
-LOGGERS: Registry[LoggerFactory] = Registry(
-    "logger.kind", "logger", "@register_logger(name)", given=4
-)
-
-
-def register_logger(name: str) -> Callable[[LoggerFactory], LoggerFactory]:
-    """Function decorator: ``logger.kind=name`` builds the run's logger with this factory; its
-    keyword parameters after the four above are its options
-    (``logger.kind={name: ..., option: value}``)."""
-    return LOGGERS.register(name)
-
-
-def make_logger(
-    cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None = None
-) -> Any:
-    """The configured Lightning logger; ``resume_from`` continues that checkpoint's W&B run."""
-    return LOGGERS.create(cfg.logger.kind, cfg, Path(run_dir), job_type, resume_from)
-
-
-@register_logger("none")
-def no_logger(cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None) -> bool:
-    return False
-
-
-@register_logger("csv")
-def csv_logger(cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None) -> CSVLogger:
-    return CSVLogger(save_dir=str(run_dir), name="logs")
-
-
-@register_logger("wandb")
-@register_logger("wandb_offline")
+@register_logger("wandb", callbacks=wandb_callbacks)
+@register_logger("wandb_offline", callbacks=wandb_callbacks)
 def wandb_logger(
     cfg: DictConfig, run_dir: Path, job_type: str, resume_from: str | None
 ) -> WandbLogger:
@@ -192,3 +157,12 @@ class WandbRunRecord(Callback):
             data=teacher_student_rows(teacher, student),
             step=step,
         )
+
+
+def log_study_summary(logger: Any, header: list, rows: list, png: Path) -> None:
+    """The study's table and plot as one W&B run, when ``logger`` (the configured one, built
+    with job type study) is W&B; other loggers get nothing."""
+    if isinstance(logger, WandbLogger):
+        logger.log_table("study/results", columns=header, data=rows)
+        logger.log_image("study/plot", images=[str(png)])
+        logger.experiment.finish()

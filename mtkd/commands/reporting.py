@@ -21,7 +21,13 @@ import torch
 
 from data_modules.datamodule import FundusDataModule
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import Arg, Spec, parse_args
+from mtkd.commands.prediction import (
+    activate,
+    draw_overlay,
+    layer_colors,
+    legend_handles,
+    spatial_layers,
+)
 from mtkd.evaluation import (
     BOOTSTRAP_RESAMPLES,
     LEVEL,
@@ -31,10 +37,10 @@ from mtkd.evaluation import (
     paired_differences,
     resampled_values,
 )
+from mtkd.markdown import markdown_table
 from mtkd.models.multitask import MultiTaskNet
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_saved_paths
-from mtkd.predict import activate, draw_overlay, layer_colors, legend_handles, spatial_layers
 from mtkd.profiling import THROUGHPUT_BATCH, Profile, profile_net
 from mtkd.status import status_logger
 from mtkd.tasks import Task
@@ -43,11 +49,6 @@ log = status_logger(__name__)
 
 #: role -> column title; the order of the columns
 ROLES = {"teacher": "teacher", "student": "student KD", "baseline": "student no KD"}
-DEFAULT_RUNS = {
-    "teacher": "runs/teacher",
-    "student": "runs/student",
-    "baseline": "runs/student_nokd",
-}
 METRICS_FILE = "metrics_test.json"
 #: the differences the report tests, A − B on the same test images
 PAIRS = (("student", "baseline"), ("student", "teacher"))
@@ -107,7 +108,7 @@ def metric_rows(tasks: dict[str, Task], results: list[RunResult]) -> list[list[s
     others alphabetically; losses are left out (they are not comparable across KD settings)."""
     rows = []
     for name, task in tasks.items():
-        main = task.monitor[0]
+        main = task.main_metric
         found = {k.split("/", 1)[1] for r in results for k in r.metrics if k.startswith(f"{name}/")}
         found.discard("loss")
         for metric in sorted(found, key=lambda m: (m != main, m)):
@@ -115,11 +116,6 @@ def metric_rows(tasks: dict[str, Task], results: list[RunResult]) -> list[list[s
             label = f"{metric} *" if metric == main else metric
             rows.append([name, label, *("–" if v is None else f"{v:.4f}" for v in values)])
     return rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def bootstrap_comparison(
@@ -147,11 +143,11 @@ def bootstrap_comparison(
     header += [f"{ROLES[a]} − {ROLES[b]}" for a, b in pairs]
     rows = []
     for name, task in tasks.items():
-        metric, mode = task.monitor
+        metric = task.main_metric
         key = f"{name}/{metric}"
         if not all(key in bounds[r] for r in roles):
             continue
-        row = [name, f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"]
+        row = [name, f"{metric} ({'higher' if task.higher_is_better() else 'lower'} is better)"]
         for r in results:
             lo, hi = bounds[r.role][key]
             row.append(f"{r.metrics[key]:.3f} [{lo:.3f}, {hi:.3f}]")
@@ -176,12 +172,12 @@ def kd_verdict(tasks: dict[str, Task], paired: dict[str, dict[str, Any]]) -> dic
     better side of 0, lost where it lies on the worse side, tied where it spans 0."""
     verdict: dict[str, list[str]] = {"won": [], "lost": [], "tied": []}
     for name, task in tasks.items():
-        metric, mode = task.monitor
-        diff = paired.get(f"{name}/{metric}")
+        diff = paired.get(f"{name}/{task.main_metric}")
         if diff is None:
             continue
-        better = diff["lo"] > 0 if mode == "max" else diff["hi"] < 0
-        worse = diff["hi"] < 0 if mode == "max" else diff["lo"] > 0
+        higher = task.higher_is_better()
+        better = diff["lo"] > 0 if higher else diff["hi"] < 0
+        worse = diff["hi"] < 0 if higher else diff["lo"] > 0
         verdict["won" if better else "lost" if worse else "tied"].append(name)
     return verdict
 
@@ -258,12 +254,12 @@ def metrics_figure(tasks: dict[str, Task], results: list[RunResult]) -> bytes:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = ["#4c72b0", "#dd8452", "#8c8c8c"]
     for ax, (name, task) in zip(axes, tasks.items()):
-        metric, mode = task.monitor
+        metric = task.main_metric
         values = [r.metrics.get(f"{name}/{metric}", np.nan) for r in results]
         bars = ax.bar(range(len(results)), values, color=colors[: len(results)])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(results)), [ROLES[r.role] for r in results], fontsize=8)
-        better = "higher" if mode == "max" else "lower"
+        better = "higher" if task.higher_is_better() else "lower"
         ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(tasks) :]:
@@ -442,19 +438,3 @@ Tinted masks and `X` points: ground truth (where labeled) and each model's predi
 
 ![test predictions](predictions.png)
 """
-
-
-COMMAND_ARGS = Spec(
-    {
-        **{role: Arg(f"the {role} run folder", default) for role, default in DEFAULT_RUNS.items()},
-        "out": Arg("folder to write the report to", "runs/report"),
-    }
-)
-
-
-def main(args: list[str]) -> None:
-    opts, _ = parse_args("report", COMMAND_ARGS, args)
-    runs: dict[str, str | Path] = {role: opts[role] for role in DEFAULT_RUNS}
-    report = build_report(runs, opts["out"])
-    print(f"\n{report.table}\n\n{INTERVALS_NOTE}\n\n{report.intervals}\n\n{report.verdict}")
-    print(f"\n{report.efficiency}\n\nreport written to {report.path}")

@@ -23,9 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
+from mtkd.commands.reporting import Report, build_report
 from mtkd.config import ConfigError
-from mtkd.report import INTERVALS_NOTE, Report, build_report
 from mtkd.run_config import load_config
 from mtkd.stages import (
     cache_teacher,
@@ -139,24 +138,3 @@ def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, d
             root / "report",
         )
     return report, timings
-
-
-COMMAND_ARGS = Spec(
-    {"runs": Arg("folder of the demo's runs", "runs")},
-    overrides=f"{CONFIG_OVERRIDES}, applied to every stage",
-)
-
-
-def main(args: list[str]) -> None:
-    opts, overrides = parse_args("demo", COMMAND_ARGS, args)
-    start = time.perf_counter()
-    report, timings = run_demo(overrides, opts["runs"])
-    total = time.perf_counter() - start
-    print(f"\n{'=' * 72}\n== demo: test metrics (* = each task's main metric)\n{'=' * 72}")
-    print(report.table)
-    print(f"\n{INTERVALS_NOTE}\n\n{report.intervals}\n\n{report.verdict}")
-    print(f"\n{report.efficiency}\n\nwall time per stage:")
-    for title, seconds in timings.items():
-        print(f"  {title:<52} {seconds:7.1f} s")
-    print(f"  {'total':<52} {total:7.1f} s")
-    print(f"\nreport: {report.path} (figures beside it)")

@@ -20,7 +20,6 @@ from torch import nn
 
 from data_modules.io import atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD, preprocess_steps
-from mtkd.cli import Arg, Spec, parse_args
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_output_folder, default_output
@@ -139,19 +138,3 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
         f"{out_dir}: model.pt, model.onnx, metadata.json"
     )
     return out_dir
-
-
-COMMAND_ARGS = Spec(
-    {
-        "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
-        "out": Arg(
-            "folder to write (default: export/ beside the run, <stem>_export/ beside a "
-            "checkpoint outside a run)"
-        ),
-    }
-)
-
-
-def main(args: list[str]) -> None:
-    opts, _ = parse_args("export", COMMAND_ARGS, args)
-    export(opts["ckpt"], opts["out"])

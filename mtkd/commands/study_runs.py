@@ -2,7 +2,7 @@
 study. For each label fraction, seed and arm (``kd``: the teacher cache teaches every training
 image, the unlabeled remainder by KD only; ``nokd``: labels only), train the same student under
 the same budget and score it on the test split; then the mean and 95 % t-interval across seeds
-of each task's headline metric (``Task.monitor``), the KD gain, a plot and results JSON.
+of each task's headline metric (``Task.main_metric``), the KD gain, a plot and results JSON.
 
 The honest protocol (``study.teacher=fraction``, the default) trains one teacher per fraction on
 that fraction's labels only, so it never saw the labels the student lacks; ``study.teacher=all``
@@ -34,9 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from data_modules.io import atomic_write_bytes
-from mtkd.cli import CONFIG_OVERRIDES, Arg, Spec, parse_args
 from mtkd.config import dotlist, read_group, search_path, to_container
-from mtkd.report import markdown_table
+from mtkd.markdown import markdown_table
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, pipeline_keys_taken, refuse_fast_dev_run
 from mtkd.status import status_logger
@@ -92,17 +91,9 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
 
 
-COMMAND_ARGS = Spec(
-    {"study": Arg("a file of the study config group, or a YAML path", "label_efficiency")},
-    overrides=f"study.KEY=VALUE items set the study's fields; the others are {CONFIG_OVERRIDES}",
-)
-
-
-def load_study(args: list[str]) -> tuple[StudyConfig, list[str]]:
-    """``study=NAME`` (a file of the ``study`` config group, or a YAML path), ``study.KEY=VALUE``
-    items, and the remaining stage overrides."""
-    opts, rest = parse_args("study", COMMAND_ARGS, args)
-    name = opts["study"]
+def load_study(name: str, rest: list[str]) -> tuple[StudyConfig, list[str]]:
+    """The study ``name`` (a file of the ``study`` config group, or a YAML path) with the
+    ``study.KEY=VALUE`` items of ``rest`` applied, and the stage overrides (the other items)."""
     values = [a.removeprefix("study.") for a in rest if a.startswith("study.")]
     stage = [a for a in rest if not a.startswith("study.")]
     path, _ = search_path(stage)
@@ -326,9 +317,9 @@ def summarise(
     by seed, signed so that positive favours KD)."""
     summary = {}
     for name, task in tasks.items():
-        metric, mode = task.monitor
+        metric, higher = task.main_metric, task.higher_is_better()
         key = f"test/{name}/{metric}"
-        sign = 1.0 if mode == "max" else -1.0
+        sign = 1.0 if higher else -1.0
         rows, gains = [], []
         for fraction in study.fractions:
             by_arm = {}
@@ -353,6 +344,7 @@ def summarise(
                     gains.append(
                         {"fraction": fraction, "n": len(diffs), "mean": mean, "lo": lo, "hi": hi}
                     )
+        mode = "max" if higher else "min"
         summary[name] = {"metric": metric, "mode": mode, "rows": rows, "gain": gains}
     return summary
 
@@ -436,18 +428,13 @@ def log_study(
 ) -> None:
     """The table and plot as one W&B run (job type study) in the study's group, when the
     configured logger is W&B."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from mtkd.loggers import make_logger
+    from mtkd.tracking.loggers import make_logger
+    from mtkd.tracking.wandb_logger import log_study_summary
 
     cfg = load_config(
         "distill", [*overrides, f"logger.group={study.name}", "logger.name=study_summary"]
     )
-    logger = make_logger(cfg, Path(study.out), job_type="study")
-    if isinstance(logger, WandbLogger):
-        logger.log_table("study/results", columns=header, data=rows)
-        logger.log_image("study/plot", images=[str(png)])
-        logger.experiment.finish()
+    log_study_summary(make_logger(cfg, Path(study.out), job_type="study"), header, rows, png)
 
 
 def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
@@ -481,8 +468,3 @@ def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
     log_study(overrides, study, header, rows, out / "study.png")
     print(f"\n{note}\n\n{table}\n\nwritten to {out}: results.md, results.json, study.png")
     return results
-
-
-def main(args: list[str]) -> None:
-    study, overrides = load_study(args)
-    run_study(study, overrides)
