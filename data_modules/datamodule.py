@@ -67,24 +67,23 @@ def load_samples(
     run_dir: str | Path | None = None,
     tasks: dict[str, DatasetTask] | None = None,
     teacher_covers: bool = False,
-    read: list[Sample] | None = None,
-    prepared: list[Sample] | None = None,
+    samples: SampleList | None = None,
 ) -> list[Sample]:
-    """The configured samples, checked and split: ``read`` (what ``read_sources`` returned, for
-    a caller that has read them already), each label checked against ``tasks``
-    (``check_labels``; ``teacher_covers`` says a teacher cache supervises every training sample,
-    so a task without labels is KD-only instead of an error), then ``prepare_samples`` (or the
-    ``prepared`` list it returned for ``read``), the splits saved in ``run_dir`` and the masks
-    ``tasks`` read checked against their images' sizes (``check_masks``)."""
-    samples = read_sources(data_cfg) if read is None else read
+    """The configured samples, checked and split: ``samples`` read (a caller's ``SampleList``,
+    which may have read and prepared them already), each label checked against ``tasks``
+    (``check_labels``, before any image is read; ``teacher_covers`` says a teacher cache
+    supervises every training sample, so a task without labels is KD-only instead of an error),
+    then ``prepare_samples``, the splits saved in ``run_dir`` and the masks ``tasks`` read
+    checked against their images' sizes (``check_masks``)."""
+    samples = SampleList(data_cfg) if samples is None else samples
     if tasks is not None:
-        check_labels(samples, tasks, teacher_covers)
-    samples = prepare_samples(data_cfg, samples) if prepared is None else prepared
+        check_labels(samples.read(), tasks, teacher_covers)
+    prepared = samples.prepared()
     if run_dir is not None:
-        save_splits(samples, Path(run_dir) / "splits.json")
+        save_splits(prepared, Path(run_dir) / "splits.json")
     if tasks is not None:
-        check_masks(samples, tasks)
-    return samples
+        check_masks(prepared, tasks)
+    return prepared
 
 
 def prepare_samples(data_cfg: Any, samples: list[Sample]) -> list[Sample]:
@@ -350,13 +349,9 @@ class FundusDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.samples is None:
             # Predicting (the teacher cache) reads no label, so it checks none.
+            tasks = None if stage == "predict" else self.tasks
             self.samples = load_samples(
-                self.cfg,
-                self.run_dir,
-                None if stage == "predict" else self.tasks,
-                self.teacher is not None,
-                read=self.sample_list.read(),
-                prepared=self.sample_list.prepared(),
+                self.cfg, self.run_dir, tasks, self.teacher is not None, self.sample_list
             )
 
     def split(self, name: str) -> list[Sample]:
