@@ -136,7 +136,7 @@ class TeacherConfig:
 @dataclass
 class FeatureKDConfig:
     #: weight of the embedding loss mean_b ||a(f_s)/|a(f_s)| - f_t/|f_t|||^2 per teacher (Li &
-    #: Bilen 2020, global pooled vector only); 0: off (cache-teacher then stores no embeddings)
+    #: Bilen 2020, on the global pooled vector); 0: off (cache-teacher then stores no embeddings)
     weight: float = 0.0
     #: each teacher's embedding length; null: read from the cache (then kept in the checkpoint)
     dims: list[int] | None = None
