@@ -48,6 +48,9 @@ class TeacherOutputs(Protocol):
     """What the dataset needs from a teacher-output cache (``mtkd.kd.cache.TeacherCache``)."""
 
     views: int
+    #: the arrays ``get`` returns besides the tasks' outputs (teacher feature maps) -> how each
+    #: follows the image (a ``data_modules.pack.CARRIERS`` key)
+    carried: dict[str, str]
 
     def get(self, sample_id: str, view: int = 0) -> dict[str, np.ndarray]: ...
 

@@ -249,7 +249,8 @@ class FundusDataset(Dataset):
     ) -> None:
         self.samples = samples
         self.tasks = tasks
-        self.carried = carriers(tasks)
+        #: how each teacher output follows the image: the tasks' and the cache's feature maps
+        self.carried = {**carriers(tasks), **(teacher.carried if teacher is not None else {})}
         self.preprocessor = preprocessor
         self.transform = transform
         self.teacher = teacher
@@ -365,11 +366,12 @@ class FundusDataModule(L.LightningDataModule):
         # Cached outputs of the unaugmented image must follow the geometry; replayed views
         # (cache.views > 0) were augmented for the teacher already, so anything goes.
         cached = self.teacher is not None and not self.teacher.views
+        carried = {**carriers(self.tasks), **(self.teacher.carried if cached else {})}
         return build_transform(
             list(self.cfg.augment),
             list(self.cfg.mean),
             list(self.cfg.std),
-            teacher_needs(carriers(self.tasks)) if cached else None,
+            teacher_needs(carried) if cached else None,
         )
 
     def eval_transform(self) -> Augmentation:

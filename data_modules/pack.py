@@ -3,9 +3,10 @@ packed in, moved by the same random draw, and unpacked by owner.
 
 Each task's ``teacher_spatial`` says how its teacher output follows the image (``CARRIERS``):
 dense maps are resized once to the working size (bilinear) and, when they follow, moved bilinear
-(``Augmentation.move_maps``); points ride as keypoints whose owner is an albumentations keypoint
-label field; anything else is left as it is. Label masks keep the transforms' own (nearest)
-interpolation.
+(``Augmentation.move_maps``); coarse grids (a teacher's stride-s feature map) stay at their size
+and move as their cells (``move_grid``); points ride as keypoints whose owner is an albumentations
+keypoint label field; anything else is left as it is. Label masks keep the transforms' own
+(nearest) interpolation.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from data_modules.transforms import Augmentation
 
 #: the values of ``teacher_spatial`` -> the albumentations target a geometric transform must
 #: support to move that teacher output with the image: "none" a global output (logits, values),
-#: not moved; "mask" C x h x w maps, resized to the working size and moved bilinear; "points"
-#: K x 2 normalised points, moved as keypoints
-CARRIERS: dict[str, str | None] = {"none": None, "mask": "mask", "points": "keypoints"}
+#: not moved; "mask" C x h x w maps, resized to the working size and moved bilinear; "grid"
+#: C x h x w maps whose side divides the working size, moved at their own size (``move_grid``);
+#: "points" K x 2 normalised points, moved as keypoints
+CARRIERS: dict[str, str | None] = {
+    "none": None,
+    "mask": "mask",
+    "grid": "mask",
+    "points": "keypoints",
+}
 #: ``point_owner`` of label points; a teacher point's owner is its task's name
 LABEL = ""
 
@@ -68,6 +75,17 @@ def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
     )
 
 
+def move_grid(transform: Augmentation, grid: np.ndarray, size: int) -> np.ndarray:
+    """A C x h x w grid (h divides ``size``) moved like the last call's image: each cell spread
+    over the size / h pixels it covers, moved bilinear (``Augmentation.move_maps``), then each
+    cell the mean of its pixels. A flip or no move gives back the grid's own values exactly."""
+    cell = size // grid.shape[-1]
+    pixels = grid.astype(np.float32).repeat(cell, axis=1).repeat(cell, axis=2)
+    moved = transform.move_maps(pixels.transpose(1, 2, 0)).transpose(2, 0, 1)
+    channels, side = grid.shape[0], grid.shape[-1]
+    return moved.reshape(channels, side, cell, side, cell).mean(axis=(2, 4))
+
+
 def augment(
     transform: Augmentation,
     image: np.ndarray,
@@ -108,6 +126,8 @@ def augment(
         for n, v in teacher.items():
             if carried[n] == "mask":
                 teacher[n] = transform.move_maps(v.transpose(1, 2, 0)).transpose(2, 0, 1)
+            elif carried[n] == "grid":
+                teacher[n] = move_grid(transform, v, size)
     teacher.update(teacher_points)
     return Moved(
         image=out["image"],

@@ -136,10 +136,18 @@ class TeacherConfig:
 @dataclass
 class FeatureKDConfig:
     #: weight of the embedding loss mean_b ||a(f_s)/|a(f_s)| - f_t/|f_t|||^2 per teacher (Li &
-    #: Bilen 2020, global pooled vector only); 0: off (cache-teacher then stores no embeddings)
+    #: Bilen 2020, on the global pooled vector); 0: off (cache-teacher then stores no embeddings)
     weight: float = 0.0
     #: each teacher's embedding length; null: read from the cache (then kept in the checkpoint)
     dims: list[int] | None = None
+    #: weight of the dense variant: per teacher a 1x1 conv maps the student's encoder feature
+    #: map at ``map_stride`` onto the teacher's, the same distance per pixel; 0: off
+    #: (cache-teacher then stores no maps: C x h x w float16 per teacher and sample when on)
+    map_weight: float = 0.0
+    #: the encoder stride of the matched maps (16: a 96 px image's 6 x 6 stage-4 features)
+    map_stride: int = 16
+    #: each teacher's feature map channels; null: read from the cache (then in the checkpoint)
+    map_channels: list[int] | None = None
 
 
 @dataclass
@@ -626,6 +634,7 @@ def check(cfg: DictConfig) -> None:
         "optim.encoder_lr_mult": (lambda v: v > 0, "> 0 (freeze with optim.freeze_encoder_epochs)"),
         "optim.freeze_encoder_epochs": at_least(0),
         "cache.views": at_least(0),
+        "kd.features.map_weight": at_least(0),
         "trainer.max_epochs": at_least(1),
     }
     maps = (
@@ -642,11 +651,27 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not (isinstance(value, int | float) and ok(value)):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {valid}")
+    check_map_stride(cfg)
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise ConfigError(
             f"data.val_fraction + data.test_fraction = "
             f"{cfg.data.val_fraction + cfg.data.test_fraction} leaves no training data; "
             "their sum must be < 1"
+        )
+
+
+def check_map_stride(cfg: DictConfig) -> None:
+    """With dense feature KD on, ``kd.features.map_stride`` must be a stride of the student's
+    encoder (2 .. 2**model.encoder_depth) that divides data.image_size (whole map cells)."""
+    features = cfg.kd.features
+    if features.map_weight <= 0:
+        return
+    stride, depth, size = features.map_stride, cfg.model.encoder_depth, cfg.data.image_size
+    strides = [2**i for i in range(1, depth + 1)]
+    if stride not in strides or size % stride:
+        raise ConfigError(
+            f"kd.features.map_stride={stride} must be one of the encoder's strides {strides} "
+            f"(model.encoder_depth={depth}) that divides data.image_size={size}"
         )
 
 

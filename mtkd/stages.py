@@ -301,27 +301,40 @@ def open_checked_cache(
         int(found["storage"]["views"]),
     )
     check_fingerprint(found, expected, cfg.kd.cache_dir)
-    cache = TeacherCache(cfg.kd.cache_dir, tasks, cfg.cache.verify == "full", found)
+    maps = float(cfg.kd.features.map_weight) > 0
+    cache = TeacherCache(cfg.kd.cache_dir, tasks, cfg.cache.verify == "full", found, maps)
     announce(expected["task_teachers"], notes)
     return cache
 
 
+def map_stride(cfg: DictConfig) -> int | None:
+    """The stride of the teacher feature maps a run caches and matches (``kd.features.map_weight``
+    > 0), else None."""
+    features = cfg.kd.features
+    return int(features.map_stride) if float(features.map_weight) > 0 else None
+
+
 def cached_features(cfg: DictConfig, ensemble: TeacherEnsemble) -> dict[str, Any] | None:
-    """What the cache records of the teacher embeddings it stores (``kd.features.weight`` > 0),
-    else None. Views are refused: a batch does not say which cached view it drew, so a view's
-    embedding could not be matched to it."""
-    if float(cfg.kd.features.weight) <= 0:
+    """What the cache records of the teacher embeddings (``kd.features.weight`` > 0) and feature
+    maps (``kd.features.map_weight`` > 0) it stores, else None. Views are refused: a batch does
+    not say which cached view it drew, so a view's embedding could not be matched to it."""
+    weight, stride = float(cfg.kd.features.weight), map_stride(cfg)
+    if weight <= 0 and stride is None:
         return None
     if int(cfg.cache.views):
         raise ConfigError(
-            f"kd.features.weight={cfg.kd.features.weight} needs cache.views=0: the embedding of a "
-            "replayed view cannot be matched to the view a batch drew"
+            f"kd.features.weight={weight} and kd.features.map_weight={cfg.kd.features.map_weight} "
+            "need cache.views=0: the features of a replayed view cannot be matched to the view a "
+            "batch drew"
         )
-    found = {
-        "dims": ensemble.feature_dims,
+    found: dict[str, Any] = {
         "dtype": FEATURE_DTYPE,
         "teachers": [file_sha256(e.path) for e in ensemble.entries],
     }
+    if weight > 0:
+        found["dims"] = ensemble.feature_dims
+    if stride is not None:
+        found.update(map_stride=stride, map_shapes=ensemble.map_shapes(int(cfg.data.image_size)))
     if any(e.sources is not None for e in ensemble.entries):
         found["sources"] = [e.sources for e in ensemble.entries]
     return found
@@ -332,10 +345,14 @@ def cache_teacher(cfg: DictConfig) -> Path:
     cache.teacher) and write the cache: per task, the teachers that have it; a task none has is
     left out (the student trains it on labels only). Under DDP each rank writes shards; rank 0
     merges after a barrier. With ``kd.features.weight`` > 0 it also stores each teacher's image
-    embedding (``features_<i>.npy``) for feature-level KD."""
+    embedding (``features_<i>.npy``), with ``kd.features.map_weight`` > 0 its encoder feature map
+    (``feature_map_<i>.npy``), for feature-level KD."""
     run_tasks = to_container(cfg)["tasks"]
     ensemble = TeacherEnsemble(
-        configured_teachers(cfg.kd.teachers, cfg.cache.teacher), run_tasks, cfg.data
+        configured_teachers(cfg.kd.teachers, cfg.cache.teacher),
+        run_tasks,
+        cfg.data,
+        map_stride(cfg),
     )
     tasks = ensemble.tasks
     taught = ensemble.provenance(list(run_tasks))

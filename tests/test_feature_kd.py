@@ -1,5 +1,6 @@
-"""Feature-level KD on the global embedding (``kd.features``): the loss on known vectors, the
-teacher embeddings cache-teacher stores, and a distill run that trains the adaptor with them."""
+"""Feature-level KD (``kd.features``) on the global embedding and on the stride-16 feature map:
+the loss on known vectors and maps, the teacher features cache-teacher stores, the maps following
+the image's augmentation, and distill runs that train the adaptors with them."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_modules.datamodule import FundusDataModule
 from mtkd.config import ConfigError
-from mtkd.kd.cache import TeacherCache
+from mtkd.kd.cache import TeacherCache, feature_map_name
 from mtkd.kd.ensemble import TeacherEnsemble
 from mtkd.models.multitask import count_parameters
 from mtkd.modules.checkpoint import load_net
@@ -145,3 +147,96 @@ def test_weight_zero_stores_no_embedding_and_adds_no_term(synth_root, tmp_path, 
         ValueError, match=r"has none; build it with `mtkd cache-teacher kd.features.weight=0.5"
     ):
         build_run(distill_cfg(synth_root, tmp_path, "kd.features.weight=0.5"))
+
+
+@pytest.mark.unit
+def test_map_loss_is_the_pixel_mean_of_the_unit_vector_distances():
+    # A 2 x 2 map of 2-channel vectors; per pixel |u - v|^2 = 2 - 2 cos: 0 (same direction),
+    # 2 (90 degrees), 4 (opposite), 1 (60 degrees); the sample's loss is their mean, 7 / 4.
+    c, s = math.cos(math.pi / 3), math.sin(math.pi / 3)
+    adapted = torch.tensor([[[2.0, 0.0], [-1.0, 3.0]], [[0.0, 5.0], [0.0, 0.0]]])
+    teacher = torch.tensor([[[1.0, 3.0], [2.0, c]], [[0.0, 0.0], [0.0, s]]])
+    loss = feature_kd_loss(adapted[None], teacher[None])
+    assert loss.shape == (1,) and float(loss) == pytest.approx(7 / 4)
+
+
+@pytest.mark.unit
+def test_map_stride_must_be_an_encoder_stride_dividing_the_image(synth_root, tmp_path):
+    for stride in (12, 64):
+        with pytest.raises(ConfigError, match="kd.features.map_stride"):
+            distill_cfg(
+                synth_root,
+                tmp_path,
+                "kd.features.map_weight=1",
+                f"kd.features.map_stride={stride}",
+            )
+
+
+def build_map_cache(synth_root: Path, run_dir: Path, teachers: str, *extra: str):
+    return build_cache(synth_root, run_dir, teachers, "kd.features.map_weight=0.5", *extra)
+
+
+@pytest.mark.integration
+def test_cache_teacher_stores_each_teacher_feature_map(synth_root, tmp_path, teacher_ckpt):
+    cfg = build_map_cache(synth_root, tmp_path, f"{teacher_ckpt},{teacher_ckpt}")
+    cache_dir = Path(cfg.kd.cache_dir)
+    net = TeacherEnsemble([teacher_ckpt]).nets[0]
+    shape = [net.map_channels(16), 4, 4]  # 64 px / 16
+    found = json.loads((cache_dir / "fingerprint.json").read_text())["features"]
+    assert found["map_stride"] == 16 and found["map_shapes"] == [shape, shape]
+    assert "dims" not in found and not list(cache_dir.glob("features_*"))
+    sums = json.loads((cache_dir / "checksums.json").read_text())
+    for i in range(2):
+        stored = np.load(cache_dir / f"{feature_map_name(i)}.npy")
+        assert f"{feature_map_name(i)}.npy" in sums
+        assert stored.shape[1:] == tuple(shape) and stored.dtype == np.float16
+    cache = TeacherCache(cache_dir, TeacherEnsemble([teacher_ckpt]).tasks)
+    assert cache.nbytes_per_sample()[feature_map_name(0)] == 2 * shape[0] * 4 * 4
+    # the teacher's own stride-16 features of the unaugmented image
+    dataset = FundusDataModule(cfg.data, cache.tasks).dataset("train")
+    item = dataset[0]
+    with torch.no_grad():
+        expected = net.forward_with_features(item["image"][None], 16)[2][0].numpy()
+    got = stored[cache.row(item["sample_id"])].astype(np.float32)
+    assert np.allclose(got, expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.integration
+def test_a_batch_carries_the_cached_map_moved_like_the_image(synth_root, tmp_path, teacher_ckpt):
+    cfg = build_map_cache(synth_root, tmp_path, teacher_ckpt)
+    tasks = TeacherEnsemble([teacher_ckpt]).tasks
+    cache = TeacherCache(cfg.kd.cache_dir, tasks, maps=True)
+    flipped = cfg.copy()
+    flipped.data.augment = [{"name": "HorizontalFlip", "p": 1.0}]
+    item = FundusDataModule(flipped.data, tasks, cache).dataset("train", train=True)[0]
+    cached = np.load(Path(cfg.kd.cache_dir) / "feature_map_0.npy")[cache.row(item["sample_id"])]
+    carried = item["teacher"][feature_map_name(0)].numpy()
+    assert carried.shape == cached.shape
+    assert np.allclose(carried, cached[:, :, ::-1].astype(np.float32), atol=1e-5)
+    assert not np.allclose(carried, cached.astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.integration
+def test_distill_trains_the_map_adaptor_on_the_cached_maps(synth_root, tmp_path, teacher_ckpt):
+    cfg = build_map_cache(synth_root, tmp_path, teacher_ckpt, "trainer.enable_checkpointing=false")
+    cfg.data.augment = [{"name": "HorizontalFlip", "p": 0.5}]
+    initial = build_run(cfg)[0].map_adaptors[0].weight.detach().clone()
+    student, trainer = train_one_epoch(cfg)
+    adaptor = student.map_adaptors[0]
+    channels = TeacherEnsemble([teacher_ckpt]).nets[0].map_channels(16)
+    assert (adaptor.in_channels, adaptor.out_channels) == (student.net.map_channels(16), channels)
+    assert float(trainer.callback_metrics["train/feature_maps/kd_epoch"]) > 0
+    assert not torch.equal(adaptor.weight.detach(), initial)
+    assert not any(k.startswith("train/features/") for k in trainer.callback_metrics)
+    ckpt = tmp_path / "student.ckpt"  # the exported network holds no adaptor
+    trainer.save_checkpoint(ckpt)
+    assert count_parameters(load_net(ckpt)[0]) == count_parameters(student.net)
+
+
+@pytest.mark.integration
+def test_a_cache_without_maps_is_refused_with_the_rebuild(synth_root, tmp_path, teacher_ckpt):
+    build_cache(synth_root, tmp_path, teacher_ckpt)
+    with pytest.raises(
+        ValueError, match=r"has none; build it with `mtkd cache-teacher kd.features.map_weight=0.5"
+    ):
+        build_run(distill_cfg(synth_root, tmp_path, "kd.features.map_weight=0.5"))

@@ -102,7 +102,9 @@ def test_resize_maps_is_bilinear() -> None:
 
 
 def test_unknown_carrier_lists_the_valid_ones_and_needs_follow_the_carriers() -> None:
-    with pytest.raises(ValueError, match=r"teacher_spatial='heat'.*\['mask', 'none', 'points'\]"):
+    with pytest.raises(
+        ValueError, match=r"teacher_spatial='heat'.*\['grid', 'mask', 'none', 'points'\]"
+    ):
         carriers({"t": Kind("heat")})
     found = carriers({"a": Kind("mask"), "b": Kind("points"), "c": Kind("none")})
     assert teacher_needs(found) == {"mask", "keypoints"}

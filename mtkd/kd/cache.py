@@ -9,7 +9,10 @@ and renamed into place; ``fingerprint.json`` is written last)::
     index.json         sample ids; position = row in every array
     <task>.npy         one array per task, rows [N, (views,) ...], read with mmap
     features_<i>.npy   teacher i's image embedding [N, D_i] float16 (only with kd.features.weight
-                       > 0: feature-level KD; see ``MultiTaskNet.forward_with_pooled``)
+                       > 0: feature-level KD; see ``MultiTaskNet.forward_with_features``)
+    feature_map_<i>.npy  teacher i's encoder feature map at kd.features.map_stride [N, C_i, h, w]
+                       float16, h = w = data.image_size / stride (only with
+                       kd.features.map_weight > 0: dense feature-level KD)
     view_seeds.npy     [N, views] augmentation seeds of the cached views (exact multi-view mode)
 
 Rows are keyed by sample_id, never by dataset or batch index, so sampler padding and worker
@@ -82,6 +85,21 @@ def feature_name(teacher: int) -> str:
     return f"features_{teacher}"
 
 
+def feature_map_name(teacher: int) -> str:
+    """The name of teacher ``teacher``'s feature maps, as ``feature_name`` is of its embeddings;
+    also their key in a batch's ``teacher`` outputs."""
+    return f"feature_map_{teacher}"
+
+
+def feature_arrays(features: dict[str, Any]) -> dict[str, list[int]]:
+    """The teacher feature arrays a cache's fingerprint ``features`` part records: name -> the
+    shape of one sample's row (embeddings, then feature maps; each teacher in order)."""
+    shapes = {feature_name(i): [int(d)] for i, d in enumerate(features.get("dims") or [])}
+    for i, shape in enumerate(features.get("map_shapes") or []):
+        shapes[feature_map_name(i)] = list(shape)
+    return shapes
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -101,9 +119,10 @@ def fingerprint(
     tasks it taught, and the paths let a later ``distill`` re-hash the files and notice a
     retrained teacher even when the run names none. ``train_ids``: the training samples, each
     with its image's content digest (``FundusDataModule.train_digests``), recorded per sample
-    so an image replaced in place after caching is named. ``features``: the cached teacher embeddings, {dims, dtype, teachers (file hashes)}
-    in teacher order; None: none cached (left out, so a cache without them is written as
-    before)."""
+    so an image replaced in place after caching is named. ``features``: the cached teacher
+    embeddings and feature maps, {dims, map_stride, map_shapes, dtype, teachers (file hashes)}
+    in teacher order (``dims`` only with embeddings, ``map_*`` only with maps); None: none cached
+    (left out, so a cache without them is written as before)."""
     storage = {**dataclasses.asdict(storage), "views": views}
     if views:
         # Replayed views depend on the augmentation and the library that samples it.
@@ -392,31 +411,45 @@ class TeacherCache:
         tasks: dict[str, Task],
         full: bool = False,
         found: dict[str, Any] | None = None,
+        maps: bool = False,
     ) -> None:
         """Open ``cache_dir`` after ``checked_files`` passed: ``full`` also hashes every file
         (``cache.verify=full``), otherwise sizes and .npy headers only (milliseconds).
         ``found``: its fingerprint when the caller has read it already (it holds a digest per
-        image, so it is not parsed twice)."""
+        image, so it is not parsed twice). ``maps``: ``get`` also returns the teacher feature
+        maps it holds (dense feature KD), which then ride the augmentation with the image."""
         self.dir = Path(cache_dir)
         self.fingerprint = read_fingerprint(self.dir) if found is None else found
         taught = self.fingerprint.get("task_teachers", {})
         #: the tasks some teacher covers (the others have no array and train on labels only)
         self.tasks = {n: t for n, t in tasks.items() if taught.get(n)}
         self.views = int(self.fingerprint["storage"]["views"])
+        features = self.fingerprint.get("features", {})
         #: each teacher's embedding length, None when the cache holds no embeddings
-        self.feature_dims: list[int] | None = self.fingerprint.get("features", {}).get("dims")
+        self.feature_dims: list[int] | None = features.get("dims")
+        #: each teacher's feature map shape [C, h, w] and their stride, None when it holds none
+        self.map_shapes: list[list[int]] | None = features.get("map_shapes")
+        self.map_stride: int | None = features.get("map_stride")
+        #: each teacher's feature map channels, None when it holds no maps
+        self.map_channels = [s[0] for s in self.map_shapes] if self.map_shapes else None
+        self._shapes = feature_arrays(features)
+        #: the feature maps ``get`` adds to a sample's teacher outputs -> how they follow the
+        #: image (``data_modules.pack.CARRIERS``); empty unless ``maps``
+        self.carried = {
+            feature_map_name(i): "grid" for i in range(len(self.map_shapes or []) if maps else 0)
+        }
         for _ in checked_files(self.dir, self.fingerprint, full):
             pass
         ids = json.loads((self.dir / INDEX).read_text())
         self.rows = {sid: i for i, sid in enumerate(ids)}
         self._arrays: dict[str, np.ndarray] | None = None
         self._seeds: np.ndarray | None = None
-        self._features: list[np.ndarray] = []
+        self._features: dict[str, np.ndarray] = {}
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_arrays=None, _seeds=None, _features=[], _pid=-1)
+        state.update(_arrays=None, _seeds=None, _features={}, _pid=-1)
         return state
 
     def _open(self) -> dict[str, np.ndarray]:
@@ -424,10 +457,9 @@ class TeacherCache:
             self._arrays = {n: np.load(self.dir / f"{n}.npy", mmap_mode="r") for n in self.tasks}
             if self.views:
                 self._seeds = np.load(self.dir / SEEDS, mmap_mode="r")
-            self._features = [
-                np.load(self.dir / f"{feature_name(i)}.npy", mmap_mode="r")
-                for i in range(len(self.feature_dims or []))
-            ]
+            self._features = {
+                n: np.load(self.dir / f"{n}.npy", mmap_mode="r") for n in self._shapes
+            }
             self._pid = os.getpid()
         return self._arrays
 
@@ -442,16 +474,21 @@ class TeacherCache:
 
     def get(self, sample_id: str, view: int = 0) -> dict[str, np.ndarray]:
         arrays, row = self._open(), self.row(sample_id)
-        return {
+        found = {
             n: self.tasks[n].decode_cache(arrays[n][row, view] if self.views else arrays[n][row])
             for n in self.tasks
         }
+        found.update({n: self._features[n][row].astype(np.float32) for n in self.carried})
+        return found
 
     def features(self, sample_ids: list[str]) -> list[np.ndarray]:
         """Each teacher's embeddings of ``sample_ids`` (B x D_i float32), in teacher order."""
         self._open()
         rows = [self.row(sid) for sid in sample_ids]
-        return [np.asarray(array[rows], dtype=np.float32) for array in self._features]
+        return [
+            np.asarray(self._features[feature_name(i)][rows], dtype=np.float32)
+            for i in range(len(self.feature_dims or []))
+        ]
 
     def view_seed(self, sample_id: str, view: int) -> int:
         self._open()
@@ -460,7 +497,7 @@ class TeacherCache:
     def nbytes_per_sample(self) -> dict[str, int]:
         arrays = self._open()
         sizes = {n: int(a[0].nbytes) for n, a in arrays.items()}
-        sizes.update({feature_name(i): int(a[0].nbytes) for i, a in enumerate(self._features)})
+        sizes.update({n: int(a[0].nbytes) for n, a in self._features.items()})
         return sizes
 
 
@@ -520,7 +557,8 @@ def run_token() -> str:
 class CacheShardWriter(BasePredictionWriter):
     """Each rank writes every predicted batch as its own shard file (temp name, then rename).
     ``merge_shards`` on rank 0 then assembles the cache. ``features``: also write each teacher's
-    embeddings (``TeacherEnsemble.predict_with_features``)."""
+    embeddings (``TeacherEnsemble.predict_with_features``); its feature maps are written when the
+    predictions hold them (``TeacherEnsemble.map_stride``)."""
 
     def __init__(
         self,
@@ -550,15 +588,17 @@ class CacheShardWriter(BasePredictionWriter):
         for n, out in prediction["outputs"].items():
             arrays[f"task_{n}"] = self.tasks[n].encode_cache(out, self.storage.for_task(n))
             self.fidelity.update(n, self.tasks[n], out, arrays[f"task_{n}"])
+        named = {feature_map_name(i): m for i, m in enumerate(prediction["maps"])}
         if self.features:
-            for i, pooled in enumerate(prediction["features"]):
-                stored = pooled.float().cpu().numpy().astype(FEATURE_DTYPE)
-                if not np.isfinite(stored).all():
-                    raise ValueError(
-                        f"teacher {i}'s embedding does not fit {FEATURE_DTYPE} (values "
-                        "beyond 65504); feature-level KD cannot cache this teacher"
-                    )
-                arrays[feature_name(i)] = stored
+            named.update({feature_name(i): f for i, f in enumerate(prediction["features"])})
+        for name, values in named.items():
+            stored = values.float().cpu().numpy().astype(FEATURE_DTYPE)
+            if not np.isfinite(stored).all():
+                raise ValueError(
+                    f"the teacher features {name} do not fit {FEATURE_DTYPE} (values beyond "
+                    "65504); feature-level KD cannot cache this teacher"
+                )
+            arrays[name] = stored
         ids = np.asarray(prediction["sample_id"])
         name = f"rank{trainer.global_rank}-view{dataloader_idx}-batch{batch_idx}.npz"
         buf = io.BytesIO()
@@ -601,16 +641,12 @@ def merge_shards(
             )
             for n, t in tasks.items()
         }
-        dims = fingerprint_data.get("features", {}).get("dims", [])
-        embeddings = [
-            np.lib.format.open_memmap(
-                tmp / f"{feature_name(i)}.npy",
-                mode="w+",
-                dtype=FEATURE_DTYPE,
-                shape=(len(ids), dim),
+        embeddings = {
+            name: np.lib.format.open_memmap(
+                tmp / f"{name}.npy", mode="w+", dtype=FEATURE_DTYPE, shape=(len(ids), *shape)
             )
-            for i, dim in enumerate(dims)
-        ]
+            for name, shape in feature_arrays(fingerprint_data.get("features", {})).items()
+        }
         seen = np.zeros((len(ids), max(views, 1)), dtype=bool)
         for shard in sorted(shard_dir.glob("*.npz")):
             with np.load(shard) as data:
@@ -622,8 +658,8 @@ def merge_shards(
                     for n in tasks:
                         target = arrays[n][row, view] if views else arrays[n][row]
                         target[...] = data[f"task_{n}"][j]
-                    for i, embedding in enumerate(embeddings):
-                        embedding[row] = data[feature_name(i)][j]
+                    for name, embedding in embeddings.items():
+                        embedding[row] = data[name][j]
                     seen[row, view] = True
         missing = [ids[i] for i in np.flatnonzero(~seen.all(axis=1))]
         if missing:
@@ -631,7 +667,7 @@ def merge_shards(
                 f"teacher predictions are missing for {len(missing)} samples (e.g. {missing[:3]}); "
                 "the cache was not written. Rerun cache-teacher."
             )
-        for array in [*arrays.values(), *embeddings]:
+        for array in [*arrays.values(), *embeddings.values()]:
             array.flush()
         del arrays, embeddings
         if views:

@@ -223,9 +223,12 @@ class TeacherEnsemble(L.LightningModule):
         teachers: Sequence[str | TeacherEntry],
         run_tasks: dict[str, Any] | None = None,
         data: Any | None = None,
+        map_stride: int | None = None,
     ) -> None:
         """``run_tasks``: the run's task specs (None: every teacher task); ``data``: the run's
-        data config, whose normalisation the images arrive in (None: each teacher's own)."""
+        data config, whose normalisation the images arrive in (None: each teacher's own);
+        ``map_stride``: the stride of the feature maps ``predict_step`` returns for the cache
+        (dense feature KD; None: none)."""
         super().__init__()
         if not teachers:
             raise ValueError("no teacher checkpoint given; pass teacher=<path/to/teacher.ckpt>")
@@ -245,6 +248,7 @@ class TeacherEnsemble(L.LightningModule):
         own = [(tuple(c.data.mean), tuple(c.data.std)) for c in configs]
         given = [(tuple(data.mean), tuple(data.std)) if data is not None else o for o in own]
         self.inputs = nn.ModuleList([Renormalise(g, o) for g, o in zip(given, own)])
+        self.map_stride = map_stride
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -265,20 +269,31 @@ class TeacherEnsemble(L.LightningModule):
         """Each teacher's embedding length (its net's pooled vector), in teacher order."""
         return [net.pooled_dim for net in self.nets]
 
+    def map_shapes(self, size: int) -> list[list[int]]:
+        """Each teacher's feature map as ``predict_step`` returns it for ``size`` px images:
+        [channels, size / stride, size / stride], in teacher order (``map_stride`` set)."""
+        stride = int(self.map_stride)
+        return [[net.map_channels(stride), size // stride, size // stride] for net in self.nets]
+
     @torch.no_grad()
     def predict_with_features(
-        self, image: torch.Tensor, sources: Sequence[str] | None = None
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """``forward``'s outputs and each teacher's embedding of the image (B x its
-        ``pooled_dim``), in teacher order: what feature-level KD (``kd.features``) matches.
+        self,
+        image: torch.Tensor,
+        sources: Sequence[str] | None = None,
+        map_stride: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``forward``'s outputs, each teacher's embedding of the image (B x its
+        ``pooled_dim``) and, given ``map_stride``, its encoder feature map at that stride (else
+        none), in teacher order: what feature-level KD (``kd.features``) matches. A map comes
+        back at the input's size / stride whatever size the teacher was fed, as its outputs do.
         ``sources``: each image's data source, so that a task is combined only from the teachers
         that teach that source (``kd.teachers[i].sources``; ``reach`` says where none does)."""
         size = tuple(image.shape[-2:])
         ran = [
-            net.forward_with_pooled(resize(renorm(image), (s, s)))
+            net.forward_with_features(resize(renorm(image), (s, s)), map_stride)
             for net, renorm, s in zip(self.nets, self.inputs, self.sizes)
         ]
-        raw = [outputs for outputs, _ in ran]
+        raw = [outputs for outputs, _, _ in ran]
         outputs = {}
         for ours, taught in self.taught_by.items():
             task = self.tasks[ours]
@@ -288,7 +303,11 @@ class TeacherEnsemble(L.LightningModule):
             ]
             teachers = [self.entries[i] for i, _ in taught]
             outputs[ours] = combine_per_source(task, each, teachers, sources)
-        return outputs, [pooled for _, pooled in ran]
+        maps = []
+        if map_stride is not None:
+            grid = (size[0] // map_stride, size[1] // map_stride)
+            maps = [resize(feature_map, grid) for _, _, feature_map in ran]
+        return outputs, [pooled for _, pooled, _ in ran], maps
 
     @property
     def reach(self) -> dict[str, list[list[str] | None]]:
@@ -299,8 +318,16 @@ class TeacherEnsemble(L.LightningModule):
         )
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        outputs, features = self.predict_with_features(batch["image"], batch.get("source"))
-        return {"sample_id": batch["sample_id"], "outputs": outputs, "features": features}
+        """The cache writer's input: outputs, embeddings and (``map_stride`` set) feature maps."""
+        outputs, features, maps = self.predict_with_features(
+            batch["image"], batch.get("source"), self.map_stride
+        )
+        return {
+            "sample_id": batch["sample_id"],
+            "outputs": outputs,
+            "features": features,
+            "maps": maps,
+        }
 
     def provenance(self, run_tasks: Sequence[str]) -> dict[str, list[dict[str, str]]]:
         """``provenance`` of this ensemble's teachers."""

@@ -1,7 +1,8 @@
 """MultiTaskNet: one shared smp/timm encoder (random, local or pretrained weights: see
 ``mtkd.models.pretrained``), a shared U-Net decoder for dense tasks, one head per task. Dense
 tasks read the decoder's full-resolution features; global tasks read one pooled vector (see
-``MultiTaskNet.pooled``), after ``model.head_dropout``."""
+``MultiTaskNet.pooled``), after ``model.head_dropout``. The encoder's feature list holds one map
+per stage, stage i at stride 2**i (i = 0: the image itself), for smp and timm encoders alike."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class MultiTaskNet(nn.Module):
         except OSError as exc:  # the hub is out of reach and nothing is cached
             raise online_failure(encoder, weights, exc) from None
         self.encoder = unet.encoder
+        self.depth = depth
         if weights and not online:
             load_encoder_weights(self.encoder, encoder, weights)
         #: built whenever a task reads full-resolution features (segmentation, heatmap points)
@@ -64,7 +66,7 @@ class MultiTaskNet(nn.Module):
             {n: t.build_head(channels[-1] if t.dense else pooled) for n, t in tasks.items()}
         )
         self.dense_tasks = [n for n, t in tasks.items() if t.dense]
-        #: length of the pooled vector (``forward_with_pooled``): a teacher embedding's size
+        #: length of the pooled vector (``forward_with_features``): a teacher embedding's size
         self.pooled_dim = pooled
         self.head_dropout = nn.Dropout(float(model_cfg.head_dropout))
         self.pooled_norm = PooledNorm(pooled) if model_cfg.get("pooled_norm") else None
@@ -84,13 +86,20 @@ class MultiTaskNet(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_with_pooled(image)[0]
+        return self.forward_with_features(image)[0]
 
-    def forward_with_pooled(
-        self, image: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The outputs and the global heads' input before dropout (B x ``pooled_dim``): the
-        image embedding that feature-level KD matches (``kd.features``)."""
+    def map_channels(self, stride: int) -> int:
+        """Channels of the encoder's feature map at ``stride`` (``forward_with_features``)."""
+        return self.encoder.out_channels[map_stage(stride, self.depth)]
+
+    def forward_with_features(
+        self, image: torch.Tensor, map_stride: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """The outputs, the global heads' input before dropout (B x ``pooled_dim``: the image
+        embedding that feature-level KD matches, ``kd.features.weight``) and, given
+        ``map_stride``, the encoder's feature map at that stride (B x ``map_channels`` x H/stride
+        x W/stride: what dense feature KD matches, ``kd.features.map_weight``; the encoder
+        computes it anyway, so asking for it costs nothing)."""
         features = self.encoder(image)
         decoded = self.decoder(features) if self.decoder is not None else None
         outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
@@ -101,7 +110,21 @@ class MultiTaskNet(nn.Module):
         for name, head in self.heads.items():
             if name not in outputs:
                 outputs[name] = head(dropped)
-        return outputs, pooled
+        if map_stride is None:
+            return outputs, pooled, None
+        return outputs, pooled, features[map_stage(map_stride, self.depth)]
+
+
+def map_stage(stride: int, depth: int) -> int:
+    """The encoder stage (index in its feature list) at ``stride``: a power of two from 2 to
+    2**``depth`` (the deepest stage)."""
+    stage = stride.bit_length() - 1
+    if stride != 2**stage or not 1 <= stage <= depth:
+        raise ValueError(
+            f"kd.features.map_stride={stride}: an encoder of depth {depth} has feature maps at "
+            f"strides {[2**i for i in range(1, depth + 1)]}; pick one of them"
+        )
+    return stage
 
 
 class PooledNorm(nn.Module):
