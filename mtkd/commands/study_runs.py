@@ -149,25 +149,28 @@ def teacher_overrides(study: StudyConfig, overrides: list[str], fraction: float)
     ]
 
 
-def cell_name(fraction: float, seed: int, arm: str) -> str:
-    return f"f{fraction:g}_s{seed}_{arm}"
+@dataclass(frozen=True)
+class Cell:
+    """One student of the study: a label fraction, a seed and an arm."""
 
+    fraction: float
+    seed: int
+    arm: str
 
-def cell_dir(study: StudyConfig, fraction: float, seed: int, arm: str) -> Path:
-    return Path(study.out) / f"f{fraction:g}" / f"seed{seed}" / arm
+    @property
+    def name(self) -> str:
+        return f"f{self.fraction:g}_s{self.seed}_{self.arm}"
+
+    def dir(self, study: StudyConfig) -> Path:
+        return Path(study.out) / f"f{self.fraction:g}" / f"seed{self.seed}" / self.arm
 
 
 def student_overrides(
-    study: StudyConfig,
-    overrides: list[str],
-    fraction: float,
-    seed: int,
-    arm: str,
-    teacher: tuple[Path, Path] | None,
+    study: StudyConfig, overrides: list[str], cell: Cell, teacher: tuple[Path, Path] | None
 ) -> list[str]:
     """The overrides of one cell's student; ``teacher``: the fraction's teacher checkpoint and
     cache, which the KD arm reads."""
-    if arm == "kd":
+    if cell.arm == "kd":
         ckpt, cache = teacher
         kd = ["kd=cached", f"kd.cache_dir={cache}", f"kd.teacher={ckpt}"]
     else:
@@ -175,12 +178,12 @@ def student_overrides(
     return [
         *overrides,
         *kd,
-        f"run.dir={cell_dir(study, fraction, seed, arm)}",
-        f"run.seed={seed}",
-        f"data.label_fraction={fraction}",
+        f"run.dir={cell.dir(study)}",
+        f"run.seed={cell.seed}",
+        f"data.label_fraction={cell.fraction}",
         f"trainer.max_epochs={study.student_epochs}",
         f"logger.group={study.name}",
-        f"logger.name={cell_name(fraction, seed, arm)}",
+        f"logger.name={cell.name}",
     ]
 
 
@@ -191,7 +194,7 @@ def stage_configs(study: StudyConfig, overrides: list[str]) -> dict[str, DictCon
     configs = {"teacher": load_config("teacher", teacher_overrides(study, overrides, fraction))}
     teacher = (Path(study.out) / "teacher.ckpt", Path(study.out) / "cache")  # both PER_CELL
     for arm in ARMS:
-        student = student_overrides(study, overrides, fraction, seed, arm, teacher)
+        student = student_overrides(study, overrides, Cell(fraction, seed, arm), teacher)
         configs[f"student_{arm}"] = load_config("distill", student)
     return configs
 
@@ -280,21 +283,15 @@ def teacher_for(study: StudyConfig, overrides: list[str], fraction: float) -> tu
 
 
 def run_cell(
-    study: StudyConfig,
-    overrides: list[str],
-    fraction: float,
-    seed: int,
-    arm: str,
-    teacher: tuple[Path, Path] | None,
+    study: StudyConfig, overrides: list[str], cell: Cell, teacher: tuple[Path, Path] | None
 ) -> dict[str, float]:
     """Train one student and score it on the test split; a finished cell is read back."""
-    name = cell_name(fraction, seed, arm)
-    metrics_file = cell_dir(study, fraction, seed, arm) / "metrics_test.json"
+    metrics_file = cell.dir(study) / "metrics_test.json"
     if metrics_file.is_file():
-        log.info(f"[study] {name}: finished earlier, kept")
+        log.info(f"[study] {cell.name}: finished earlier, kept")
     else:
-        student = student_overrides(study, overrides, fraction, seed, arm, teacher)
-        best = trained(name, "distill", student)
+        student = student_overrides(study, overrides, cell, teacher)
+        best = trained(cell.name, "distill", student)
         evaluate(str(best), "test", [], out=str(metrics_file), bootstrap=0)
     return json.loads(metrics_file.read_text())["metrics"]
 
@@ -449,7 +446,7 @@ def run_study(study: StudyConfig, overrides: list[str]) -> dict[str, Any]:
         teacher = teacher_for(study, overrides, fraction) if "kd" in study.arms else None
         for seed in study.seeds:
             for arm in study.arms:
-                metrics = run_cell(study, overrides, fraction, seed, arm, teacher)
+                metrics = run_cell(study, overrides, Cell(fraction, seed, arm), teacher)
                 cells.append({"fraction": fraction, "seed": seed, "arm": arm, "metrics": metrics})
     summary = summarise(study, tasks, cells)
     header, rows = results_table(study, summary)
