@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import torch
 from data_modules.manifest import read_manifest
 from mtkd.commands.exporting import metadata
 from mtkd.commands.prediction import predict
-from mtkd.config import ConfigError
+from mtkd.config import ConfigError, import_plugins
 from mtkd.derived import (
+    MEASURES,
     lesion_area,
     lesion_area_near_fovea,
     lesion_count,
@@ -30,7 +32,7 @@ from mtkd.modules.checkpoint import load_net
 from mtkd.run_config import load_config
 from mtkd.stages import evaluate
 from mtkd.tasks import build_tasks
-from tests.conftest import TinyRuns
+from tests.conftest import REPO, TinyRuns
 
 TASKS = build_tasks(
     {
@@ -203,3 +205,21 @@ def test_predict_and_export_carry_the_derived_measures(
     entry = meta["derived"]["cdr_from_masks"]
     assert entry["inputs"] == {"disc": "anatomy.optic_disc", "cup": "anatomy.optic_cup"}
     assert entry["label"] == "cdr" and "rows spanned by the cup" in entry["formula"]
+
+
+@pytest.mark.unit
+def test_a_plugin_measure_is_chosen_through_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "extending"))
+    entry = {**CDR, "measure": "horizontal_cdr", "min_disc_px": 4}
+    with pytest.raises(ConfigError, match="'horizontal_cdr' is unknown"):
+        parse_derived({"h": entry}, TASKS)
+    import_plugins(["measure"])
+    try:
+        derived = parse_derived({"h": entry}, TASKS)
+    finally:
+        MEASURES.unregister("horizontal_cdr")
+    assert derived["h"].options == {"min_disc_px": 4}
+    wide_disc, cup = rows(10, 29, cols=slice(20, 40)), rows(15, 24, cols=slice(25, 35))
+    assert sys.modules["measure"].horizontal_cdr(wide_disc, cup) == 0.5
+    with pytest.raises(ConfigError, match="missing options"):
+        parse_derived({"h": {"measure": "lesion_count"}}, TASKS)
