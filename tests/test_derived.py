@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -186,11 +185,8 @@ def test_evaluate_scores_a_derived_measure_against_its_label(
 def test_predict_and_export_carry_the_derived_measures(
     runs: TinyRuns, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for sample in read_manifest(synth_root)[:2]:
-        shutil.copy(sample.image, folder)
-    payload = predict(runs.teacher, folder, tmp_path / "out", [CDR_OVERRIDE, COUNT_OVERRIDE])
+    image = read_manifest(synth_root)[0].image
+    payload = predict(runs.teacher, image, tmp_path / "out", [CDR_OVERRIDE, COUNT_OVERRIDE])
     printed = capsys.readouterr().out
     for entry in payload["predictions"]:
         found = entry["derived"]
@@ -199,7 +195,7 @@ def test_predict_and_export_carry_the_derived_measures(
         line = f"cdr_from_masks={found['cdr_from_masks']:.3f}  ma_count={found['ma_count']:.3f}"
         assert line in printed
     with pytest.raises(ConfigError, match="derived.<name>="):
-        predict(runs.teacher, folder, tmp_path / "other", ["data.image_size=32"])
+        predict(runs.teacher, image, tmp_path / "other", ["data.image_size=32"])
     net, tasks, cfg = load_net(runs.teacher)
     meta = metadata(runs.teacher, net, tasks, cfg, saved_derived(cfg, tasks, [CDR_OVERRIDE]))
     entry = meta["derived"]["cdr_from_masks"]
