@@ -84,10 +84,10 @@ def test_lesion_area_within_one_and_two_disc_diameters_of_the_fovea() -> None:
     disc = np.zeros((size, size), dtype=bool)
     disc[:10, :10] = True  # area 100 px: diameter 2 sqrt(100 / pi) = 11.28 px
     mask = np.zeros((size, size), dtype=bool)
-    mask[50, 55] = True  # 5 px from the fovea: within one diameter
-    mask[50, 65] = True  # 15 px: within two
-    mask[50, 80] = True  # 30 px: beyond two
-    fovea = (50.5 / size, 50.5 / size)  # the centre of pixel (x=50, y=50)
+    mask[30, 55] = True  # 5 px from the fovea: within one diameter
+    mask[30, 65] = True  # 15 px: within two
+    mask[30, 80] = True  # 30 px: beyond two
+    fovea = (50.5 / size, 30.5 / size)  # the centre of pixel (x=50, y=30)
     one = lesion_area_near_fovea(mask, disc, fovea)
     two = lesion_area_near_fovea(mask, disc, fovea, diameters=2.0)
     assert (one, two) == (1 / size**2, 2 / size**2)
