@@ -220,6 +220,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    #: measures derived from the predicted masks and points (mtkd.derived): name ->
+    #: {measure: <registered>, <input>: <task>.<layer>, label: <label to score>, **options}
+    derived: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 #: the built-in stage files and groups, shipped as package data

@@ -34,6 +34,7 @@ from data_modules.datamodule import FundusDataModule
 from data_modules.io import load_image, load_mask
 from data_modules.preprocess import fov_region, original_size, uncrop
 from data_modules.samples import Sample
+from mtkd.derived import DerivedMeasure, measure_image
 from mtkd.tasks import Task
 
 RESOLUTIONS = ("working", "original")
@@ -275,8 +276,9 @@ class SplitRecorder(Callback):
     """What ``mtkd evaluate`` scores beyond the module's own metrics, recorded in the same
     Lightning pass over the split (``evaluate`` makes one pass, not three): every task's outputs
     per labeled image (``keep_outputs``: for joint accuracy and the bootstrap intervals) and, with
-    ``resolution="original"``, each segmentation image scored on its original pixels. Under DDP
-    each rank records its share of the split and rank 0 gathers them, so each sample counts
+    ``resolution="original"``, each segmentation image scored on its original pixels, and the
+    ``derived`` measures of every image (``mtkd.derived``), scored against their labels. Under
+    DDP each rank records its share of the split and rank 0 gathers them, so each sample counts
     once."""
 
     def __init__(
@@ -286,12 +288,16 @@ class SplitRecorder(Callback):
         split: str,
         resolution: str,
         keep_outputs: bool,
+        derived: dict[str, DerivedMeasure] | None = None,
     ) -> None:
         self.tasks = tasks
         self.dm = dm
         self.split = split
         self.keep_outputs = keep_outputs
         self.rows: list[dict[str, tuple]] = []
+        self.derived = derived or {}
+        #: per image of the split: its id and each derived measure's value
+        self.measured: list[tuple[str, dict[str, float]]] = []
         self.scores = {
             n: MaskScores(t.required_masks())
             for n, t in tasks.items()
@@ -323,10 +329,16 @@ class SplitRecorder(Callback):
         batch["pixel_scale"] = batch["pixel_scale"].cpu()
         if self.keep_outputs:
             self.rows.append(batch_rows(outputs, batch, list(self.tasks)))
-        if self.scores and not self.samples:
+        if (self.scores or self.derived) and not self.samples:
             dataset = self.dm.dataset(self.split)
             self.samples = {s.sample_id: s for s in dataset.samples}
             self.mask_names = dataset.mask_names
+        if self.derived:
+            used = set().union(*(d.tasks for d in self.derived.values()))
+            values = {n: self.tasks[n].activate(outputs[n]) for n in used}
+            for row, sample_id in enumerate(batch["sample_id"]):
+                image = {n: v[row] for n, v in values.items()}
+                self.measured.append((sample_id, measure_image(self.tasks, self.derived, image)))
         for name, task_scores in self.scores.items():
             probs = self.tasks[name].activate(outputs[name]).numpy()
             for prob, sample_id, has in zip(probs, batch["sample_id"], batch["has"][name]):
@@ -340,11 +352,12 @@ class SplitRecorder(Callback):
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         shares: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, (self.rows, self.scores))
+        dist.all_gather_object(shares, (self.rows, self.scores, self.measured))
         if dist.get_rank() != 0:
             return
-        self.rows = [r for rows, _ in shares for r in rows]
-        first, *others = [scores for _, scores in shares]
+        self.rows = [r for rows, _, _ in shares for r in rows]
+        self.measured = [m for _, _, measured in shares for m in measured]
+        first, *others = [scores for _, scores, _ in shares]
         for scores in others:
             for name, task_scores in scores.items():
                 first[name].merge(task_scores)
@@ -356,8 +369,11 @@ class SplitRecorder(Callback):
         """``<split>/<task>/<metric>`` for every task rescored at the original resolution and
         ``<split>/<a>+<b>/joint_acc`` per joint group; and with ``resamples`` > 0 the 95 %
         percentile bootstrap interval of every metric over the split's labeled images (a
-        rescored task's at that resolution, from the same draws of its images), else None."""
+        rescored task's at that resolution, from the same draws of its images), else None.
+        Each derived measure with a label: ``<split>/derived/<name>/mae`` and ``r2`` over the
+        images that carry the label."""
         outputs = assemble(self.rows)
+        derived = self.derived_outputs()
         rescored = {n: task_scores for n, task_scores in self.scores.items() if task_scores.images}
         metrics = {
             f"{split}/{name}/{key}": value
@@ -368,6 +384,9 @@ class SplitRecorder(Callback):
             right = joint_outputs(self.tasks, outputs, group)
             if right is not None:
                 metrics[f"{split}/{'+'.join(group)}/joint_acc"] = float(right.pred.mean())
+        for name, out in derived.items():
+            found = value_scores(out.pred[None], out.target[None])
+            metrics.update({f"{split}/derived/{name}/{k}": float(v) for k, v in found.items()})
         if not resamples:
             return metrics, None
         working = {name: out for name, out in outputs.items() if name not in rescored}
@@ -377,7 +396,38 @@ class SplitRecorder(Callback):
             values.update(
                 {f"{name}/{k}": v for k, v in task_scores.resampled_metrics(draws).items()}
             )
+        for name, out in derived.items():
+            draws = resample_draws(len(out.ids), resamples)
+            found = value_scores(out.pred[draws], out.target[draws])
+            values.update({f"derived/{name}/{k}": v for k, v in found.items()})
         return metrics, {f"{split}/{key}": ci for key, ci in intervals(values).items()}
+
+    def derived_outputs(self) -> dict[str, TaskOutputs]:
+        """Per derived measure with a label: its value and the label on each image that carries
+        the label (a finite number), in sample-id order; measures no image is labeled for are
+        left out."""
+        found = {}
+        for name, entry in self.derived.items():
+            pairs = sorted(
+                (sample_id, values[name], self.samples[sample_id].labels.get(entry.label))
+                for sample_id, values in self.measured
+            )
+            pairs = [p for p in pairs if p[2] is not None and math.isfinite(p[2])]
+            if pairs:
+                ids, pred, target = zip(*pairs)
+                found[name] = TaskOutputs(
+                    list(ids), torch.tensor(pred).double(), torch.tensor(target).double(), {}
+                )
+        return found
+
+
+def value_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MAE and R² (1 - SS_res / SS_tot, NaN when the targets do not vary) of each row of paired
+    values: a row per bootstrap resample, or one row for the whole split."""
+    error = pred - target
+    spread = ((target - target.mean(dim=-1, keepdim=True)) ** 2).sum(dim=-1)
+    r2 = 1 - (error**2).sum(dim=-1) / spread
+    return {"mae": error.abs().mean(dim=-1), "r2": torch.where(spread > 0, r2, math.nan)}
 
 
 # -- bootstrap intervals over test images ----------------------------------------------------------

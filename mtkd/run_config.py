@@ -23,6 +23,7 @@ from mtkd.config import (
     recompose,
     to_container,
 )
+from mtkd.derived import parse_derived
 from mtkd.kd.teacher_source import TEACHER_SOURCES
 from mtkd.models.pretrained import pretrained_normalisation
 from mtkd.modules.optim import SCHEDULES, optimizer_names
@@ -63,7 +64,7 @@ def resolve_normalisation(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """The checks that need more than the config (``mtkd.config.check`` ran when it was
     composed): ``plugins`` imported first, so that their registrations count; Trainer flags;
-    task specs; each choice of a swappable part, name and options, against its registry; the
+    task specs; the derived measures against the tasks; each choice of a swappable part, name and options, against its registry; the
     optimiser's name against timm's."""
     import_plugins(list(cfg.plugins))
     trainer_args = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
@@ -72,7 +73,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"unknown trainer keys {unknown}; valid Lightning Trainer flags: {', '.join(sorted(trainer_args))}"
         )
-    build_tasks(to_container(cfg.tasks), to_container(cfg.kd.tasks))
+    tasks = build_tasks(to_container(cfg.tasks), to_container(cfg.kd.tasks))
+    parse_derived(to_container(cfg.derived), tasks)
     parts = [
         (TEACHER_SOURCES, cfg.kd.mode),
         (WEIGHTINGS, cfg.run.weighting),

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.datamodule import FundusDataModule, SampleList
 from data_modules.io import atomic_write_bytes
 from mtkd.config import ConfigError, save_config, to_container
+from mtkd.derived import parse_derived
 from mtkd.kd.cache import (
     FEATURE_DTYPE,
     CacheShardWriter,
@@ -407,7 +408,8 @@ def evaluate(
     field of view (into ``metrics_<split>_original.json``); ``joint`` names classification task
     groups for joint accuracy (default: IDRiD's DR + DME when present). ``bootstrap`` resamples
     of the split's images (default ``BOOTSTRAP_RESAMPLES``, 0: none) give each metric a 95 %
-    interval, computed in the rank-0 process over the whole split. See ``mtkd.evaluation``."""
+    interval, computed in the rank-0 process over the whole split. Each ``derived:`` entry with a
+    ``label`` is scored against it (``mtkd.derived``). See ``mtkd.evaluation``."""
     from mtkd.evaluation import (
         BOOTSTRAP_RESAMPLES,
         BOOTSTRAP_SEED,
@@ -447,9 +449,12 @@ def evaluate(
         ckpt, map_location="cpu", weights_only=True, config=to_container(without_pretrained(cfg))
     )
     groups = joint_groups(module.tasks, joint)
+    derived = parse_derived(to_container(cfg.derived), module.tasks)
+    scored = {name: entry for name, entry in derived.items() if entry.label}
     dm = FundusDataModule(cfg.data, module.tasks, scored_sources=sources)
     logger = make_logger(cfg, target.parent, job_type="evaluate")  # logs beside the metrics
-    recorder = SplitRecorder(module.tasks, dm, split, resolution, bool(resamples or groups))
+    keep = bool(resamples or groups)
+    recorder = SplitRecorder(module.tasks, dm, split, resolution, keep, scored)
     trainer = make_trainer(cfg, None, [*logger_callbacks(cfg, logger), recorder], logger)
     run = trainer.validate if split == "val" else trainer.test
     results = run(module, datamodule=dm, verbose=False)
@@ -498,14 +503,16 @@ def write_metrics(
 def print_metrics(
     metrics: dict[str, Any], title: str, ci: dict[str, list[float]] | None = None
 ) -> None:
-    """Per-task table: one row per task, one column per metric (with ``[lo, hi]`` from ``ci``)."""
+    """Per-task table: one row per task (``<split>/<task>/<metric>``) or derived measure
+    (``<split>/derived/<name>/<metric>``), one column per metric (with ``[lo, hi]`` from ``ci``)."""
     rows: dict[str, dict[str, str]] = {}
     for key, value in metrics.items():
         parts = key.split("/")
-        if len(parts) == 3:
+        if len(parts) >= 3:
             lo_hi = (ci or {}).get(key)
             interval = f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
-            rows.setdefault(parts[1], {})[parts[2]] = f"{float(value):.4f}{interval}"
+            row = "/".join(parts[1:-1])
+            rows.setdefault(row, {})[parts[-1]] = f"{float(value):.4f}{interval}"
     print(f"\n{title}")
     for task, values in rows.items():
         cells = "  ".join(f"{k}={v}" for k, v in sorted(values.items()))

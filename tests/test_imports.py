@@ -46,8 +46,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.commands.train_teacher",
     ),
     # evaluation is the evaluate stage's scoring (stages.evaluate, report); it needs only tasks.
+    # derived: the measures read from predicted masks and points (evaluate, predict, export)
     # run_config checks a composed config against the registries of the layers below it
-    "stages": ("mtkd.stages", "mtkd.evaluation", "mtkd.run_config"),
+    "stages": ("mtkd.stages", "mtkd.evaluation", "mtkd.derived", "mtkd.run_config"),
     # tracking: the training run's loggers and their callbacks (W&B's panels draw tasks)
     "modules / kd": (
         "mtkd.modules",

@@ -110,6 +110,9 @@ def output_folder(name: str) -> Arg:
 #: the remaining items of a command that runs a stage
 CONFIG_OVERRIDES = "config overrides: group=option or a.b=value (see `mtkd --help`)"
 
+#: the overrides of a command that reads a checkpoint's derived measures (predict, export)
+DERIVED_OVERRIDES = "derived.<name>={measure: ..., <input>: <task>.<layer>} measures to add"
+
 #: the arguments of a command that runs one stage from its config: overrides only
 STAGE_ARGS = Spec({}, overrides=CONFIG_OVERRIDES)
 

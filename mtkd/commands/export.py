@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from mtkd.commands.args import Arg, Command, Spec, output_folder, parse_args
+from mtkd.commands.args import DERIVED_OVERRIDES, Arg, Command, Spec, output_folder, parse_args
 
 ARGS = Spec(
     {
         "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
         "out": output_folder("export"),
-    }
+    },
+    overrides=DERIVED_OVERRIDES,
 )
 
 
 def main(args: list[str]) -> None:
     from mtkd.commands.exporting import export
 
-    opts, _ = parse_args("export", ARGS, args)
-    export(opts["ckpt"], opts["out"])
+    opts, rest = parse_args("export", ARGS, args)
+    export(opts["ckpt"], opts["out"], rest)
 
 
 COMMAND = Command(

@@ -3,7 +3,11 @@
 Writes ``model.pt`` (the network's state dict only: no optimiser state, no teacher, no config
 pickles; loads with ``weights_only=True``), ``model.onnx`` (one named output per task, dynamic
 batch axis) and ``metadata.json`` (everything needed to rebuild the network and to preprocess and
-read its outputs). Every file is written atomically.
+read its outputs, and the derived measures: ``derived``). Every file is written atomically.
+
+The derived measures (``mtkd.derived``) are listed in the metadata, each with its inputs, options
+and formula, not computed in the ONNX graph: connected components (lesion counts) have no ONNX
+operator, and a deployment reads the thresholded masks and points the graph already outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from data_modules.io import atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD, preprocess_steps
+from mtkd.derived import DerivedMeasure, saved_derived
 from mtkd.models.multitask import MultiTaskNet, count_parameters
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_output_folder, default_output
@@ -75,9 +80,16 @@ def onnx_bytes(net: MultiTaskNet, tasks: dict[str, Task], image_size: int) -> by
     return buf.getvalue()
 
 
-def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict[str, Any]:
+def metadata(
+    ckpt: str | Path,
+    net: MultiTaskNet,
+    tasks: dict,
+    cfg: Any,
+    derived: dict[str, DerivedMeasure] | None = None,
+) -> dict[str, Any]:
     """What a consumer needs besides the weights: input size and normalisation, preprocessing,
-    each output's shape and channel names, and the config to rebuild the network."""
+    each output's shape and channel names, the config to rebuild the network, and how to compute
+    each derived measure from the outputs (a sigmoid output's mask: probability >= 0.5)."""
     size = int(cfg.data.image_size)
     with torch.inference_mode():
         raw = net(torch.zeros(1, 3, size, size))
@@ -107,6 +119,7 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
             }
             for name, task in tasks.items()
         },
+        "derived": {name: entry.describe() for name, entry in (derived or {}).items()},
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "versions": {
             "mtkd": package_version("mtkd"),
@@ -116,12 +129,16 @@ def metadata(ckpt: str | Path, net: MultiTaskNet, tasks: dict, cfg: Any) -> dict
     }
 
 
-def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
+def export(
+    ckpt: str | Path, out: str | Path | None = None, overrides: list[str] | None = None
+) -> Path:
     """Write model.pt, model.onnx and metadata.json for a checkpoint's network; returns the folder.
+    ``overrides``: ``derived.<name>={...}`` measures added to the checkpoint's own.
 
     Default folder: ``export/`` beside the checkpoint's run (``mtkd.outputs``); files already there
     are replaced only when its metadata.json names this checkpoint, checked before the export."""
     net, tasks, cfg = load_net(ckpt)
+    derived = saved_derived(cfg, tasks, overrides or [])
     out_dir = Path(out) if out else default_output(ckpt, "export")
     check_output_folder(out_dir, ckpt, list(FILES), METADATA, "source_checkpoint")
     if cfg.stage == "teacher":
@@ -131,7 +148,7 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     torch.save(net.state_dict(), weights)
     atomic_write_bytes(out_dir / "model.pt", weights.getvalue())
     atomic_write_bytes(out_dir / "model.onnx", onnx_bytes(net, tasks, int(cfg.data.image_size)))
-    meta = metadata(ckpt, net, tasks, cfg)
+    meta = metadata(ckpt, net, tasks, cfg, derived)
     atomic_write_bytes(out_dir / METADATA, json.dumps(meta, indent=1).encode())
     log.info(
         f"exported {cfg.stage} network ({meta['parameters']:,} parameters, tasks {names}) to "

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from mtkd.commands.args import Arg, Command, Spec, output_folder, parse_args
+from mtkd.commands.args import DERIVED_OVERRIDES, Arg, Command, Spec, output_folder, parse_args
 
 ARGS = Spec(
     {
         "ckpt": Arg("checkpoint to predict with", required="path/to/best.ckpt"),
         "images": Arg("an image file or a folder of images", required="image file or folder"),
         "out": output_folder("predictions"),
-    }
+    },
+    overrides=DERIVED_OVERRIDES,
 )
 
 
 def main(args: list[str]) -> None:
     from mtkd.commands.prediction import predict
 
-    opts, _ = parse_args("predict", ARGS, args)
-    predict(opts["ckpt"], opts["images"], opts["out"])
+    opts, rest = parse_args("predict", ARGS, args)
+    predict(opts["ckpt"], opts["images"], opts["out"], rest)
 
 
 COMMAND = Command(

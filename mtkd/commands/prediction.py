@@ -3,8 +3,9 @@
 Each image goes through the training preprocessing (field-of-view crop, resize, normalisation) so
 the network sees what it was trained on. Outputs are turned into readable values: class and
 probabilities, regression values, landmark points in the original photograph's pixels (mapped back
-through the crop box), and mask areas: each task kind's ``Task.summarise``. Also home of the
-overlay drawing (``Task.overlay``) shared with ``mtkd report``.
+through the crop box), and mask areas: each task kind's ``Task.summarise``; and the measures
+derived from the masks and points (``derived:`` in the checkpoint's config, or
+``derived.<name>={...}`` arguments; ``mtkd.derived``). Also home of the overlay drawing (``Task.overlay``) shared with ``mtkd report``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from data_modules.io import IMAGE_SUFFIXES, atomic_write_bytes
 from data_modules.preprocess import FOV_THRESHOLD, Prepared, Preprocessor
 from data_modules.samples import Sample
 from data_modules.transforms import build_transform
+from mtkd.derived import measure_image, saved_derived
 from mtkd.modules.checkpoint import load_net
 from mtkd.outputs import check_output_folder, default_output
 from mtkd.tasks import Frame, Task
@@ -180,8 +182,14 @@ def claim_folder(out_dir: Path, ckpt: str | Path) -> None:
 
 
 @torch.inference_mode()
-def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def predict(
+    ckpt: str | Path,
+    images: str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Predict every image; print a table per image, write predictions.json and overlay PNGs.
+    ``overrides``: ``derived.<name>={...}`` measures added to the checkpoint's own.
 
     An image that cannot be read does not cost the others their results: it is listed, with the
     reason, under ``unreadable`` in predictions.json and in the printout. Only when no image can
@@ -192,6 +200,7 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
     image is read."""
     files = find_images(images)
     net, tasks, cfg = load_net(ckpt)
+    derived = saved_derived(cfg, tasks, overrides or [])
     out_dir = Path(out) if out else default_output(ckpt, "predictions")
     written = [PREDICTIONS, *(f"{path.name}{OVERLAY_SUFFIX}" for path in files)]
     check_output_folder(out_dir, ckpt, written, PREDICTIONS, "checkpoint")
@@ -212,6 +221,11 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
         frame = Frame(origin, prep.pixel_scale, fov)
         summaries = {name: task.summarise(values[name], frame) for name, task in tasks.items()}
         lines = [f"{name:<14} {tasks[name].summary_line(s)}" for name, s in summaries.items()]
+        measured = measure_image(tasks, derived, values)
+        if measured:
+            lines.append(
+                f"{'derived':<14} " + "  ".join(f"{k}={v:.3f}" for k, v in measured.items())
+            )
         overlay = out_dir / f"{path.name}{OVERLAY_SUFFIX}"
         if not results:
             claim_folder(out_dir, ckpt)
@@ -227,6 +241,7 @@ def predict(ckpt: str | Path, images: str | Path, out: str | Path | None = None)
                 "fov_pixels": int(fov.sum()),
                 "overlay": str(overlay),
                 "tasks": summaries,
+                "derived": measured,
             }
         )
     reasons = [entry["reason"] for entry in unreadable]
