@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtkd.kd.cache import TeacherCache
+from mtkd.kd.cache import StaleCacheError, TeacherCache
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, open_checked_cache
 from mtkd.tasks import build_tasks
@@ -130,7 +130,7 @@ def test_text_task_teacher_cache_distill_evaluate(synth_root: Path, tmp_path: Pa
         tmp_path / "other",
         REPORT,
         f"kd.cache_dir={cfg.kd.cache_dir}",
-        f"tasks.report.vocabulary=[{','.join(vocabulary[:-1])}]",
+        f"tasks.report.vocabulary={json.dumps(vocabulary[:-1])}",
     )
-    with pytest.raises(ValueError, match="report"):
+    with pytest.raises(StaleCacheError, match="tasks differs"):
         open_checked_cache(other, build_tasks({**other.tasks}))

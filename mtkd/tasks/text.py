@@ -144,8 +144,14 @@ class TextTask(Task):
         spec = self.spec
         if spec.max_length < 2 or spec.top_k < 1:
             raise ValueError(f"task {self.name!r}: max_length must be >= 2 and top_k >= 1")
-        if spec.vocabulary is not None and tuple(spec.vocabulary[:4]) != SPECIALS:
-            raise ValueError(f"task {self.name!r}: a vocabulary starts with {list(SPECIALS)}")
+        vocabulary = spec.vocabulary
+        if vocabulary is not None and (
+            tuple(vocabulary[:4]) != SPECIALS or not all(isinstance(w, str) for w in vocabulary)
+        ):
+            raise ValueError(
+                f"task {self.name!r}: a vocabulary is a list of strings (quote YAML's numbers "
+                f"and no/yes) starting with {list(SPECIALS)}"
+            )
 
     @property
     def text(self) -> str:
