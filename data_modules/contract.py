@@ -7,7 +7,7 @@ augmentation (``mtkd.tasks`` re-exports it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -18,13 +18,15 @@ import torch
 class Annotation:
     """What a task may read its target from, after resizing and augmentation.
 
-    ``masks`` are H x W float arrays in {0,1}; ``points`` are normalised (x, y) in [0,1]^2.
+    ``masks`` are H x W float arrays in {0,1}; ``points`` are normalised (x, y) in [0,1]^2;
+    ``texts`` are free texts (a written diagnosis), which augmentation leaves alone.
     """
 
     labels: dict[str, float]
     masks: dict[str, np.ndarray]
     points: dict[str, tuple[float, float]]
     size: int
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 class DatasetTask(Protocol):

@@ -45,7 +45,8 @@ def read_sources(data_cfg: Any) -> list[Sample]:
         got = [s.renamed(label_map) for s in got] if label_map else got
         if src.unlabeled:
             got = [
-                dataclasses.replace(s, labels={}, masks={}, points={}, split="train") for s in got
+                dataclasses.replace(s, labels={}, masks={}, points={}, texts={}, split="train")
+                for s in got
             ]
         elif not reuse:
             got = assign_splits(
@@ -232,7 +233,7 @@ def _maybe_unlabel(sample: Sample, fraction: float, seed: int) -> Sample:
     if sample.split != "train":
         return sample
     keep = int(rank(seed + 1, sample.patient_id)[:8], 16) / 0xFFFFFFFF < fraction
-    return sample if keep else dataclasses.replace(sample, labels={}, masks={}, points={})
+    return sample if keep else dataclasses.replace(sample, labels={}, masks={}, points={}, texts={})
 
 
 class FundusDataset(Dataset):
@@ -286,7 +287,11 @@ class FundusDataset(Dataset):
             self.transform, prep.image, prep.masks, prep.points, teacher, self.carried, not replayed
         )
         ann = Annotation(
-            labels=sample.labels, masks=moved.masks, points=moved.points, size=self.size
+            labels=sample.labels,
+            masks=moved.masks,
+            points=moved.points,
+            size=self.size,
+            texts=sample.texts,
         )
         targets, has = {}, {}
         for name, task in self.tasks.items():

@@ -2,7 +2,8 @@
 
 Columns: ``sample_id, patient_id, split, image`` then, per annotation,
 ``label:<name>`` (a number), ``mask:<name>`` (path to a binary mask image) and
-``point:<name>:x`` / ``point:<name>:y`` (pixels of the original image). Paths are relative to the
+``point:<name>:x`` / ``point:<name>:y`` (pixels of the original image) and ``text:<name>`` (a free
+text, e.g. a written diagnosis). Paths are relative to the
 CSV's folder. An empty cell means "no label for this sample".
 """
 
@@ -59,7 +60,7 @@ def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sa
     samples, outside = [], []
     for line, raw in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-        labels, masks, points = {}, {}, {}
+        labels, masks, points, texts = {}, {}, {}, {}
         for col, value in row.items():
             if not value or col in BASE_COLUMNS:
                 continue
@@ -70,6 +71,8 @@ def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sa
                 masks[name] = _resolve(base, value)
                 if _climbing(base, value):
                     outside.append(f"  line {line}: {col}={value!r}")
+            elif kind == "text":
+                texts[name] = value
             elif kind == "point":
                 pname, _, axis = name.rpartition(":")
                 if axis not in ("x", "y"):
@@ -78,7 +81,7 @@ def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sa
             elif kind:
                 raise ValueError(
                     f"manifest {path}: unknown column {col!r}; use sample_id, patient_id, split, "
-                    "image, label:<name>, mask:<name>, point:<name>:x, point:<name>:y"
+                    "image, label:<name>, mask:<name>, point:<name>:x, point:<name>:y, text:<name>"
                 )
         for pname, xy in points.items():
             if set(xy) != {"x", "y"}:
@@ -100,6 +103,7 @@ def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sa
                 labels=labels,
                 masks=masks,
                 points={k: (v["x"], v["y"]) for k, v in points.items()},
+                texts=texts,
                 origin=f"{path} line {line}",
             )
         )
@@ -144,9 +148,10 @@ def write_manifest(samples: Iterable[Sample], path: str | Path) -> Path:
     mask_cols = sorted({f"mask:{k}" for s in samples for k in s.masks})
     point_names = sorted({k for s in samples for k in s.points})
     point_cols = [f"point:{p}:{a}" for p in point_names for a in ("x", "y")]
+    text_cols = sorted({f"text:{k}" for s in samples for k in s.texts})
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow([*BASE_COLUMNS, *label_cols, *mask_cols, *point_cols])
+    writer.writerow([*BASE_COLUMNS, *label_cols, *mask_cols, *point_cols, *text_cols])
     for s in samples:
         row = [s.sample_id, s.patient_id, s.split or "", rel(s.image)]
         row += [_fmt(s.labels.get(c.split(":", 1)[1])) for c in label_cols]
@@ -154,6 +159,7 @@ def write_manifest(samples: Iterable[Sample], path: str | Path) -> Path:
         for p in point_names:
             xy = s.points.get(p)
             row += [f"{xy[0]:.3f}", f"{xy[1]:.3f}"] if xy else ["", ""]
+        row += [s.texts.get(c[5:], "") for c in text_cols]
         writer.writerow(row)
     atomic_write_bytes(path, buf.getvalue().encode())
     return path

@@ -35,19 +35,25 @@ class Sample:
     labels: dict[str, float] = field(default_factory=dict)
     masks: dict[str, str] = field(default_factory=dict)
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: free-text annotations (a written diagnosis), name -> text
+    texts: dict[str, str] = field(default_factory=dict)
     #: where the record came from (e.g. ``manifest.csv line 12``), for error messages
     origin: str | None = None
     #: the name of the configured data source (its key under ``data.sources``) it was read from
     source: str | None = None
 
     def renamed(self, label_map: dict[str, str]) -> Sample:
-        """Return a copy whose label, mask and point names pass through ``label_map``."""
+        """Return a copy whose label, mask, point and text names pass through ``label_map``."""
 
         def rename(d: dict) -> dict:
             return {label_map.get(k, k): v for k, v in d.items()}
 
         return dataclasses.replace(
-            self, labels=rename(self.labels), masks=rename(self.masks), points=rename(self.points)
+            self,
+            labels=rename(self.labels),
+            masks=rename(self.masks),
+            points=rename(self.points),
+            texts=rename(self.texts),
         )
 
 

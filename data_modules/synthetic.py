@@ -634,7 +634,36 @@ def _write_eye(folder: Path, plan: _EyePlan, eye: _Eye) -> Sample:
         labels=labels,
         masks=masks,
         points={"optic_disc": eye.disc, "fovea": eye.fovea},
+        texts={"report": report(labels)},
     )
+
+
+GRADE_WORDS = (
+    "no diabetic retinopathy",
+    "mild non-proliferative retinopathy",
+    "moderate non-proliferative retinopathy",
+    "severe non-proliferative retinopathy",
+    "proliferative retinopathy",
+)
+
+
+def report(labels: dict[str, float]) -> str:
+    """A short written diagnosis made from the eye's own labels only, so the same seed writes
+    the same text (the text task's reference): grade, where the hard exudates lie (the DME
+    risk), cup-to-disc ratio and a glaucoma suspicion."""
+    grade, dme = int(labels["dr_grade"]), int(labels["dme_risk"])
+    if grade < 2:
+        exudates = "no hard exudates"
+    else:
+        exudates = (
+            "hard exudates away from the fovea",
+            "hard exudates within two disc diameters of the fovea",
+            "hard exudates within one disc diameter of the fovea",
+        )[dme]
+    parts = [GRADE_WORDS[grade], exudates, f"cup-to-disc {labels['cdr']:.1f}"]
+    if labels["glaucoma"]:
+        parts.append("suspected glaucoma")
+    return "; ".join(parts)
 
 
 def _check_params(root: Path, params: dict[str, int]) -> None:

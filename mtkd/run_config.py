@@ -15,6 +15,7 @@ import inspect
 from lightning.pytorch import Trainer
 from omegaconf import DictConfig
 
+from data_modules.datamodule import SampleList
 from mtkd.config import (
     ConfigError,
     check_choices,
@@ -38,6 +39,7 @@ def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
     cfg = compose(stage, overrides)
     resolve_normalisation(cfg)
     validate(cfg)
+    learn_task_specs(cfg)
     return cfg
 
 
@@ -59,6 +61,19 @@ def resolve_normalisation(cfg: DictConfig) -> None:
             cfg.data.mean = list(mean)
         if cfg.data.std is None:
             cfg.data.std = list(std)
+
+
+def learn_task_specs(cfg: DictConfig) -> None:
+    """Fill in what a task's spec leaves to the training data (``Task.learned_spec``: a text
+    task's vocabulary), so every stage of one data set agrees on it, the checkpoint saves it and
+    a teacher cache written for another is refused. The data is read only when a task asks."""
+    tasks = build_tasks(to_container(cfg.tasks))
+    learning = {n: t for n, t in tasks.items() if t.learns_from_data}
+    if not learning:
+        return
+    train = [s for s in SampleList(cfg.data).prepared() if s.split == "train"]
+    for name, task in learning.items():
+        cfg.tasks[name] = {**to_container(cfg.tasks[name]), **task.learned_spec(train)}
 
 
 def validate(cfg: DictConfig) -> None:

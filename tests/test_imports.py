@@ -87,6 +87,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mtkd.tasks.multilabel",
         "mtkd.tasks.regression",
         "mtkd.tasks.segmentation",
+        "mtkd.tasks.text",
         "mtkd.profiling",
     ),
     # imported from every layer; config is the schema, ConfigError and composition

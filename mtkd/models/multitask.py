@@ -85,21 +85,28 @@ class MultiTaskNet(nn.Module):
             parts += [decoded.mean(dim=(2, 3)), decoded.amax(dim=(2, 3))]
         return torch.cat(parts, dim=1)
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_with_features(image)[0]
+    def forward(
+        self, image: torch.Tensor, guides: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.forward_with_features(image, guides=guides)[0]
 
     def map_channels(self, stride: int) -> int:
         """Channels of the encoder's feature map at ``stride`` (``forward_with_features``)."""
         return self.encoder.out_channels[map_stage(stride, self.depth)]
 
     def forward_with_features(
-        self, image: torch.Tensor, map_stride: int | None = None
+        self,
+        image: torch.Tensor,
+        map_stride: int | None = None,
+        guides: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """The outputs, the global heads' input before dropout (B x ``pooled_dim``: the image
         embedding that feature-level KD matches, ``kd.features.weight``) and, given
         ``map_stride``, the encoder's feature map at that stride (B x ``map_channels`` x H/stride
         x W/stride: what dense feature KD matches, ``kd.features.map_weight``; the encoder
-        computes it anyway, so asking for it costs nothing)."""
+        computes it anyway, so asking for it costs nothing). ``guides``: per global task, what
+        its head reads besides the features (``Task.guide``: teacher forcing)."""
+        guides = guides or {}
         features = self.encoder(image)
         decoded = self.decoder(features) if self.decoder is not None else None
         outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
@@ -108,7 +115,9 @@ class MultiTaskNet(nn.Module):
             pooled = self.pooled_norm(pooled)
         dropped = self.head_dropout(pooled)
         for name, head in self.heads.items():
-            if name not in outputs:
+            if name in guides:
+                outputs[name] = head(dropped, guides[name])
+            elif name not in outputs:
                 outputs[name] = head(dropped)
         if map_stride is None:
             return outputs, pooled, None

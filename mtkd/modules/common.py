@@ -73,8 +73,20 @@ class MultiTaskModule(L.LightningModule):
         )
         self._stuck_checked = False
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(self.net_input(image))
+    def forward(
+        self, image: torch.Tensor, guides: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.net(self.net_input(image), guides)
+
+    def guides(self, batch: dict, teacher: dict | None = None) -> dict[str, torch.Tensor]:
+        """What each guided head reads besides the features (``Task.guide``): the batch's
+        reference and, given ``teacher`` (the batch's teacher outputs), the teacher's."""
+        teacher = teacher or {}
+        return {
+            n: g
+            for n, t in self.tasks.items()
+            if (g := t.guide(batch["targets"][n], teacher.get(n))) is not None
+        }
 
     def net_input(self, image: torch.Tensor) -> torch.Tensor:
         """The image in the memory format the network runs in (``model.channels_last``)."""
@@ -145,7 +157,7 @@ class MultiTaskModule(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
         """Update the stage's metrics; returns the outputs, for callbacks that score more
         (``mtkd evaluate``'s ``SplitRecorder``)."""
-        outputs = self(batch["image"])
+        outputs = self(batch["image"], self.guides(batch))
         losses = self.supervised_losses(outputs, batch)
         size = batch["image"].shape[0]
         checks = self._checks_stuck_heads(stage)

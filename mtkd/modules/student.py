@@ -172,11 +172,11 @@ class StudentModule(MultiTaskModule):
         return losses
 
     def outputs_and_features(
-        self, image: torch.Tensor
+        self, image: torch.Tensor, guides: dict[str, torch.Tensor] | None = None
     ) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         """``forward``'s outputs, the pooled vector and (dense feature KD on) the feature map
         the adaptors read."""
-        return self.net.forward_with_features(self.net_input(image), self.map_stride)
+        return self.net.forward_with_features(self.net_input(image), self.map_stride, guides)
 
     def feature_loss(
         self,
@@ -204,14 +204,16 @@ class StudentModule(MultiTaskModule):
         """Total loss and every logged term of one training batch, keyed ``(task, term)``
         with term ``sup``, ``kd`` or ``loss`` (and ``("features", "kd")``,
         ``("feature_maps", "kd")``)."""
+        teacher = self.teacher_source.outputs(batch)
+        guides = self.guides(batch, teacher)
         if self.feature_adaptors or self.map_adaptors:
-            outputs, pooled, feature_map = self.outputs_and_features(batch["image"])
+            outputs, pooled, feature_map = self.outputs_and_features(batch["image"], guides)
         else:  # the network's own forward, as a wrapper around it (DDP) expects
-            outputs = self(batch["image"])
+            outputs = self(batch["image"], guides)
         sup = self.supervised_losses(outputs, batch)
         terms = {(n, "sup"): v for n, v in sup.items()}
         taught = self.teacher_source.taught(batch)
-        kd = self.kd_losses(outputs, self.teacher_source.outputs(batch), taught)
+        kd = self.kd_losses(outputs, teacher, taught)
         terms.update({(n, "kd"): v for n, v in kd.items()})
         # A task no teacher covers trains on labels only (alpha 0; announced at start-up).
         per_task = {

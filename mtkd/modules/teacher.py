@@ -9,7 +9,7 @@ from mtkd.modules.common import MultiTaskModule
 
 class TeacherModule(MultiTaskModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self(batch["image"])
+        outputs = self(batch["image"], self.guides(batch))
         losses = self.supervised_losses(outputs, batch)
         total = self.weighting(losses)
         self.guard_finite(total, losses)

@@ -22,6 +22,7 @@ from mtkd.tasks.localization import LocalizationTask
 from mtkd.tasks.multilabel import MultilabelTask
 from mtkd.tasks.regression import RegressionTask
 from mtkd.tasks.segmentation import SegmentationTask
+from mtkd.tasks.text import TextTask
 
 __all__ = [
     "Annotation",
@@ -35,6 +36,7 @@ __all__ = [
     "Task",
     "TaskKD",
     "TaskSpec",
+    "TextTask",
     "build_tasks",
     "kd_loss_names",
     "masked_mean",

@@ -150,6 +150,25 @@ class Task(abc.ABC):
     def empty_target(self, size: int) -> torch.Tensor:
         """Placeholder of the target's shape for samples without a label (masked out)."""
 
+    def guide(self, target: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor | None:
+        """What the head reads besides the pooled features in training and evaluation (a
+        sequence head's teacher forcing: the reference tokens, and the teacher's when the batch
+        has a teacher output): the head is then called ``head(features, guide)``. None (the
+        default): the head reads the features alone, as it does in predict and export."""
+        return None
+
+    @property
+    def learns_from_data(self) -> bool:
+        """Whether the spec leaves open what ``learned_spec`` fixes from the training data."""
+        return False
+
+    def learned_spec(self, train: list[Any]) -> dict[str, Any]:
+        """Spec fields fixed from the training samples (``data_modules`` Sample records) before
+        any network is built, e.g. a text task's vocabulary. A new run's config takes them
+        (``mtkd.run_config.load_config``), so the checkpoint saves them and ``identity``, which
+        a teacher cache is checked against, names them. Nothing by default."""
+        return {}
+
     def required_masks(self) -> list[str]:
         """Mask names the loader must read for this task (``label_problems`` checks them)."""
         return []

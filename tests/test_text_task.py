@@ -1,0 +1,136 @@
+"""The text task kind: vocabulary, teacher forcing vs greedy decoding, BLEU, word-level KD's
+gradient, the cache refused for another vocabulary, and a tiny teacher -> cache -> distill ->
+evaluate run with a text task added through the config alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtkd.kd.cache import StaleCacheError, TeacherCache
+from mtkd.run_config import load_config
+from mtkd.stages import cache_teacher, evaluate, fit, open_checked_cache
+from mtkd.tasks import build_tasks
+from mtkd.tasks.text import (
+    EOS,
+    GREEDY,
+    PAD,
+    REFERENCE,
+    TEACHER,
+    TextDecoder,
+    build_vocabulary,
+    encode,
+    readable,
+    word_kd,
+    words,
+)
+from tests.conftest import distill_cfg, tiny_overrides
+
+TEXTS = ["moderate retinopathy; hard exudates", "no retinopathy; cup-to-disc 0.6"]
+REPORT = "tasks.report={kind: text, max_length: 12, hidden: 32, top_k: 4}"
+
+
+def text_task(length: int = 8, top_k: int = 4):
+    vocabulary = build_vocabulary(TEXTS)
+    spec = {"kind": "text", "vocabulary": vocabulary, "max_length": length, "top_k": top_k}
+    return build_tasks({"report": spec})["report"]
+
+
+def test_vocabulary_round_trip() -> None:
+    vocabulary = build_vocabulary(list(reversed(TEXTS)))
+    assert vocabulary == build_vocabulary(TEXTS)  # order of the texts does not matter
+    ids = encode(TEXTS[0], vocabulary, 8)
+    assert len(ids) == 8 and ids[5] == EOS and ids[6:] == [PAD, PAD]
+    assert readable(words(ids, vocabulary)) == TEXTS[0]
+    assert words(encode("unseen words", vocabulary, 8), vocabulary) == ["<unk>", "<unk>"]
+    assert len(encode(TEXTS[0], vocabulary, 3)) == 3  # truncated, <eos> kept
+
+
+def test_greedy_decoding_equals_teacher_forcing_on_its_own_tokens() -> None:
+    torch.manual_seed(0)
+    decoder = TextDecoder(6, vocabulary=7, hidden=5, length=6)
+    with torch.no_grad():
+        decoder.out.weight.mul_(50)  # confident: an argmax far from any tie
+    pooled = torch.randn(3, 6)
+    greedy = decoder(pooled)[:, GREEDY]
+    tokens = greedy.argmax(dim=-1)
+    forced = decoder(pooled, tokens[:, None])[:, 1]
+    assert torch.equal(forced.argmax(dim=-1), tokens)
+    assert torch.allclose(forced, greedy, atol=1e-4)
+
+
+def test_bleu_of_identical_texts_is_one_and_of_disjoint_texts_zero() -> None:
+    task = text_task()
+    vocabulary = task.vocabulary
+    target = torch.tensor([encode(TEXTS[0], vocabulary, 8)])
+
+    def bleu(text: str) -> dict[str, float]:
+        logits = torch.nn.functional.one_hot(torch.tensor([encode(text, vocabulary, 8)]), 12)
+        metrics = task.metrics()
+        task.update_metrics(metrics, logits.float()[:, None], target, {})
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    assert bleu(TEXTS[0]) == {"bleu4": 1.0, "bleu1": 1.0}
+    assert bleu("no cup-to-disc 0.6 no cup-to-disc") == {"bleu4": 0.0, "bleu1": 0.0}
+    assert task.higher_is_better()
+
+
+def test_word_kd_gradient_is_t_times_student_minus_teacher_probabilities() -> None:
+    task = text_task(length=3, top_k=12)  # k = V: the teacher's whole distribution
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(1, 1, 3, 12)
+    teacher = task.teacher_output(teacher_logits)
+    teacher[0, :, 0] = torch.tensor([5.0, 6.0, float(PAD)])  # two positions, then padding
+    student = torch.randn(1, 3, 3, 12, requires_grad=True)
+    t = 2.0
+    word_kd(task, student, teacher, t).sum().backward()
+    p_s = (student[0, TEACHER] / t).softmax(dim=-1)
+    p_t = (teacher_logits[0, GREEDY] / t).softmax(dim=-1)
+    expected = t * (p_s - p_t) / 2
+    expected[2] = 0  # a padded position adds nothing
+    assert torch.allclose(student.grad[0, TEACHER], expected.detach(), atol=1e-5)
+    assert student.grad[0, REFERENCE].abs().sum() == 0
+
+
+@pytest.mark.integration
+def test_text_task_teacher_cache_distill_evaluate(synth_root: Path, tmp_path: Path) -> None:
+    teacher_dir = tmp_path / "teacher"
+    teacher = fit(load_config("teacher", [*tiny_overrides(synth_root, teacher_dir), REPORT]))
+    saved = torch.load(teacher, map_location="cpu", weights_only=False)
+    vocabulary = saved["hyper_parameters"]["config"]["tasks"]["report"]["vocabulary"]
+    assert "retinopathy" in vocabulary  # learned from the synthetic reports, kept in the ckpt
+
+    cfg = distill_cfg(synth_root, tmp_path, f"cache.teacher=[{teacher}]", REPORT)
+    cache_teacher(cfg)
+    row = TeacherCache(cfg.kd.cache_dir, build_tasks({"report": cfg.tasks.report}))
+    assert row.nbytes_per_sample()["report"] == 12 * (1 + 2 * 4) * 4
+
+    for loss in ("word", "sequence"):
+        run = tmp_path / loss
+        student = fit(
+            distill_cfg(
+                synth_root,
+                run,
+                REPORT,
+                f"kd.cache_dir={cfg.kd.cache_dir}",
+                f"kd.tasks.report.loss={loss}",
+            )
+        )
+        metrics = json.loads((run / "metrics_val.json").read_text())["metrics"]
+        assert 0 <= metrics["val/report/bleu4"] <= 1
+    scores = evaluate(str(student), "test", [])
+    assert 0 <= scores["test/report/bleu4"] <= 1 and "test/report/bleu1" in scores
+
+    # Another vocabulary: the cache is refused.
+    other = distill_cfg(
+        synth_root,
+        tmp_path / "other",
+        REPORT,
+        f"kd.cache_dir={cfg.kd.cache_dir}",
+        f"tasks.report.vocabulary={json.dumps(vocabulary[:-1])}",
+    )
+    with pytest.raises(StaleCacheError, match="tasks differs"):
+        open_checked_cache(other, build_tasks({**other.tasks}))
