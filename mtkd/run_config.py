@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 
 from lightning.pytorch import Trainer
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data_modules.datamodule import SampleList
 from mtkd.config import (
@@ -66,12 +66,15 @@ def resolve_normalisation(cfg: DictConfig) -> None:
 def learn_task_specs(cfg: DictConfig) -> None:
     """Fill in what a task's spec leaves to the training data (``Task.learned_spec``: a text
     task's vocabulary), so every stage of one data set agrees on it, the checkpoint saves it and
-    a teacher cache written for another is refused. The data is read only when a task asks."""
+    a teacher cache written for another is refused. The data is read only when a task asks, and
+    without ``data.label_fraction``: a student that sees a fraction of the labels must share the
+    vocabulary of the teacher that saw them all, or the teacher's cache would be refused."""
     tasks = build_tasks(to_container(cfg.tasks))
     learning = {n: t for n, t in tasks.items() if t.learns_from_data}
     if not learning:
         return
-    train = [s for s in SampleList(cfg.data).prepared() if s.split == "train"]
+    every_label = OmegaConf.merge(cfg.data, {"label_fraction": 1.0})
+    train = [s for s in SampleList(every_label).prepared() if s.split == "train"]
     for name, task in learning.items():
         cfg.tasks[name] = {**to_container(cfg.tasks[name]), **task.learned_spec(train)}
 

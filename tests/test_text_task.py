@@ -134,3 +134,17 @@ def test_text_task_teacher_cache_distill_evaluate(synth_root: Path, tmp_path: Pa
     )
     with pytest.raises(StaleCacheError, match="tasks differs"):
         open_checked_cache(other, build_tasks({**other.tasks}))
+
+
+@pytest.mark.integration
+def test_a_student_on_a_fraction_of_the_labels_learns_its_teachers_vocabulary(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    """The vocabulary is learned from every training text whatever ``data.label_fraction``:
+    otherwise the scarce-label student's task would differ from its teacher's and the teacher's
+    cache would be refused."""
+    learned = [
+        distill_cfg(synth_root, tmp_path, REPORT, f"data.label_fraction={f}").tasks.report
+        for f in (1.0, 0.25)
+    ]
+    assert learned[0].vocabulary == learned[1].vocabulary
