@@ -25,11 +25,14 @@ class Arg:
 @dataclass(frozen=True)
 class Spec:
     """A command's arguments. ``overrides``: what the other ``key=value`` items are (config
-    overrides, passed on), or None to refuse them; ``positional``: the one bare argument."""
+    overrides, passed on), or None to refuse them; ``override_prefix``: the one config key
+    they may set (``derived.``), others refused before any work; ``positional``: the one bare
+    argument."""
 
     args: dict[str, Arg]
     overrides: str | None = None
     positional: str | None = None
+    override_prefix: str = ""
 
     def usage(self, command: str) -> str:
         lines = [f"usage: mtkd {command}" + (f" {self.positional}" if self.positional else "")]
@@ -76,8 +79,14 @@ def parse_args(command: str, spec: Spec, argv: list[str]) -> tuple[dict[str, Any
             )
         values[spec.positional] = bare[0]
         rest.remove(bare[0])
-    if spec.overrides is None and rest:
-        raise ValueError(f"{command}: unknown arguments {rest}; valid: {valid}")
+    unknown = (
+        rest
+        if spec.overrides is None
+        else [r for r in rest if not r.startswith(spec.override_prefix)]
+    )
+    if unknown:
+        allowed = f", {spec.override_prefix}<...>=" if spec.overrides is not None else ""
+        raise ValueError(f"{command}: unknown arguments {unknown}; valid: {valid}{allowed}")
     missing = [f"{n}=<{a.required}>" for n, a in spec.args.items() if a.required and n not in given]
     if missing:
         raise ValueError(f"{command} needs {' '.join(missing)}")

@@ -10,6 +10,7 @@ ARGS = Spec(
         "out": output_folder("export"),
     },
     overrides=DERIVED_OVERRIDES,
+    override_prefix="derived.",
 )
 
 

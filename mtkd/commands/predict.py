@@ -11,6 +11,7 @@ ARGS = Spec(
         "out": output_folder("predictions"),
     },
     overrides=DERIVED_OVERRIDES,
+    override_prefix="derived.",
 )
 
 
