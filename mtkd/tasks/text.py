@@ -217,6 +217,11 @@ class TextTask(Task):
         metrics.update(self.decoded(pred), references)
 
     # -- readable outputs ----------------------------------------------------------------------
+    def exported(self, raw: torch.Tensor) -> torch.Tensor:
+        """The greedy decode's B x L token ids (int64; ``channel_names`` is the vocabulary): the
+        decoder runs inside the exported graph, and a deployment reads words, not logits."""
+        return raw[:, GREEDY].argmax(dim=-1)
+
     def channel_names(self) -> list[str]:
         return list(self.vocabulary)
 
