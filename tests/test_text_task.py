@@ -12,7 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from data_modules.datamodule import check_labels
 from data_modules.manifest import read_manifest
+from data_modules.samples import Sample
 from mtkd.commands.exporting import export
 from mtkd.commands.prediction import predict
 from mtkd.kd.cache import StaleCacheError, TeacherCache
@@ -197,3 +199,11 @@ def test_export_runs_the_decoder_in_the_graph(teacher: Path, tmp_path: Path) -> 
             expected = net(image)["report"][:, GREEDY].argmax(dim=-1)
         got = session.run(None, {"image": image.numpy()})[index]
         assert np.array_equal(got, expected.numpy())
+
+
+def test_a_text_task_whose_text_no_sample_carries_is_refused_when_the_data_is_read() -> None:
+    samples = [Sample(f"s{i}", f"p{i}", f"s{i}.png", texts={"report": TEXTS[i]}) for i in (0, 1)]
+    spec = {"kind": "text", "vocabulary": build_vocabulary(TEXTS)}
+    check_labels(samples, build_tasks({"report": spec}), teacher_covers=False)
+    with pytest.raises(ValueError, match=r"'findings'.*no sample.*'texts': \['report'\]"):
+        check_labels(samples, build_tasks({"findings": spec}), teacher_covers=False)
