@@ -41,8 +41,12 @@ class DatasetTask(Protocol):
 
     def empty_target(self, size: int) -> torch.Tensor: ...
 
-    def label_problems(
-        self, labels: dict[str, float], masks: set[str], points: dict[str, tuple[float, float]]
+    def sample_problems(
+        self,
+        labels: dict[str, float],
+        masks: set[str],
+        points: dict[str, tuple[float, float]],
+        texts: dict[str, str],
     ) -> list[str] | None: ...
 
 

@@ -135,14 +135,14 @@ class SampleList:
 def check_labels(
     samples: list[Sample], tasks: dict[str, DatasetTask], teacher_covers: bool
 ) -> None:
-    """Refuse bad labels (each task kind's ``label_problems``), all listed at once with the sample
+    """Refuse bad labels (each task kind's ``sample_problems``), all listed at once with the sample
     and its source row, and a task that no sample is labeled for: it would train with no
     supervision and no metric (KD-only when ``teacher_covers``, said once)."""
     problems, labeled = [], dict.fromkeys(tasks, 0)
     for s in samples:
         points = _normalised_points(s) if s.points else {}
         for name, task in tasks.items():
-            found = task.label_problems(s.labels, set(s.masks), points)
+            found = task.sample_problems(s.labels, set(s.masks), points, s.texts)
             if found is not None:
                 labeled[name] += 1
                 where = s.origin or f"image {s.image}"
@@ -165,6 +165,7 @@ def check_labels(
             "labels": sorted({k for s in samples for k in s.labels}),
             "masks": sorted({k for s in samples for k in s.masks}),
             "points": sorted({k for s in samples for k in s.points}),
+            "texts": sorted({k for s in samples for k in s.texts}),
         }
         raise ValueError(
             f"task {name!r}: no sample of the configured sources carries its label, so it would "

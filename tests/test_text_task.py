@@ -7,10 +7,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
+from data_modules.datamodule import check_labels
+from data_modules.manifest import read_manifest
+from data_modules.samples import Sample
+from mtkd.commands.exporting import export
+from mtkd.commands.prediction import predict
 from mtkd.kd.cache import StaleCacheError, TeacherCache
+from mtkd.modules.checkpoint import load_net
 from mtkd.run_config import load_config
 from mtkd.stages import cache_teacher, evaluate, fit, open_checked_cache
 from mtkd.tasks import build_tasks
@@ -24,6 +32,7 @@ from mtkd.tasks.text import (
     build_vocabulary,
     encode,
     readable,
+    tokenize,
     word_kd,
     words,
 )
@@ -95,10 +104,17 @@ def test_word_kd_gradient_is_t_times_student_minus_teacher_probabilities() -> No
     assert student.grad[0, REFERENCE].abs().sum() == 0
 
 
+@pytest.fixture(scope="module")
+def teacher(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher (one epoch, 64 px) with the demo's tasks and ``REPORT``."""
+    run = tmp_path_factory.mktemp("text") / "teacher"
+    return fit(load_config("teacher", [*tiny_overrides(synth_root, run), REPORT]))
+
+
 @pytest.mark.integration
-def test_text_task_teacher_cache_distill_evaluate(synth_root: Path, tmp_path: Path) -> None:
-    teacher_dir = tmp_path / "teacher"
-    teacher = fit(load_config("teacher", [*tiny_overrides(synth_root, teacher_dir), REPORT]))
+def test_text_task_teacher_cache_distill_evaluate(
+    teacher: Path, synth_root: Path, tmp_path: Path
+) -> None:
     saved = torch.load(teacher, map_location="cpu", weights_only=False)
     vocabulary = saved["hyper_parameters"]["config"]["tasks"]["report"]["vocabulary"]
     assert "retinopathy" in vocabulary  # learned from the synthetic reports, kept in the ckpt
@@ -148,3 +164,46 @@ def test_a_student_on_a_fraction_of_the_labels_learns_its_teachers_vocabulary(
         for f in (1.0, 0.25)
     ]
     assert learned[0].vocabulary == learned[1].vocabulary
+
+
+@pytest.mark.integration
+def test_predict_prints_and_writes_each_images_text(
+    teacher: Path, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images = [s.image for s in read_manifest(synth_root)[:2]]
+    vocabulary = set(load_net(teacher)[1]["report"].vocabulary)
+    printed = []
+    for image in images:
+        payload = predict(teacher, image, tmp_path / Path(image).stem)
+        text = payload["predictions"][0]["tasks"]["report"]["text"]
+        assert set(tokenize(text)) <= vocabulary
+        printed.append(text)
+    out = capsys.readouterr().out
+    assert all(f"  report         {text}\n" in out for text in printed)
+
+
+@pytest.mark.integration
+def test_export_runs_the_decoder_in_the_graph(teacher: Path, tmp_path: Path) -> None:
+    """ONNX Runtime gives the greedy decode's token ids that PyTorch gives, at any batch size,
+    and the metadata names the vocabulary that reads them."""
+    out = export(teacher, tmp_path)
+    net, tasks, cfg = load_net(teacher)
+    meta = json.loads((out / "metadata.json").read_text())["tasks"]["report"]
+    assert meta["names"] == tasks["report"].vocabulary
+    assert meta["shape"] == ["batch", tasks["report"].spec.max_length]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    index = list(tasks).index("report")
+    for batch in (2, 3):
+        image = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size)
+        with torch.inference_mode():
+            expected = net(image)["report"][:, GREEDY].argmax(dim=-1)
+        got = session.run(None, {"image": image.numpy()})[index]
+        assert np.array_equal(got, expected.numpy())
+
+
+def test_a_text_task_whose_text_no_sample_carries_is_refused_when_the_data_is_read() -> None:
+    samples = [Sample(f"s{i}", f"p{i}", f"s{i}.png", texts={"report": TEXTS[i]}) for i in (0, 1)]
+    spec = {"kind": "text", "vocabulary": build_vocabulary(TEXTS)}
+    check_labels(samples, build_tasks({"report": spec}), teacher_covers=False)
+    with pytest.raises(ValueError, match=r"'findings'.*no sample.*'texts': \['report'\]"):
+        check_labels(samples, build_tasks({"findings": spec}), teacher_covers=False)

@@ -353,6 +353,18 @@ class Task(abc.ABC):
             return [] if masks & set(self.required_masks()) else None
         return []
 
+    def sample_problems(
+        self,
+        labels: dict[str, float],
+        masks: set[str],
+        points: dict[str, tuple[float, float]],
+        texts: dict[str, str],
+    ) -> list[str] | None:
+        """``label_problems`` given the sample's ``texts`` too: what the data check calls. Kinds
+        that read texts override it; ``label_problems`` keeps its three arguments, so kinds
+        written against it (plugins) keep working."""
+        return self.label_problems(labels, masks, points)
+
     def resampled_metrics(
         self,
         pred: torch.Tensor,

@@ -1,6 +1,8 @@
 """Text generation (a written diagnosis), with word- and sequence-level KD (Kim & Rush 2016).
 
-A GRU decoder reads the pooled image vector (the global heads' input) as its initial state. Its
+A GRU decoder reads the pooled image vector (the global heads' input) as its initial state and,
+projected, added to every step's input (read only as the initial state, the decoder said one
+text for every image: docs/study.md, "Written reports"). Its
 output is B x S x L x V logits in slots: 0 the greedy decode (what predict, export and a teacher
 give), then one slot per guide sequence it was forced on (``guide``): 1 the reference text,
 2 the teacher's greedy decode when the batch has a teacher output.
@@ -82,13 +84,15 @@ def sequence_ce(logits: torch.Tensor, tokens: torch.Tensor, smoothing: float) ->
 
 
 class TextDecoder(nn.Module):
-    """pooled vector -> tanh(linear) initial state -> GRU over word embeddings -> logits.
+    """pooled vector -> tanh(linear) initial state -> GRU over word embeddings plus a projection
+    of the pooled vector at every step -> logits.
     Teacher forcing and greedy decoding run the same GRU, so forcing the decoder on its own
     greedy output gives back its greedy logits."""
 
     def __init__(self, in_channels: int, vocabulary: int, hidden: int, length: int) -> None:
         super().__init__()
         self.start = nn.Linear(in_channels, hidden)
+        self.condition = nn.Linear(in_channels, hidden)
         self.embed = nn.Embedding(vocabulary, hidden)
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
         self.out = nn.Linear(hidden, vocabulary)
@@ -97,23 +101,26 @@ class TextDecoder(nn.Module):
     def forward(self, pooled: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         """B x S x L x V logits: slot 0 greedy, then one per guide sequence (B x G x L ids)."""
         state = torch.tanh(self.start(pooled)).unsqueeze(0)
-        slots = [self.greedy(state)]
+        image = self.condition(pooled)[:, None]
+        slots = [self.greedy(state, image)]
         if guide is not None:
-            slots += [self.forced(state, g) for g in guide.unbind(dim=1)]
+            slots += [self.forced(state, image, g) for g in guide.unbind(dim=1)]
         return torch.stack(slots, dim=1)
 
-    def forced(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forced(
+        self, state: torch.Tensor, image: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
         """Teacher forcing: step i reads token i - 1 of ``tokens`` (``<bos>`` first)."""
         bos = torch.full_like(tokens[:, :1], BOS)
-        out, _ = self.gru(self.embed(torch.cat([bos, tokens[:, :-1]], dim=1)), state)
+        out, _ = self.gru(self.embed(torch.cat([bos, tokens[:, :-1]], dim=1)) + image, state)
         return self.out(out)
 
-    def greedy(self, state: torch.Tensor) -> torch.Tensor:
+    def greedy(self, state: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Free running: step i reads the argmax of step i - 1."""
         token = torch.full((state.shape[1], 1), BOS, dtype=torch.long, device=state.device)
         steps = []
         for _ in range(self.length):
-            out, state = self.gru(self.embed(token), state)
+            out, state = self.gru(self.embed(token) + image, state)
             steps.append(self.out(out))
             token = steps[-1].argmax(dim=-1)
         return torch.cat(steps, dim=1)
@@ -183,6 +190,10 @@ class TextTask(Task):
             )
         return {"vocabulary": build_vocabulary(texts)}
 
+    def sample_problems(self, labels, masks, points, texts) -> list[str] | None:
+        """Labeled where the sample carries the text; any text is a valid reference."""
+        return [] if self.text in texts else None
+
     def build_head(self, in_channels: int) -> nn.Module:
         return TextDecoder(in_channels, self.out_channels, self.spec.hidden, self.spec.max_length)
 
@@ -217,6 +228,11 @@ class TextTask(Task):
         metrics.update(self.decoded(pred), references)
 
     # -- readable outputs ----------------------------------------------------------------------
+    def exported(self, raw: torch.Tensor) -> torch.Tensor:
+        """The greedy decode's B x L token ids (int64; ``channel_names`` is the vocabulary): the
+        decoder runs inside the exported graph, and a deployment reads words, not logits."""
+        return raw[:, GREEDY].argmax(dim=-1)
+
     def channel_names(self) -> list[str]:
         return list(self.vocabulary)
 
