@@ -10,6 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from mtkd import run_config
 from mtkd.config import BUILTIN_CONFIGS, STAGE_COMMANDS, ConfigError
 from mtkd.run_config import apply_overrides, load_config
 
@@ -22,8 +23,11 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(autouse=True)
 def at_repo_root(monkeypatch):
-    """experiment=NAME is looked up in the working directory's experiments/."""
+    """experiment=NAME is looked up in the working directory's experiments/. What a task learns
+    from the data (a text task's vocabulary: tests/test_text_task.py) is left out: these tests
+    compose configs, and reading the data would generate the 600-image synthetic set here."""
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(run_config, "learn_task_specs", lambda cfg: None)
 
 
 def uses(file: Path) -> list[tuple[str, str]]:
