@@ -119,8 +119,6 @@ def output_folder(name: str) -> Arg:
 #: the remaining items of a command that runs a stage
 CONFIG_OVERRIDES = "config overrides: group=option or a.b=value (see `mtkd --help`)"
 
-#: the overrides of a command that reads a checkpoint's derived measures (predict, export)
-DERIVED_OVERRIDES = "derived.<name>={measure: ..., <input>: <task>.<layer>} measures to add"
 
 #: the arguments of a command that runs one stage from its config: overrides only
 STAGE_ARGS = Spec({}, overrides=CONFIG_OVERRIDES)
@@ -138,3 +136,13 @@ class Command:
     spec: Spec
     #: takes the ``key=value`` items after the command name
     main: Callable[[list[str]], None]
+
+
+def derived_spec(args: dict[str, Arg]) -> Spec:
+    """The arguments of a command that reads a checkpoint's derived measures (predict, export):
+    ``args`` and ``derived.<name>=`` overrides, no other."""
+    return Spec(
+        args,
+        overrides="derived.<name>={measure: ..., <input>: <task>.<layer>} measures to add",
+        override_prefix="derived.",
+    )

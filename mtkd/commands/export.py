@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from mtkd.commands.args import DERIVED_OVERRIDES, Arg, Command, Spec, output_folder, parse_args
+from mtkd.commands.args import Arg, Command, derived_spec, output_folder, parse_args
 
-ARGS = Spec(
+ARGS = derived_spec(
     {
         "ckpt": Arg("checkpoint to export", required="path/to/student best.ckpt"),
         "out": output_folder("export"),
-    },
-    overrides=DERIVED_OVERRIDES,
-    override_prefix="derived.",
+    }
 )
 
 

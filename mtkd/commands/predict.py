@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from mtkd.commands.args import DERIVED_OVERRIDES, Arg, Command, Spec, output_folder, parse_args
+from mtkd.commands.args import Arg, Command, derived_spec, output_folder, parse_args
 
-ARGS = Spec(
+ARGS = derived_spec(
     {
         "ckpt": Arg("checkpoint to predict with", required="path/to/best.ckpt"),
         "images": Arg("an image file or a folder of images", required="image file or folder"),
         "out": output_folder("predictions"),
-    },
-    overrides=DERIVED_OVERRIDES,
-    override_prefix="derived.",
+    }
 )
 
 
