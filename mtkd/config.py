@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -411,14 +411,19 @@ def _valid_keys(node: Any) -> list[str]:
 
 
 def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
+    """One line: the key, OmegaConf's reason (its first line, not the type dump under it) and
+    the valid keys where it was set; under a map entry such as ``data.sources.<name>``, which
+    the schema holds no example of, the keys of the entry's dataclass."""
     key = getattr(exc, "full_key", None) or ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     node = OmegaConf.select(schema, parent) if parent else schema
-    valid = _valid_keys(node)
-    hint = f"; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else ""
-    return ConfigError(
-        f"config error at {key or '?'}: {exc.msg if hasattr(exc, 'msg') else exc}{hint}"
+    entry = getattr(exc, "object_type", None)
+    valid = _valid_keys(node) or (
+        sorted(f.name for f in fields(entry)) if is_dataclass(entry) else []
     )
+    hint = f"; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else ""
+    reason = str(exc.msg if hasattr(exc, "msg") else exc).splitlines()[0]
+    return ConfigError(f"config error at {key or '?'}: {reason}{hint}")
 
 
 @dataclass

@@ -59,6 +59,7 @@ def test_gpu_profile_sets_full_size():
     ("override", "message"),
     [
         ("model.encodr=resnet18", "valid keys under model: .*encoder"),
+        ("data.sources.synthetic.sise=64", "valid keys under data.sources.synthetic: kind, "),
         ("data.image_size=large", "data.image_size"),
         ("trainer.max_epoch=2", "valid Lightning Trainer flags: .*max_epochs"),
         ("kd.mode=sideways", "kd.mode='sideways' is unknown; choose one of: cached, none"),
@@ -69,8 +70,11 @@ def test_gpu_profile_sets_full_size():
     ],
 )
 def test_bad_overrides_fail_with_valid_options(override, message):
-    with pytest.raises(ConfigError if "tasks.dr" not in override else ValueError, match=message):
+    with pytest.raises(
+        ConfigError if "tasks.dr" not in override else ValueError, match=message
+    ) as info:
         load_config("teacher", [override])
+    assert "\n" not in str(info.value)  # one line: the problem and the valid choices
 
 
 def test_apply_overrides_validates_saved_config():
