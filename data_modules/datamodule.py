@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.contract import Annotation, DatasetTask, TeacherOutputs
 from data_modules.io import ref_digest
 from data_modules.pack import augment, carriers, teacher_needs
-from data_modules.preprocess import Preprocessor, mask_problems, original_size
+from data_modules.preprocess import Preprocessor, mask_problems, original_size, source_sizes
 from data_modules.samples import Sample, read_source
 from data_modules.splits import assign_splits, load_splits, rank, save_splits
 from data_modules.transforms import Augmentation, build_transform, view_seed
@@ -341,7 +341,12 @@ class FundusDataModule(L.LightningDataModule):
         self.samples: list[Sample] | None = None
         pp = data_cfg.preprocess
         self.preprocessor = Preprocessor(
-            data_cfg.image_size, pp.fov_crop, pp.clahe, pp.local_mean, pp.cache_dir
+            data_cfg.image_size,
+            pp.fov_crop,
+            pp.clahe,
+            pp.local_mean,
+            pp.cache_dir,
+            source_sizes(data_cfg),
         )
 
     def prepare_data(self) -> None:

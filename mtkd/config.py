@@ -49,6 +49,10 @@ class SourceConfig:
     options: dict[str, Any] = field(default_factory=dict)
     label_map: dict[str, str] = field(default_factory=dict)
     unlabeled: bool = False
+    #: side its images are FOV-cropped, enhanced and cached at before one resize to the working
+    #: size data.image_size, which every batch has (null: data.image_size itself; see
+    #: data_modules.preprocess.source_sizes)
+    preprocess_size: int | None = None
 
 
 @dataclass
@@ -652,6 +656,11 @@ def check(cfg: DictConfig) -> None:
     ranges["cache.dense_size"] = maps
     for name in cfg.cache.task_dense_size:
         ranges[f"cache.task_dense_size.{name}"] = maps
+    for name in cfg.data.sources:
+        ranges[f"data.sources.{name}.preprocess_size"] = (
+            lambda v: v >= 32,
+            ">= 32 (or null: data.image_size)",
+        )
     for name in cfg.kd.tasks:
         ranges[f"kd.tasks.{name}.alpha"] = ranges["kd.alpha"]
         ranges[f"kd.tasks.{name}.temperature"] = ranges["kd.temperature"]

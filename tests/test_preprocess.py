@@ -4,6 +4,7 @@ atomic writes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -237,6 +238,21 @@ def test_a_hit_reads_back_the_arrays_bit_identical_and_writable(tmp_path: Path):
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
         assert b.flags.writeable  # like a fresh array: in-place augmentation must not fail
     assert hit.box == fresh.box and isinstance(hit.box[0], int)
+
+
+def test_a_source_of_its_own_size_is_cached_at_it_and_prepared_at_the_working_size(tmp_path: Path):
+    sample = dataclasses.replace(masked_photo(tmp_path, "a"), source="big", points={"p": (60, 45)})
+    cache = tmp_path / "cache"
+    own = Preprocessor(SIZE, cache_dir=str(cache), source_sizes={"big": 2 * SIZE})(sample, ["a"])
+    direct = Preprocessor(SIZE, cache_dir=None)(sample, ["a"])
+    (entry,) = cache.rglob(f"*{ENTRY_SUFFIX}")
+    assert {a.shape[0] for a in read_entry(entry)[0].values()} == {2 * SIZE}
+    assert own.image.shape == direct.image.shape and own.masks["a"].shape == (SIZE, SIZE)
+    # The same region at the same place: only the resampling differs.
+    assert (own.box, own.points, own.pixel_scale) == (direct.box, direct.points, direct.pixel_scale)
+    blocks = lambda image: image.reshape(8, SIZE // 8, 8, SIZE // 8, 3).mean(axis=(1, 3))  # noqa: E731
+    assert np.abs(blocks(own.image) - blocks(direct.image)).max() < 3  # the texture aside
+    assert (own.masks["a"] != direct.masks["a"]).mean() < 0.02
 
 
 def test_an_entry_of_another_cache_version_is_a_miss(

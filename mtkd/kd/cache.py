@@ -45,7 +45,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import OmegaConf
 
 from data_modules.io import atomic_save_npy, atomic_write_bytes
-from data_modules.preprocess import preprocess_steps
+from data_modules.preprocess import preprocess_steps, source_sizes
 from data_modules.transforms import view_seed
 from mtkd.kd.fidelity import MapFidelity
 from mtkd.kd.storage import CacheStorage
@@ -122,8 +122,10 @@ def fingerprint(
     so an image replaced in place after caching is named. ``features``: the cached teacher
     embeddings and feature maps, {dims, map_stride, map_shapes, dtype, teachers (file hashes)}
     in teacher order (``dims`` only with embeddings, ``map_*`` only with maps); None: none cached
-    (left out, so a cache without them is written as before)."""
+    (left out, so a cache without them is written as before). The sources preprocessed at a
+    size of their own are recorded only when there are some, for the same reason."""
     storage = {**dataclasses.asdict(storage), "views": views}
+    sizes = source_sizes(data_cfg)
     if views:
         # Replayed views depend on the augmentation and the library that samples it.
         storage["augment"] = _digest(OmegaConf.to_container(data_cfg.augment, resolve=True))
@@ -140,6 +142,7 @@ def fingerprint(
             **preprocess_steps(data_cfg.preprocess),
             "mean": [float(v) for v in data_cfg.mean],
             "std": [float(v) for v in data_cfg.std],
+            **({"source_sizes": sizes} if sizes else {}),
         },
         "split": {"train_samples": len(train_ids), "digest": _digest(sorted(train_ids))},
         "storage": storage,
