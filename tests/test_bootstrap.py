@@ -30,6 +30,7 @@ TASKS = build_tasks(
         "cdr": {"kind": "regression"},
         "lesions": {"kind": "segmentation", "classes": ["a", "b", "never"]},
         "points": {"kind": "localization", "points": ["disc", "fovea"]},
+        "heatmap": {"kind": "localization", "points": ["disc", "fovea"], "head": "heatmap"},
     }
 )
 
@@ -102,6 +103,12 @@ def _random_outputs(n: int = 30) -> dict[str, TaskOutputs]:
             torch.rand(n, 2, 2, generator=g),
             torch.rand(n, 2, generator=g) * 500,
         ),
+        "heatmap": _outputs(
+            "heatmap",
+            torch.randn(n, 2, 8, 8, generator=g) * 3,
+            torch.rand(n, 2, 2, generator=g),
+            torch.rand(n, 2, generator=g) * 500,
+        ),
     }
 
 
@@ -109,7 +116,8 @@ def _random_outputs(n: int = 30) -> dict[str, TaskOutputs]:
 def test_the_identity_resample_reproduces_each_kinds_own_metrics() -> None:
     """Row 0 draws every image once: each task's resampled metrics equal its torchmetrics
     collection on the whole set (segmentation's count-based override included, with an empty
-    class; localization's pixel distances through pixel_scale)."""
+    class; localization's pixel distances through pixel_scale, from regressed points and from
+    heatmaps)."""
     for name, out in _random_outputs().items():
         task = TASKS[name]
         n = len(out.ids)
