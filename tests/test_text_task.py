@@ -28,6 +28,7 @@ from mtkd.tasks.text import (
     PAD,
     REFERENCE,
     TEACHER,
+    KeywordF1,
     TextDecoder,
     build_vocabulary,
     encode,
@@ -85,6 +86,44 @@ def test_bleu_of_identical_texts_is_one_and_of_disjoint_texts_zero() -> None:
     assert bleu(TEXTS[0]) == {"bleu4": 1.0, "bleu1": 1.0}
     assert bleu("no cup-to-disc 0.6 no cup-to-disc") == {"bleu4": 0.0, "bleu1": 0.0}
     assert task.higher_is_better()
+
+
+def keyword_f1(pairs: list[tuple[str, str]]) -> float:
+    metric = KeywordF1()
+    metric.update([said for said, _ in pairs], [[true] for _, true in pairs])
+    return float(metric.compute())
+
+
+def test_keyword_f1_counts_keywords_over_the_corpus_in_any_order() -> None:
+    assert keyword_f1([("cataract, drusen", "drusen ,cataract")]) == 1.0
+    assert keyword_f1([("cataract", "normal fundus, drusen")]) == 0.0
+    # TP 2 (cataract, normal fundus), FP 1 (drusen), FN 2 (laser spot, glaucoma): 4 / 7.
+    partial = [
+        ("cataract, drusen", "glaucoma, cataract, laser spot"),
+        ("normal fundus", "normal fundus"),
+    ]
+    assert keyword_f1(partial) == pytest.approx(4 / 7)
+    # Summed states (what DDP reduces): two halves merged score as the whole corpus.
+    halves = [KeywordF1(), KeywordF1()]
+    for metric, (said, true) in zip(halves, partial):
+        metric.update([said], [[true]])
+    halves[0].merge_state(halves[1])
+    assert float(halves[0].compute()) == pytest.approx(4 / 7)
+
+
+def test_keyword_f1_is_scored_where_the_spec_says_the_texts_are_keywords() -> None:
+    texts = ["cataract, laser spot", "normal fundus"]
+    vocabulary = build_vocabulary(texts)
+    spec = {"kind": "text", "vocabulary": vocabulary, "max_length": 6}
+    assert "keyword_f1" not in build_tasks({"k": spec})["k"].metrics()
+    task = build_tasks({"k": {**spec, "keywords": True}})["k"]
+    target = torch.tensor([encode(texts[0], vocabulary, 6)])
+    said = torch.nn.functional.one_hot(
+        torch.tensor([encode("laser spot", vocabulary, 6)]), len(vocabulary)
+    )
+    metrics = task.metrics()
+    task.update_metrics(metrics, said.float()[:, None], target, {})
+    assert float(metrics.compute()["keyword_f1"]) == pytest.approx(2 / 3)  # TP 1, FN 1
 
 
 def test_word_kd_gradient_is_t_times_student_minus_teacher_probabilities() -> None:

@@ -15,6 +15,7 @@ keeps it and the task's identity, which a teacher cache is checked against, name
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import BLEUScore
 
 from mtkd.kd.losses import register_kd_loss
@@ -83,6 +84,41 @@ def sequence_ce(logits: torch.Tensor, tokens: torch.Tensor, smoothing: float) ->
     return ce.sum(dim=1) / (tokens != PAD).sum(dim=1).clamp(min=1)
 
 
+def keyword_set(text: str) -> set[str]:
+    """The comma-separated keywords of ``text``, stripped, empty ones left out."""
+    return {k.strip() for k in text.split(",")} - {""}
+
+
+class KeywordF1(Metric):
+    """Micro F1 of keyword lists over the corpus, 2 TP / (2 TP + FP + FN) summed over texts
+    (0 when no text names a keyword): the order and repeats of keywords do not count, which
+    BLEU's n-grams do. torchmetrics' F1 scores fixed label sets and its SQuAD F1 bags words
+    per text, neither a set of free keywords."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for state in ("tp", "fp", "fn"):
+            self.add_state(state, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
+        """``target``: one reference per text, as BLEU takes them (``[[reference], ...]``), so
+        one collection updates both."""
+        for said, references in zip(preds, target, strict=True):
+            if len(references) != 1:
+                raise ValueError("KeywordF1 takes one reference per text; pass [[reference], ...]")
+            predicted, true = keyword_set(said), keyword_set(references[0])
+            self.tp += len(predicted & true)
+            self.fp += len(predicted - true)
+            self.fn += len(true - predicted)
+
+    def compute(self) -> torch.Tensor:
+        return (2 * self.tp / (2 * self.tp + self.fp + self.fn).clamp(min=1)).float()
+
+
 class TextDecoder(nn.Module):
     """pooled vector -> tanh(linear) initial state -> GRU over word embeddings plus a projection
     of the pooled vector at every step -> logits.
@@ -138,7 +174,10 @@ class TextSpec(TaskSpec):
     #: teacher log-probabilities cached per position for word-level KD
     top_k: int = 8
     label_smoothing: float = 0.1
-    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "label_smoothing")
+    #: the texts are comma-separated keyword lists (ODIR's ``keywords``): also score
+    #: ``keyword_f1`` (``KeywordF1``)
+    keywords: bool = False
+    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "label_smoothing", "keywords")
 
 
 @register_task("text")
@@ -221,7 +260,10 @@ class TextTask(Task):
         return [" ".join(words(row, self.vocabulary)) for row in ids]
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"bleu4": BLEUScore(n_gram=4), "bleu1": BLEUScore(n_gram=1)})
+        metrics: dict[str, Metric] = {"bleu4": BLEUScore(n_gram=4), "bleu1": BLEUScore(n_gram=1)}
+        if self.spec.keywords:
+            metrics["keyword_f1"] = KeywordF1()
+        return MetricCollection(metrics)
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         references = [[" ".join(words(row, self.vocabulary))] for row in target.tolist()]
