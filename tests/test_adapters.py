@@ -729,6 +729,33 @@ def test_odir5k_full_df_uses_the_kept_image_of_each_row(tmp_path):
     ]
 
 
+def test_odir5k_reads_each_eyes_keywords_as_its_text(tmp_path):
+    """The left image gets the left keywords; ODIR's full-width comma separates like ','."""
+    root = tmp_path / "odir"
+    text(
+        root / "data.csv",
+        f"{ODIR_HEADER},Left-Diagnostic Keywords,Right-Diagnostic Keywords\n"
+        '0,69,Female,0_left.jpg,0_right.jpg,0,0,0,1,0,0,0,1,Cataract,"normal fundus"\n'
+        "1,57,Male,1_left.jpg,1_right.jpg,0,1,0,0,0,0,0,1,"
+        'Laser Spot，moderate non proliferative retinopathy,"drusen, lens dust ,"\n'
+        "2,40,Male,2_left.jpg,2_right.jpg,1,0,0,0,0,0,0,0,,normal fundus\n",
+    )
+    for name in ("0_left", "0_right", "1_left", "1_right", "2_left", "2_right"):
+        photo(root / "Training Images" / f"{name}.jpg")
+    texts = {s.sample_id.split("/")[-1]: s.texts for s in read_source("odir5k", root)}
+    assert texts == {
+        "0_left": {"keywords": "cataract"},
+        "0_right": {"keywords": "normal fundus"},
+        "1_left": {"keywords": "laser spot, moderate non proliferative retinopathy"},
+        "1_right": {"keywords": "drusen, lens dust"},
+        "2_left": {},  # an empty cell: no text
+        "2_right": {"keywords": "normal fundus"},
+    }
+    # Without the keyword columns the labels are read and no eye has a text.
+    text(root / "data.csv", f"{ODIR_HEADER}\n0,69,F,0_left.jpg,0_right.jpg,0,0,0,1,0,0,0,0\n")
+    assert [s.texts for s in read_source("odir5k", root)] == [{}, {}]
+
+
 def test_odir5k_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"annotation CSV .* \['full_df.csv', 'data.csv'\]"):
         read_source("odir5k", tmp_path)

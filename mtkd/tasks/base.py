@@ -36,8 +36,9 @@ class TaskSpec:
 
     kind: str
     weight: float = 1.0
-    #: fields that only steer the training loss, not what the task outputs: left out of the
-    #: task's identity, so changing them reuses teacher caches and checkpoints
+    #: fields that change neither the head's parameters nor a teacher's cached outputs (the
+    #: training loss, what is scored, how a text is decoded): left out of the task's identity,
+    #: so changing them reuses teacher caches and checkpoints
     loss_only: ClassVar[tuple[str, ...]] = ("weight",)
 
 

@@ -3,9 +3,9 @@
 A GRU decoder reads the pooled image vector (the global heads' input) as its initial state and,
 projected, added to every step's input (read only as the initial state, the decoder said one
 text for every image: docs/study.md, "Written reports"). Its
-output is B x S x L x V logits in slots: 0 the greedy decode (what predict, export and a teacher
-give), then one slot per guide sequence it was forced on (``guide``): 1 the reference text,
-2 the teacher's greedy decode when the batch has a teacher output.
+output is B x S x L x V logits in slots: 0 the decode, greedy or by beam search (``beam_size``;
+what predict, export and a teacher give), then one slot per guide sequence it was forced on
+(``guide``): 1 the reference text, 2 the teacher's decode when the batch has a teacher output.
 
 The vocabulary is word-level, ``<pad> <bos> <eos> <unk>`` then the training texts' words in
 sorted order: learned once by ``learned_spec`` into the spec (the run config), so the checkpoint
@@ -15,6 +15,7 @@ keeps it and the task's identity, which a teacher cache is checked against, name
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import BLEUScore
 
 from mtkd.kd.losses import register_kd_loss
@@ -32,7 +33,7 @@ from mtkd.tasks.base import Annotation, Frame, Task, TaskSpec, register_task
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(len(SPECIALS))
 #: slots of the decoder's output (``TextDecoder.forward``)
-GREEDY, REFERENCE, TEACHER = range(3)
+DECODED, REFERENCE, TEACHER = range(3)
 
 
 def tokenize(text: str) -> list[str]:
@@ -83,13 +84,50 @@ def sequence_ce(logits: torch.Tensor, tokens: torch.Tensor, smoothing: float) ->
     return ce.sum(dim=1) / (tokens != PAD).sum(dim=1).clamp(min=1)
 
 
+def keyword_set(text: str) -> set[str]:
+    """The comma-separated keywords of ``text``, stripped, empty ones left out."""
+    return {k.strip() for k in text.split(",")} - {""}
+
+
+class KeywordF1(Metric):
+    """Micro F1 of keyword lists over the corpus, 2 TP / (2 TP + FP + FN) summed over texts
+    (0 when no text names a keyword): the order and repeats of keywords do not count, which
+    BLEU's n-grams do. torchmetrics' F1 scores fixed label sets and its SQuAD F1 bags words
+    per text, neither a set of free keywords."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for state in ("tp", "fp", "fn"):
+            self.add_state(state, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
+        """``target``: one reference per text, as BLEU takes them (``[[reference], ...]``), so
+        one collection updates both."""
+        for said, references in zip(preds, target, strict=True):
+            if len(references) != 1:
+                raise ValueError("KeywordF1 takes one reference per text; pass [[reference], ...]")
+            predicted, true = keyword_set(said), keyword_set(references[0])
+            self.tp += len(predicted & true)
+            self.fp += len(predicted - true)
+            self.fn += len(true - predicted)
+
+    def compute(self) -> torch.Tensor:
+        return (2 * self.tp / (2 * self.tp + self.fp + self.fn).clamp(min=1)).float()
+
+
 class TextDecoder(nn.Module):
     """pooled vector -> tanh(linear) initial state -> GRU over word embeddings plus a projection
     of the pooled vector at every step -> logits.
     Teacher forcing and greedy decoding run the same GRU, so forcing the decoder on its own
     greedy output gives back its greedy logits."""
 
-    def __init__(self, in_channels: int, vocabulary: int, hidden: int, length: int) -> None:
+    def __init__(
+        self, in_channels: int, vocabulary: int, hidden: int, length: int, beam_size: int = 1
+    ) -> None:
         super().__init__()
         self.start = nn.Linear(in_channels, hidden)
         self.condition = nn.Linear(in_channels, hidden)
@@ -97,12 +135,18 @@ class TextDecoder(nn.Module):
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
         self.out = nn.Linear(hidden, vocabulary)
         self.length = length
+        self.beam_size = beam_size
 
     def forward(self, pooled: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-        """B x S x L x V logits: slot 0 greedy, then one per guide sequence (B x G x L ids)."""
+        """B x S x L x V logits: slot 0 the decode (greedy, or beam search with ``beam_size`` >
+        1), then one per guide sequence (B x G x L ids)."""
         state = torch.tanh(self.start(pooled)).unsqueeze(0)
         image = self.condition(pooled)[:, None]
-        slots = [self.greedy(state, image)]
+        if self.beam_size == 1:
+            slots = [self.greedy(state, image)]
+        else:
+            tokens = self.beam(state, image)
+            slots = [argmax_at(self.forced(state, image, tokens), tokens)]
         if guide is not None:
             slots += [self.forced(state, image, g) for g in guide.unbind(dim=1)]
         return torch.stack(slots, dim=1)
@@ -125,6 +169,37 @@ class TextDecoder(nn.Module):
             token = steps[-1].argmax(dim=-1)
         return torch.cat(steps, dim=1)
 
+    def beam(self, state: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """B x L token ids of the most probable sequence that beam search finds: ``beam_size``
+        hypotheses per image scored by the plain sum of their tokens' log-probabilities (not
+        length-normalised: it approximates the most probable text); a hypothesis ends at
+        ``<eos>``, then reads ``<pad>`` at no cost, so its score stays."""
+        size, vocabulary, hidden = self.beam_size, self.out.out_features, state.shape[-1]
+        state = state.repeat_interleave(size, dim=1)  # 1 x Bk x H, an image's k beams together
+        image = image.repeat_interleave(size, dim=0)
+        token = torch.full_like(image[:, :, 0], BOS, dtype=torch.long)  # Bk x 1
+        # One live hypothesis per image at the start: k copies would fill the beam with one text.
+        score = torch.zeros_like(image[:, 0, 0], dtype=torch.float).view(-1, size)
+        score[:, 1:] = -torch.inf
+        ended = torch.zeros_like(score, dtype=torch.bool)
+        only_pad = torch.full((vocabulary,), -torch.inf, device=score.device)
+        only_pad[PAD] = 0.0
+        tokens = token.view(-1, size, 1)[..., :0]  # B x k x (steps so far)
+        for _ in range(self.length):
+            out, state = self.gru(self.embed(token) + image, state)
+            log_p = self.out(out).log_softmax(dim=-1).view(-1, size, vocabulary)
+            log_p = torch.where(ended[..., None], only_pad, log_p)
+            score, best = (score[..., None] + log_p).flatten(1).topk(size, dim=-1)
+            origin, new = best // vocabulary, best % vocabulary  # B x k: which beam, which token
+            tokens = torch.cat(
+                [tokens.gather(1, origin[..., None].expand_as(tokens)), new[..., None]], -1
+            )
+            ended = ended.gather(1, origin) | (new == EOS)
+            state = state.view(-1, size, hidden).gather(1, origin[..., None].expand(-1, -1, hidden))
+            state = state.view(1, -1, hidden)
+            token = new.view(-1, 1)
+        return tokens[:, 0]  # topk sorts: beam 0 is the best
+
 
 @dataclass
 class TextSpec(TaskSpec):
@@ -138,7 +213,19 @@ class TextSpec(TaskSpec):
     #: teacher log-probabilities cached per position for word-level KD
     top_k: int = 8
     label_smoothing: float = 0.1
-    loss_only: ClassVar[tuple[str, ...]] = (*TaskSpec.loss_only, "label_smoothing")
+    #: hypotheses kept by the decode (slot 0: evaluate, predict, export and a teacher's output);
+    #: 1 is greedy decoding. It changes no weight and a teacher decodes as its own checkpoint
+    #: says, so it is loss_only: ``mtkd evaluate <ckpt> tasks.<t>.beam_size=4`` rescores a model
+    beam_size: int = 1
+    #: the texts are comma-separated keyword lists (ODIR's ``keywords``): also score
+    #: ``keyword_f1`` (``KeywordF1``)
+    keywords: bool = False
+    loss_only: ClassVar[tuple[str, ...]] = (
+        *TaskSpec.loss_only,
+        "label_smoothing",
+        "keywords",
+        "beam_size",
+    )
 
 
 @register_task("text")
@@ -149,8 +236,10 @@ class TextTask(Task):
 
     def validate(self) -> None:
         spec = self.spec
-        if spec.max_length < 2 or spec.top_k < 1:
-            raise ValueError(f"task {self.name!r}: max_length must be >= 2 and top_k >= 1")
+        if spec.max_length < 2 or spec.top_k < 1 or spec.beam_size < 1:
+            raise ValueError(
+                f"task {self.name!r}: max_length must be >= 2, top_k and beam_size >= 1"
+            )
         vocabulary = spec.vocabulary
         if vocabulary is not None and (
             tuple(vocabulary[:4]) != SPECIALS or not all(isinstance(w, str) for w in vocabulary)
@@ -195,7 +284,10 @@ class TextTask(Task):
         return [] if self.text in texts else None
 
     def build_head(self, in_channels: int) -> nn.Module:
-        return TextDecoder(in_channels, self.out_channels, self.spec.hidden, self.spec.max_length)
+        spec = self.spec
+        return TextDecoder(
+            in_channels, self.out_channels, spec.hidden, spec.max_length, spec.beam_size
+        )
 
     def target(self, ann: Annotation) -> torch.Tensor | None:
         text = ann.texts.get(self.text)
@@ -216,12 +308,15 @@ class TextTask(Task):
         return sequence_ce(pred[:, REFERENCE], target, self.spec.label_smoothing)
 
     def decoded(self, pred: torch.Tensor) -> list[str]:
-        """The greedy texts of a batch of outputs, words separated by spaces."""
-        ids = pred[:, GREEDY].argmax(dim=-1).tolist()
+        """The decoded texts of a batch of outputs, words separated by spaces."""
+        ids = pred[:, DECODED].argmax(dim=-1).tolist()
         return [" ".join(words(row, self.vocabulary)) for row in ids]
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"bleu4": BLEUScore(n_gram=4), "bleu1": BLEUScore(n_gram=1)})
+        metrics: dict[str, Metric] = {"bleu4": BLEUScore(n_gram=4), "bleu1": BLEUScore(n_gram=1)}
+        if self.spec.keywords:
+            metrics["keyword_f1"] = KeywordF1()
+        return MetricCollection(metrics)
 
     def update_metrics(self, metrics, pred, target, batch) -> None:
         references = [[" ".join(words(row, self.vocabulary))] for row in target.tolist()]
@@ -229,9 +324,9 @@ class TextTask(Task):
 
     # -- readable outputs ----------------------------------------------------------------------
     def exported(self, raw: torch.Tensor) -> torch.Tensor:
-        """The greedy decode's B x L token ids (int64; ``channel_names`` is the vocabulary): the
+        """The decode's B x L token ids (int64; ``channel_names`` is the vocabulary): the
         decoder runs inside the exported graph, and a deployment reads words, not logits."""
-        return raw[:, GREEDY].argmax(dim=-1)
+        return raw[:, DECODED].argmax(dim=-1)
 
     def channel_names(self) -> list[str]:
         return list(self.vocabulary)
@@ -249,11 +344,12 @@ class TextTask(Task):
 
     # -- teacher outputs and the cache -----------------------------------------------------------
     def teacher_output(self, pred: torch.Tensor) -> torch.Tensor:
-        """Per position of the teacher's greedy decode: its token (``<pad>`` after ``<eos>``),
-        then its top-k log-probabilities and their token ids, B x L x (1 + 2k) floats. Under
-        greedy decoding these are its distributions forced on its own tokens, so they exist
-        for unlabeled images too; both KD losses force the student on the same tokens."""
-        log_p = pred[:, GREEDY].float().log_softmax(dim=-1)
+        """Per position of the teacher's decode: its token (``<pad>`` after ``<eos>``), then its
+        top-k log-probabilities and their token ids, B x L x (1 + 2k) floats. These are its
+        distributions forced on its own tokens (under beam search with the chosen token's and
+        the largest logit swapped: ``argmax_at``), so they exist for unlabeled images too; both
+        KD losses force the student on the same tokens."""
+        log_p = pred[:, DECODED].float().log_softmax(dim=-1)
         tokens = log_p.argmax(dim=-1)
         ended = (tokens == EOS).long().cumsum(dim=1) - (tokens == EOS).long() > 0
         tokens = tokens.masked_fill(ended, PAD)
@@ -274,6 +370,15 @@ class TextTask(Task):
 
     def cache_dtype(self, storage: CacheStorage) -> np.dtype:
         return np.dtype(np.float32)
+
+
+def argmax_at(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B x L x V) with, at each position, the logit of ``tokens`` (B x L) and the
+    largest one swapped, so the argmax reads ``tokens`` (a beam search's choice, which need not
+    be each step's argmax) and the values (the top-k a teacher caches) stay as they were."""
+    chosen, top = tokens[..., None], logits.argmax(dim=-1, keepdim=True)
+    swapped = logits.scatter(-1, top, logits.gather(-1, chosen))
+    return swapped.scatter(-1, chosen, logits.gather(-1, top))
 
 
 def teacher_tokens(teacher: torch.Tensor) -> torch.Tensor:
@@ -299,6 +404,6 @@ def word_kd(task: TextTask, pred: torch.Tensor, teacher: torch.Tensor, temperatu
 @register_kd_loss("text", "sequence")
 def sequence_kd(task: TextTask, pred: torch.Tensor, teacher: torch.Tensor, temperature: float):
     """Sequence-level KD (Kim & Rush 2016): cross-entropy of the student forced on the teacher's
-    greedy decode against it, over its non-pad positions (T unused); images without a reference
+    decode against it, over its non-pad positions (T unused); images without a reference
     text learn from it too."""
     return sequence_ce(pred[:, TEACHER], teacher_tokens(teacher), 0.0)
