@@ -10,7 +10,7 @@ import pytest
 
 import mtkd.commands.demo_runs
 from mtkd.commands.demo import main
-from mtkd.commands.demo_runs import RUN_DIRS, run_demo
+from mtkd.commands.demo_runs import RUN_DIRS, STUDENT_LABEL_FRACTION, run_demo
 
 
 @pytest.mark.unit
@@ -92,7 +92,8 @@ def test_demo_trains_evaluates_and_reports_all_three_models(
     assert "mode: cached" in student_cfg and "mode: none" in baseline_cfg
     assert "max_epochs: 1" in student_cfg and "max_epochs: 1" in baseline_cfg  # same budget
     # Scarce labels for both students, every label for the teacher.
-    assert "label_fraction: 0.25" in student_cfg and "label_fraction: 0.25" in baseline_cfg
+    scarce = f"label_fraction: {STUDENT_LABEL_FRACTION}"
+    assert scarce in student_cfg and scarce in baseline_cfg
     teacher_cfg = (runs / "teacher" / "checkpoints" / "config.yaml").read_text()
     assert "label_fraction: 1.0" in teacher_cfg
     assert "KD vs no KD (95% paired intervals of each task's main metric): won " in printed
