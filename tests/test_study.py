@@ -52,6 +52,7 @@ def test_study_writes_table_plot_json_and_resumes_without_training(
     args = [
         "study.fractions=[0.5]",
         "study.seeds=[0,1]",
+        "study.teacher=fraction",  # the default file's is all
         "study.teacher_epochs=1",
         "study.student_epochs=1",
         f"study.out={out}",

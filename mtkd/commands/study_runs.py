@@ -4,9 +4,11 @@ image, the unlabeled remainder by KD only; ``nokd``: labels only), train the sam
 the same budget and score it on the test split; then the mean and 95 % t-interval across seeds
 of each task's headline metric (``Task.main_metric``), the KD gain, a plot and results JSON.
 
-The honest protocol (``study.teacher=fraction``, the default) trains one teacher per fraction on
-that fraction's labels only, so it never saw the labels the student lacks; ``study.teacher=all``
-trains one teacher on every label (the optimistic variant). Seeds vary the student's
+The two teacher variants answer two questions. ``study.teacher=all`` (the default study file)
+trains one teacher on every label: a teacher trained where labels are plentiful, distilled into
+a student for a setting with few (the demo's scenario, and the reference's). ``fraction`` trains
+one teacher per fraction on that fraction's labels only, so it never saw the labels the student
+lacks: what KD adds through the unlabeled images alone. Seeds vary the student's
 initialisation and batch order; the labeled patients and the test split are fixed by
 ``data.split_seed`` (fractions are nested: the 10 % patients are among the 25 %). Checkpoints
 are chosen on the fully labeled validation split, the same way in both arms.
@@ -378,7 +380,7 @@ def describe(study: StudyConfig, summary: dict[str, Any]) -> str:
     teacher = (
         "one teacher per fraction, trained on that fraction's labels only"
         if study.teacher == "fraction"
-        else "one teacher trained on every label (study.teacher=all: optimistic)"
+        else "one teacher trained on every label (study.teacher=all: labels plentiful elsewhere)"
     )
     modes = ", ".join(
         f"{n} {s['metric']} ({'higher' if s['mode'] == 'max' else 'lower'} is better)"
