@@ -56,9 +56,9 @@ def source_sizes(data_cfg: Any) -> dict[str, int]:
     """Data source -> the side its images are preprocessed at, for the sources whose
     ``preprocess_size`` differs from the working size ``data.image_size`` (the others are
     preprocessed at the working size): what the preprocessor uses and the teacher cache's
-    fingerprint records."""
+    fingerprint records. A checkpoint saved before the key existed has none: the working size."""
     working = int(data_cfg.image_size)
-    sizes = {str(n): src.preprocess_size for n, src in data_cfg.sources.items()}
+    sizes = {str(n): src.get("preprocess_size") for n, src in data_cfg.sources.items()}
     return {n: int(s) for n, s in sizes.items() if s is not None and int(s) != working}
 
 

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
 from data_modules.datamodule import FundusDataModule
-from data_modules.preprocess import ENTRY_SUFFIX, read_entry
+from data_modules.preprocess import ENTRY_SUFFIX, read_entry, source_sizes
 from mtkd.config import ConfigError
 from mtkd.kd.cache import StaleCacheError, check_fingerprint, fingerprint
 from mtkd.kd.storage import CacheStorage
@@ -116,3 +117,15 @@ def test_a_bad_source_size_is_one_line_naming_the_key_and_the_fix(two_sources, o
     with pytest.raises(ConfigError, match=message) as err:
         load_config("teacher", [*two_sources(), override])
     assert "\n" not in str(err.value)
+
+
+def test_a_config_saved_before_per_source_sizes_reads_as_the_working_size() -> None:
+    """A checkpoint's saved config from before ``preprocess_size`` existed (no such key, not
+    merged with today's schema: ``mtkd report`` of an older run) preprocesses at the working
+    size instead of failing on the missing key."""
+    saved = OmegaConf.create(
+        {"image_size": 96, "sources": {"synthetic": {"kind": "synthetic", "root": "x"}}}
+    )
+    assert source_sizes(saved) == {}
+    saved.sources.synthetic.preprocess_size = 192
+    assert source_sizes(saved) == {"synthetic": 192}
