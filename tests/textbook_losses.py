@@ -21,14 +21,16 @@ def reference_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def reference_kl_dice(
     pred: torch.Tensor, teacher: torch.Tensor, temperature: float, dice_weight: float
 ) -> torch.Tensor:
-    """The straightforward form: BCE with logits minus the teacher's entropy, plus soft Dice."""
+    """The straightforward form: BCE with logits minus the teacher's entropy, plus soft Dice
+    against the teacher's mask (its map at >= 0.5)."""
     p = teacher.clamp(EPS, 1 - EPS)
     if temperature != 1.0:
         p = torch.sigmoid(torch.logit(p) / temperature)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log())
     kl = F.binary_cross_entropy_with_logits(pred / temperature, p, reduction="none") - entropy
     kl = kl.flatten(1).mean(dim=1) * temperature**2
-    return kl + dice_weight * reference_dice_loss(torch.sigmoid(pred), teacher)
+    mask = (teacher >= 0.5).to(teacher.dtype)
+    return kl + dice_weight * reference_dice_loss(torch.sigmoid(pred), mask)
 
 
 def reference_point_loss(
