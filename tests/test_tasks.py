@@ -232,6 +232,22 @@ def test_regression_and_multilabel():
         ml.target(Annotation(labels={"x": 1.0}, masks={}, points={}, size=4))
 
 
+def test_a_bounded_regression_head_starts_mid_range_and_stays_in_it():
+    reg = make("regression", bounds=[0.0, 1.0])
+    head = reg.build_head(4)
+    with torch.no_grad():
+        head[1].weight.zero_()
+        head[1].bias.zero_()
+        assert head(torch.randn(3, 4)).flatten().tolist() == [0.5, 0.5, 0.5]
+        head[1].weight.fill_(100.0)
+        out = head(torch.tensor([[1.0] * 4, [-1.0] * 4]))
+    assert out.flatten().tolist() == [1.0, 0.0]
+    assert "1.weight" in dict(head.named_parameters())  # unbounded checkpoints' names
+    for bad in ([1.0, 0.0], [0.0]):
+        with pytest.raises(ValueError, match=r"give \[low, high\] with low < high"):
+            make("regression", bounds=bad)
+
+
 def test_losses_stay_fp32_under_bf16_autocast():
     task = make("classification", num_classes=3)
     pred = torch.randn(4, 3)
