@@ -68,7 +68,7 @@ demo: $(STAMP) ## everything on synthetic data: teacher, cache, student, baselin
 report: $(STAMP) ## markdown + figures comparing teacher, student and baseline
 	$(MTKD) report $(ARGS)
 
-study: $(STAMP) ## label-efficiency study: KD vs no KD per label fraction and seed (~30 min)
+study: $(STAMP) ## label-efficiency study: KD vs no KD per label fraction and seed (~33 min)
 	$(MTKD) study $(ARGS)
 
 export: $(STAMP) ## student-only weights, ONNX and metadata (CKPT=path)
