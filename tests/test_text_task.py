@@ -89,7 +89,7 @@ def markov_decoder(p: torch.Tensor, beam_size: int) -> TextDecoder:
         decoder.gru.bias_ih_l0[v : 2 * v] = -30.0
         decoder.gru.weight_ih_l0[2 * v :] = 20 * torch.eye(v)
         decoder.out.weight.copy_(p.log().T)
-    return decoder
+    return decoder.eval()  # beam search decodes in eval mode
 
 
 def test_beam_search_finds_the_more_probable_text_that_greedy_misses() -> None:
@@ -104,6 +104,9 @@ def test_beam_search_finds_the_more_probable_text_that_greedy_misses() -> None:
     assert greedy[:, :2].tolist() == [[a, EOS]] * 2
     beam = markov_decoder(p, beam_size=2)(pooled)[:, DECODED]
     assert beam.argmax(dim=-1).tolist() == [[b, EOS, PAD, PAD]] * 2
+    # A training step reads only the forced slots: its slot 0 is the greedy decode, no beam.
+    training = markov_decoder(p, beam_size=2).train()(pooled)[:, DECODED].argmax(dim=-1)
+    assert training[:, :2].tolist() == [[a, EOS]] * 2
     # The values are the decoder's, forced on the beam's text: only which token holds them moves.
     forced = markov_decoder(p, beam_size=1)(pooled, beam.argmax(dim=-1)[:, None])[:, 1]
     assert torch.allclose(beam.sort(dim=-1).values, forced.sort(dim=-1).values)
@@ -130,6 +133,7 @@ def test_a_beam_that_keeps_every_prefix_finds_the_most_probable_text(eos_bias: f
     torch.manual_seed(0)
     v, length = 5, 4
     decoder = TextDecoder(4, vocabulary=v, hidden=5, length=length, beam_size=v ** (length - 1))
+    decoder.eval()  # beam search decodes in eval mode
     with torch.no_grad():
         decoder.out.weight.mul_(3)
         decoder.out.bias[EOS] += eos_bias

@@ -139,10 +139,11 @@ class TextDecoder(nn.Module):
 
     def forward(self, pooled: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         """B x S x L x V logits: slot 0 the decode (greedy, or beam search with ``beam_size`` >
-        1), then one per guide sequence (B x G x L ids)."""
+        1 in eval mode), then one per guide sequence (B x G x L ids). Training reads only the
+        forced slots, so a training step's slot 0 is the cheap greedy decode, not k beams."""
         state = torch.tanh(self.start(pooled)).unsqueeze(0)
         image = self.condition(pooled)[:, None]
-        if self.beam_size == 1:
+        if self.beam_size == 1 or self.training:
             slots = [self.greedy(state, image)]
         else:
             tokens = self.beam(state, image)
