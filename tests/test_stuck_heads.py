@@ -102,3 +102,22 @@ def test_a_one_class_dense_head_below_threshold_is_named() -> None:
     task.update_metrics(health, logits, target, {})
     hint = task.stuck_hint(health.compute())
     assert hint is not None and "optic_disc (highest probability 0.400, pixel AUROC 1.00)" in hint
+
+
+@pytest.mark.unit
+def test_the_pixel_ranking_check_reads_a_grid_of_about_a_thousand_pixels_per_image() -> None:
+    """At 96 px every third row and column (32 x 32 per image) feeds the AUROC, and a head that
+    ranks well below the threshold is still named; 16 px maps are read whole."""
+    gen = torch.Generator().manual_seed(2)
+    target = (torch.rand(4, 2, 96, 96, generator=gen) > 0.8).long()
+    probs = 0.1 + 0.35 * target.float()  # both classes ranked perfectly, all below 0.5
+    task = TASKS["anatomy"]
+    health = task.health_metrics()
+    task.update_metrics(health, torch.logit(probs), target, {})
+    assert int(health["auroc"].metric.confmat[0, 0].sum()) == 4 * 32 * 32
+    assert "vessels (highest probability 0.450, pixel AUROC 1.00)" in task.stuck_hint(
+        health.compute()
+    )
+    health.reset()
+    task.update_metrics(health, torch.logit(probs[..., :16, :16]), target[..., :16, :16], {})
+    assert int(health["auroc"].metric.confmat[0, 0].sum()) == 4 * 16 * 16

@@ -404,6 +404,14 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def draw_counts(draws: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of ``n`` samples is drawn in each resample of ``draws`` (R x N indices),
+    as R x N float64: a resample's sum of any per-sample statistic is then one matrix product,
+    which is how kinds score 1000 resamples without rerunning their metrics 1000 times."""
+    counts = torch.zeros(len(draws), n, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))
+
+
 def masked_mean(values: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     """Mean over the samples that carry a label; exactly 0 (with a graph) when none does."""
     has = has.to(values.dtype)
