@@ -13,7 +13,7 @@ import pytest
 
 import mtkd.commands.study_runs
 import mtkd.stages
-from mtkd.commands.study_runs import load_study, run_study, t_interval, trained
+from mtkd.commands.study_runs import load_study, run_study, stage_configs, t_interval, trained
 from tests.conftest import PNG_MAGIC
 
 
@@ -36,6 +36,24 @@ def test_study_refuses_what_it_sets_itself_and_bad_values() -> None:
         load_study("label_efficiency", ["study.fractions=[0.0]", "study.teacher=some"])
     with pytest.raises(ValueError, match="valid keys: study.name"):
         load_study("label_efficiency", ["study.epochs=3"])
+    with pytest.raises(ValueError, match=r"the study sets \['run.seed'\]"):
+        load_study("label_efficiency", ["study.student_overrides=[run.seed=3]"])
+
+
+@pytest.mark.unit
+def test_teacher_and_student_overrides_reach_their_own_stages_only() -> None:
+    """A pretrained teacher and student in one study: each side's overrides reach its stage."""
+    study, overrides = load_study(
+        "label_efficiency",
+        [
+            "study.teacher_overrides=[model.encoder=resnet34]",
+            "study.student_overrides=[model=teacher]",
+        ],
+    )
+    configs = stage_configs(study, overrides)
+    assert configs["teacher"].model.encoder == "resnet34"
+    for arm in ("student_kd", "student_nokd"):  # the teacher's network, its encoder untouched
+        assert configs[arm].model.encoder == "resnet18"
 
 
 @pytest.mark.integration

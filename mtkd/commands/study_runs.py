@@ -91,6 +91,11 @@ class StudyConfig:
     out: str = "runs/study/label_efficiency"
     #: stage overrides for every stage (before the command line's)
     overrides: list[str] = field(default_factory=list)
+    #: stage overrides of the teacher only, e.g. [model=teacher_pretrained]
+    teacher_overrides: list[str] = field(default_factory=list)
+    #: stage overrides of both arms' students (and the cache, written for them), e.g.
+    #: [model=student_pretrained]
+    student_overrides: list[str] = field(default_factory=list)
 
 
 def load_study(name: str, rest: list[str]) -> tuple[StudyConfig, list[str]]:
@@ -123,7 +128,9 @@ def check_study(study: StudyConfig, overrides: list[str]) -> None:
         problems.append(f"study.teacher={study.teacher!r} must be one of {list(TEACHERS)}")
     if min(study.teacher_epochs, study.student_epochs) < 1:
         problems.append("study.teacher_epochs and study.student_epochs must be >= 1")
-    taken = pipeline_keys_taken(overrides, STUDY_KEYS)
+    taken = pipeline_keys_taken(
+        [*overrides, *study.teacher_overrides, *study.student_overrides], STUDY_KEYS
+    )
     if taken:
         problems.append(
             f"the study sets {taken} itself for each stage; use study.fractions, study.seeds, "
@@ -137,11 +144,12 @@ def teacher_tag(study: StudyConfig, fraction: float) -> str:
     return "all" if study.teacher == "all" else f"f{fraction:g}"
 
 
-def teacher_overrides(study: StudyConfig, overrides: list[str], fraction: float) -> list[str]:
+def teacher_args(study: StudyConfig, overrides: list[str], fraction: float) -> list[str]:
     """The overrides of the fraction's teacher run."""
     tag = teacher_tag(study, fraction)
     return [
         *overrides,
+        *study.teacher_overrides,
         f"run.dir={Path(study.out) / f'teacher_{tag}'}",
         f"run.seed={study.teacher_seed}",
         f"data.label_fraction={1.0 if study.teacher == 'all' else fraction}",
@@ -167,7 +175,7 @@ class Cell:
         return Path(study.out) / f"f{self.fraction:g}" / f"seed{self.seed}" / self.arm
 
 
-def student_overrides(
+def student_args(
     study: StudyConfig, overrides: list[str], cell: Cell, teacher: tuple[Path, Path] | None
 ) -> list[str]:
     """The overrides of one cell's student; ``teacher``: the fraction's teacher checkpoint and
@@ -179,6 +187,7 @@ def student_overrides(
         kd = ["kd=none"]
     return [
         *overrides,
+        *study.student_overrides,
         *kd,
         f"run.dir={cell.dir(study)}",
         f"run.seed={cell.seed}",
@@ -193,10 +202,10 @@ def stage_configs(study: StudyConfig, overrides: list[str]) -> dict[str, DictCon
     """The resolved configs the study trains with: its teacher and each arm's student (shown
     for the first fraction and seed; PER_CELL lists what the others change)."""
     fraction, seed = study.fractions[0], study.seeds[0]
-    configs = {"teacher": load_config("teacher", teacher_overrides(study, overrides, fraction))}
+    configs = {"teacher": load_config("teacher", teacher_args(study, overrides, fraction))}
     teacher = (Path(study.out) / "teacher.ckpt", Path(study.out) / "cache")  # both PER_CELL
     for arm in ARMS:
-        student = student_overrides(study, overrides, Cell(fraction, seed, arm), teacher)
+        student = student_args(study, overrides, Cell(fraction, seed, arm), teacher)
         configs[f"student_{arm}"] = load_config("distill", student)
     return configs
 
@@ -275,12 +284,11 @@ def teacher_for(study: StudyConfig, overrides: list[str], fraction: float) -> tu
     """The fraction's teacher checkpoint and cache, trained and written unless already there."""
     tag = teacher_tag(study, fraction)
     cache = Path(study.out) / f"cache_{tag}"
-    best = trained(f"teacher {tag}", "teacher", teacher_overrides(study, overrides, fraction))
+    best = trained(f"teacher {tag}", "teacher", teacher_args(study, overrides, fraction))
     if not (cache / "fingerprint.json").is_file():
         log.info(f"[study] teacher {tag}: caching its outputs")
-        cache_teacher(
-            load_config("distill", [*overrides, f"cache.teacher=[{best}]", f"kd.cache_dir={cache}"])
-        )
+        where = [f"cache.teacher=[{best}]", f"kd.cache_dir={cache}"]
+        cache_teacher(load_config("distill", [*overrides, *study.student_overrides, *where]))
     return best, cache
 
 
@@ -292,7 +300,7 @@ def run_cell(
     if metrics_file.is_file():
         log.info(f"[study] {cell.name}: finished earlier, kept")
     else:
-        student = student_overrides(study, overrides, cell, teacher)
+        student = student_args(study, overrides, cell, teacher)
         best = trained(cell.name, "distill", student)
         evaluate(str(best), "test", [], out=str(metrics_file), bootstrap=0)
     return json.loads(metrics_file.read_text())["metrics"]
