@@ -15,6 +15,7 @@ from mtkd.commands.report import main
 from mtkd.commands.reporting import (
     ROLES,
     build_report,
+    efficiency_table,
     kd_verdict,
     load_result,
     ratios,
@@ -34,22 +35,32 @@ def test_macs_of_a_conv_and_a_linear_layer_are_counted_exactly() -> None:
     conv = 8 * 3 * 3 * 3 * 16 * 16  # out channels x in channels x kernel x output pixels
     linear = 8 * 16 * 16 * 10
     assert count_macs(net, 16) == conv + linear
-    profile = profile_net(net, 16, repeats=2, warmup=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        profile = profile_net(net, 16, repeats=2, warmup=1)
+        assert torch.get_num_threads() == 2  # restored after the one-thread latency
+    finally:
+        torch.set_num_threads(threads)
     assert profile.parameters == count_parameters(net) == (8 * 27 + 8) + (2048 * 10 + 10)
-    assert profile.latency_ms > 0 and profile.throughput > 0
-    assert profile.threads == torch.get_num_threads()
+    assert profile.latency_ms > 0 and profile.latency_one_thread_ms > 0 and profile.throughput > 0
+    assert profile.threads == 2
 
 
 @pytest.mark.unit
 def test_ratios_and_markdown_table() -> None:
-    teacher = Profile(1000, 500, 20.0, 50.0, 64, 2)
-    student = Profile(250, 50, 5.0, 400.0, 64, 2)
+    teacher = Profile(1000, 500, 20.0, 12.0, 50.0, 64, 2)
+    student = Profile(250, 50, 5.0, 4.0, 400.0, 64, 2)
     assert ratios(teacher, student) == {
         "compression": 4.0,
         "macs": 10.0,
         "latency_speedup": 4.0,
+        "latency_one_thread_speedup": 3.0,
         "throughput_speedup": 8.0,
     }
+    table = efficiency_table(teacher, student)
+    assert "| CPU latency, batch 1, 2 thread(s) (ms) | 20.0 | 5.0 | 4.00x |" in table
+    assert "| CPU latency, batch 1, 1 thread (ms) | 12.0 | 4.0 | 3.00x |" in table
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
     numbers = markdown_table(["run", "s"], [["a", 1.5]], right={1})  # cells written with str
     assert numbers == "| run | s |\n| --- | ---: |\n| a | 1.5 |"

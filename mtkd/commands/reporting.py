@@ -200,6 +200,7 @@ def ratios(teacher: Profile, student: Profile) -> dict[str, float]:
         "compression": teacher.parameters / student.parameters,
         "macs": teacher.macs / student.macs,
         "latency_speedup": teacher.latency_ms / student.latency_ms,
+        "latency_one_thread_speedup": teacher.latency_one_thread_ms / student.latency_one_thread_ms,
         "throughput_speedup": student.throughput / teacher.throughput,
     }
 
@@ -222,10 +223,16 @@ def efficiency_table(teacher: Profile, student: Profile) -> str:
         ],
         ["MACs per image", _si(teacher.macs), _si(student.macs), f"{r['macs']:.2f}x"],
         [
-            "CPU latency, batch 1 (ms)",
+            f"CPU latency, batch 1, {teacher.threads} thread(s) (ms)",
             f"{teacher.latency_ms:.1f}",
             f"{student.latency_ms:.1f}",
             f"{r['latency_speedup']:.2f}x",
+        ],
+        [
+            "CPU latency, batch 1, 1 thread (ms)",
+            f"{teacher.latency_one_thread_ms:.1f}",
+            f"{student.latency_one_thread_ms:.1f}",
+            f"{r['latency_one_thread_speedup']:.2f}x",
         ],
         [
             f"CPU throughput, batch {THROUGHPUT_BATCH} (img/s)",
@@ -426,9 +433,9 @@ Test split of {sources}, each model at its own working size: {sizes}.
 
 ## Size and CPU speed
 
-Median of timed forward passes after warm-up, {teacher.threads} torch thread(s),
-random input at each model's working size (in the header). The no-KD baseline has the student's
-architecture.
+Median of timed forward passes after warm-up, {teacher.threads} torch thread(s) (batch-1
+latency also on one thread, the usual way to serve one request per CPU core), random input at
+each model's working size (in the header). The no-KD baseline has the student's architecture.
 
 {efficiency}
 
