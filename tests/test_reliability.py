@@ -67,6 +67,11 @@ def test_manifest_paths_that_climb_out_of_its_folder_are_refused_unless_allowed(
     (tmp_path / "abs").mkdir()
     absolute = _manifest(tmp_path / "abs", [f"a,a,train,{tmp_path / 'elsewhere.png'},1,"])
     assert read_manifest(absolute)[0].image == str(tmp_path / "elsewhere.png")  # taken as is
+    # A folder linked into the manifest's folder is the user's choice, not a climb.
+    (tmp_path / "photos").mkdir()
+    (inside / "linked").symlink_to(tmp_path / "photos")
+    linked = read_manifest(_manifest(inside, ["a,a,train,linked/a.png,1,"]))
+    assert linked[0].image == str(inside / "linked" / "a.png")
 
 
 # -- 2. labels validated when samples are loaded ------------------------------------------------
