@@ -28,12 +28,14 @@ step() {  # run a command and print its wall time
 }
 
 train() {  # run_dir command...: train unless finished (metrics_val.json); resume an interrupted run
-  local run_dir=$1 ckpt
+  local run_dir=$1
   shift
   if [ -f "$run_dir/metrics_val.json" ]; then
     echo "[realdata] $run_dir finished earlier; kept (delete it to rerun)"
-  elif ckpt=$(ls "$run_dir/checkpoints/last.ckpt" "$run_dir/checkpoints/best.ckpt" 2>/dev/null | head -1); [ -n "$ckpt" ]; then
-    step "$@" "run.resume=$ckpt"
+  elif [ -f "$run_dir/checkpoints/last.ckpt" ]; then
+    step "$@" "run.resume=$run_dir/checkpoints/last.ckpt"
+  elif [ -f "$run_dir/checkpoints/best.ckpt" ]; then  # killed between the first epoch's two writes
+    step "$@" "run.resume=$run_dir/checkpoints/best.ckpt"
   else
     step "$@"
   fi
