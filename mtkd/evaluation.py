@@ -36,6 +36,7 @@ from data_modules.preprocess import fov_region, original_size, uncrop
 from data_modules.samples import Sample
 from mtkd.derived import DerivedMeasure, measure_image
 from mtkd.tasks import Task
+from mtkd.tasks.base import draw_counts
 
 RESOLUTIONS = ("working", "original")
 #: the mask name under which the DRIVE and CHASE_DB1 adapters give each image's field of view
@@ -164,8 +165,7 @@ class MaskScores:
         images): a resample's states are sums of its images' states, each torchmetrics metric
         computes from them as from its own updates."""
         order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
-        counts = torch.zeros(len(draws), len(order), dtype=torch.float64)
-        counts.scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))  # R x N
+        counts = draw_counts(draws, len(order))  # R x N
         per_image = torch.tensor([self.image_positives[i] for i in order], dtype=torch.float64)
         positives = (counts @ per_image).tolist()  # R x C
         summed = [

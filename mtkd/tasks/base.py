@@ -377,9 +377,9 @@ class Task(abc.ABC):
         ``pred`` / ``target`` / ``extras`` (e.g. ``pixel_scale``) hold one row per sample,
         ``draws`` is R x N sample indices; returns R values per metric. This default reruns the
         task's own metrics on every resample, so the intervals measure exactly what validation
-        reports (about 1.5 ms per resample for a classification task on 90 images); the built-in
-        kinds override it with per-sample statistics summed by ``draw_counts``, equal to it on
-        every resample (test_bootstrap)."""
+        reports (about 1.5 ms per resample for a classification task on 90 images); classification,
+        segmentation and localization override it with per-sample statistics summed by
+        ``draw_counts``, equal to it on every resample (test_bootstrap)."""
         metrics = self.metrics()
         for metric in metrics.values():
             # One process resamples the whole split (under DDP, rank 0 alone): never sync ranks.
