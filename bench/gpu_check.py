@@ -67,9 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(stage: str, model: str, device: torch.device):
+def build(stage: str, model: str, device: torch.device, *overrides: str):
     """A teacher or student LightningModule from the project configs (synthetic task set)."""
-    cfg = load_config(stage, [f"model={model}", "logger=none"])
+    cfg = load_config(stage, [f"model={model}", "logger=none", *overrides])
     cls = TeacherModule if stage == "teacher" else StudentModule
     return cls(to_container(cfg)).to(device), cfg
 

@@ -70,6 +70,12 @@ class MultiTaskNet(nn.Module):
         self.pooled_dim = pooled
         self.head_dropout = nn.Dropout(float(model_cfg.head_dropout))
         self.pooled_norm = PooledNorm(pooled) if model_cfg.get("pooled_norm") else None
+        #: the layout the convolutions run in (``model.channels_last``); the network owns it, so
+        #: training, evaluation, the report's timing and export all run the same layout
+        self.memory_format = (
+            torch.channels_last if model_cfg.get("channels_last") else torch.contiguous_format
+        )
+        self.to(memory_format=self.memory_format)
 
     @staticmethod
     def pooled(deepest: torch.Tensor, decoded: torch.Tensor | None) -> torch.Tensor:
@@ -107,7 +113,7 @@ class MultiTaskNet(nn.Module):
         computes it anyway, so asking for it costs nothing). ``guides``: per global task, what
         its head reads besides the features (``Task.guide``: teacher forcing)."""
         guides = guides or {}
-        features = self.encoder(image)
+        features = self.encoder(image.contiguous(memory_format=self.memory_format))
         decoded = self.decoder(features) if self.decoder is not None else None
         outputs = {n: self.heads[n](decoded) for n in self.dense_tasks}
         pooled = self.pooled(features[-1], decoded)

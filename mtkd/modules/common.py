@@ -48,8 +48,6 @@ class MultiTaskModule(L.LightningModule):
             tasks = build_tasks(config["tasks"], config.get("kd", {}).get("tasks", {}))
         self.tasks = tasks
         self.net = MultiTaskNet(self.tasks, self.cfg.model)
-        if self.cfg.model.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
         self.weighting = build_weighting(
             self.cfg.run.weighting, {n: t.weight for n, t in self.tasks.items()}
         )
@@ -76,7 +74,7 @@ class MultiTaskModule(L.LightningModule):
     def forward(
         self, image: torch.Tensor, guides: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        return self.net(self.net_input(image), guides)
+        return self.net(image, guides)
 
     def guides(self, batch: dict, teacher: dict | None = None) -> dict[str, torch.Tensor]:
         """What each guided head reads besides the features (``Task.guide``): the batch's
@@ -87,12 +85,6 @@ class MultiTaskModule(L.LightningModule):
             for n, t in self.tasks.items()
             if (g := t.guide(batch["targets"][n], teacher.get(n))) is not None
         }
-
-    def net_input(self, image: torch.Tensor) -> torch.Tensor:
-        """The image in the memory format the network runs in (``model.channels_last``)."""
-        if self.cfg.model.channels_last:
-            return image.contiguous(memory_format=torch.channels_last)
-        return image
 
     # -- losses ------------------------------------------------------------------------------
     def supervised_losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:

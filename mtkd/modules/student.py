@@ -176,7 +176,7 @@ class StudentModule(MultiTaskModule):
     ) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         """``forward``'s outputs, the pooled vector and (dense feature KD on) the feature map
         the adaptors read."""
-        return self.net.forward_with_features(self.net_input(image), self.map_stride, guides)
+        return self.net.forward_with_features(image, self.map_stride, guides)
 
     def feature_loss(
         self,
