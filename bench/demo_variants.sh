@@ -24,8 +24,9 @@ declare -A VARIANTS=(
   [t1]="kd.tasks.dr_grade.temperature=1 kd.tasks.dme_risk.temperature=1 kd.tasks.glaucoma.temperature=1"
   [a8]="kd.tasks.dr_grade.alpha=0.8 kd.tasks.dme_risk.alpha=0.8 kd.tasks.glaucoma.alpha=0.8"
   [w3]="tasks.dr_grade.weight=3 tasks.dme_risk.weight=3 tasks.glaucoma.weight=3"
+  [e13]="trainer.max_epochs=13"
 )
-TWINNED=" w3 "
+TWINNED=" w3 e13 "
 
 student() {  # run_dir overrides...: train and test a student unless done
   local run=$1
