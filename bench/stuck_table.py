@@ -39,7 +39,8 @@ def row(run: Path) -> tuple[list[str], bool]:
 def main(root: Path) -> None:
     rows, learning = [], {}
     for arm in sorted(p for p in root.iterdir() if p.is_dir()):
-        runs = sorted(arm.glob("seed*"), key=lambda d: int(d.name.removeprefix("seed")))
+        runs = [d for d in arm.glob("seed*") if d.is_dir()]  # seed<N>.log lies beside each
+        runs.sort(key=lambda d: int(d.name.removeprefix("seed")))
         done = [r for r in runs if (r / "metrics_val.json").is_file()]
         for run in done:
             cells, ok = row(run)
