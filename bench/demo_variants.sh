@@ -16,13 +16,15 @@ OUT=${OUT:-runs/demo_variants}
 SEEDS=${SEEDS:-0 1 2}
 common=(logger=csv trainer.enable_progress_bar=false)
 students=(trainer.max_epochs=10 data.label_fraction=0.1)  # mtkd/commands/demo_runs.py's STUDENT_* settings
+# and its CLASSIFICATION_KD_ALPHA, for the KD students only
+trust=(kd.tasks.dr_grade.alpha=0.8 kd.tasks.dme_risk.alpha=0.8 kd.tasks.glaucoma.alpha=0.8)
 # Each variant's overrides; a variant in TWINNED changes more than KD, so its no-KD twin gets the
 # same overrides (the comparison stays KD vs no KD under one setting).
 declare -A VARIANTS=(
   [demo]=""
   [feat]="kd.features.weight=1"
   [t1]="kd.tasks.dr_grade.temperature=1 kd.tasks.dme_risk.temperature=1 kd.tasks.glaucoma.temperature=1"
-  [a8]="kd.tasks.dr_grade.alpha=0.8 kd.tasks.dme_risk.alpha=0.8 kd.tasks.glaucoma.alpha=0.8"
+  [a5]="kd.tasks.dr_grade.alpha=0.5 kd.tasks.dme_risk.alpha=0.5 kd.tasks.glaucoma.alpha=0.5"
   [w3]="tasks.dr_grade.weight=3 tasks.dme_risk.weight=3 tasks.glaucoma.weight=3"
   [e13]="trainer.max_epochs=13"
 )
@@ -53,7 +55,8 @@ for seed in $SEEDS; do
     twin=nokd twin_extra=()
     if [[ $TWINNED == *" $variant "* ]]; then twin=nokd_$variant twin_extra=("${extra[@]}"); fi
     student "$dir/$twin" kd=none "run.seed=$seed" "${twin_extra[@]}"
-    student "$dir/$variant" "kd.cache_dir=$dir/cache" "kd.teacher=$teacher" "run.seed=$seed" "${extra[@]}"
+    student "$dir/$variant" "kd.cache_dir=$dir/cache" "kd.teacher=$teacher" "run.seed=$seed" \
+      "${trust[@]}" "${extra[@]}"
     [ -f "$dir/report_$variant/report.json" ] || $MTKD report "teacher=$dir/teacher" \
       "student=$dir/$variant" "baseline=$dir/$twin" "out=$dir/report_$variant" > /dev/null
   done

@@ -10,7 +10,12 @@ import pytest
 
 import mtkd.commands.demo_runs
 from mtkd.commands.demo import main
-from mtkd.commands.demo_runs import RUN_DIRS, STUDENT_LABEL_FRACTION, run_demo
+from mtkd.commands.demo_runs import (
+    CLASSIFICATION_KD_ALPHA,
+    RUN_DIRS,
+    STUDENT_LABEL_FRACTION,
+    run_demo,
+)
 
 
 @pytest.mark.unit
@@ -62,6 +67,27 @@ def test_a_second_demo_replaces_the_runs_of_the_first_and_says_so(
     held = ", ".join(str(runs / name) for name in RUN_DIRS)
     assert f"demo: replacing the runs an earlier demo left in {held}" in caplog.text
     assert json.loads((runs / "demo.json").read_text())["overrides"] == ["trainer.max_epochs=1"]
+
+
+@pytest.mark.unit
+def test_only_the_kd_student_trusts_the_teacher_more_on_its_classification_heads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = {}
+
+    def fake_fit(cfg):
+        configs[Path(cfg.run.dir).name] = cfg
+        return Path(cfg.run.dir) / "checkpoints" / "best.ckpt"
+
+    monkeypatch.setattr(mtkd.commands.demo_runs, "fit", fake_fit)
+    for name in ("cache_teacher", "evaluate", "build_report"):
+        monkeypatch.setattr(mtkd.commands.demo_runs, name, lambda *args, **kwargs: None)
+    run_demo([], tmp_path / "runs")
+    kd, twin = configs["student"].kd, configs["student_nokd"].kd
+    assert {n: t.get("alpha") for n, t in kd.tasks.items()} == dict.fromkeys(
+        ["dr_grade", "dme_risk", "glaucoma"], CLASSIFICATION_KD_ALPHA
+    )
+    assert kd.alpha == 0.5 and twin.mode == "none" and not twin.tasks
 
 
 @pytest.mark.integration
