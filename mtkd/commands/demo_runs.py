@@ -43,7 +43,7 @@ RUN_DIRS = ("teacher", "student", "student_nokd")
 #: written into runs=DIR before the first stage: its RUN_DIRS hold the demo's own runs
 MARKER = "demo.json"
 #: the two students train for fewer epochs than the teacher (12 on the CPU profile) to keep the
-#: demo short on 2 CPU cores (a clean clone's make demo: 496 s with the first install; 13 epochs
+#: demo short on 2 CPU cores (a clean clone's make demo: 481 s with the first install; 13 epochs
 #: did not change the verdict of seeds 1-2, bench/RESULTS.md); a trainer.max_epochs override
 #: applies to every stage instead
 STUDENT_EPOCHS = 10
