@@ -16,15 +16,21 @@ pytestmark = pytest.mark.unit
 CHANNELS_LAST = torch.channels_last
 
 
-def nets(size: int = 64) -> tuple[MultiTaskNet, MultiTaskNet]:
-    """The default student and a contiguous twin holding the same weights."""
+def net(seed: int, channels_last: bool | None = None) -> MultiTaskNet:
+    """The default student initialised from ``seed``; ``channels_last`` overrides its layout."""
     cfg = load_config("distill")
-    tasks = build_tasks(OmegaConf.to_container(cfg.tasks))
-    torch.manual_seed(0)
-    default = MultiTaskNet(tasks, cfg.model).eval()
-    twin = MultiTaskNet(tasks, OmegaConf.merge(cfg.model, {"channels_last": False})).eval()
-    twin.load_state_dict(default.state_dict())
-    return default, twin
+    model = (
+        cfg.model
+        if channels_last is None
+        else OmegaConf.merge(cfg.model, {"channels_last": channels_last})
+    )
+    torch.manual_seed(seed)
+    return MultiTaskNet(build_tasks(OmegaConf.to_container(cfg.tasks)), model).eval()
+
+
+def nets() -> tuple[MultiTaskNet, MultiTaskNet]:
+    """The default student and a contiguous twin, each initialised from the same seed."""
+    return net(0), net(0, channels_last=False)
 
 
 def test_the_default_network_holds_and_computes_channels_last_maps() -> None:
@@ -41,13 +47,18 @@ def test_the_default_network_holds_and_computes_channels_last_maps() -> None:
 
 def test_the_layout_leaves_outputs_and_saved_tensors_as_they_are() -> None:
     default, twin = nets()
+    for key, tensor in default.state_dict().items():  # the same values, only laid out otherwise
+        assert torch.equal(tensor, twin.state_dict()[key]), key
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours, theirs = default(image), twin(image)
     for name, out in ours.items():
         assert torch.allclose(out, theirs[name], atol=1e-5), name
-    # A checkpoint written in one layout loads into the other with equal values.
-    contiguous_again = nets()[1]
-    contiguous_again.load_state_dict(default.state_dict())
-    for key, tensor in contiguous_again.state_dict().items():
-        assert torch.equal(tensor, twin.state_dict()[key]), key
+    # A checkpoint written in one layout loads into the other: a contiguous net of other weights
+    # that loads the channels-last one's state computes its outputs.
+    other = net(1, channels_last=False)
+    other.load_state_dict(default.state_dict())
+    with torch.no_grad():
+        loaded = other(image)
+    for name, out in ours.items():
+        assert torch.allclose(out, loaded[name], atol=1e-5), name
