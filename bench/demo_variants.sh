@@ -12,12 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MTKD=${MTKD:-.venv/bin/mtkd}
+PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/demo_variants}
 SEEDS=${SEEDS:-0 1 2}
 common=(logger=csv trainer.enable_progress_bar=false)
 students=(trainer.max_epochs=10 data.label_fraction=0.1)  # mtkd/commands/demo_runs.py's STUDENT_* settings
-# and its CLASSIFICATION_KD_ALPHA, for the KD students only
-trust=(kd.tasks.dr_grade.alpha=0.8 kd.tasks.dme_risk.alpha=0.8 kd.tasks.glaucoma.alpha=0.8)
+# and, for the KD students only, its trust_teacher overrides (KD weight on the classification heads)
+trusted=$($PYTHON -c "from mtkd.commands.demo_runs import trust_teacher
+from mtkd.run_config import load_config
+print(*trust_teacher(load_config('distill').tasks))")  # a failure stops the script here
+read -r -a trust <<< "$trusted"
 # Each variant's overrides; a variant in TWINNED changes more than KD, so its no-KD twin gets the
 # same overrides (the comparison stays KD vs no KD under one setting).
 declare -A VARIANTS=(

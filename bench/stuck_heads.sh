@@ -3,7 +3,7 @@
 # two students, each trained as the demo trains its students (10 epochs, random weights):
 #   kd        the demo's KD student: a tenth of the training patients' labels plus the teacher's
 #             outputs on every training image, KD weight 0.8 on the classification heads
-#             (demo_runs.CLASSIFICATION_KD_ALPHA; the teacher and cache of
+#             (demo_runs.trust_teacher; the teacher and cache of
 #             bench/demo_variants.sh's seed 0, trained first when missing)
 #   nokd_all  the same student without KD on every label: there a head at its prior is a
 #             training failure, not a lack of labels (the demo's own no-KD twin, on a tenth of
@@ -31,10 +31,14 @@ student() {  # run_dir overrides...: train a student unless done, its log beside
   $MTKD distill "${common[@]}" "run.dir=$run" "$@" 2>&1 | tee "$run.log" | grep -E "^epoch|^task '"
 }
 
+trusted=$($PYTHON -c "from mtkd.commands.demo_runs import trust_teacher
+from mtkd.run_config import load_config
+print(*trust_teacher(load_config('distill').tasks))")  # a failure stops the script here
+read -r -a trust <<< "$trusted"
+
 for seed in $SEEDS; do
   student "$OUT/kd/seed$seed" data.label_fraction=0.1 "kd.cache_dir=$source/cache" \
-    "kd.teacher=$source/teacher/checkpoints/best.ckpt" "run.seed=$seed" \
-    kd.tasks.dr_grade.alpha=0.8 kd.tasks.dme_risk.alpha=0.8 kd.tasks.glaucoma.alpha=0.8
+    "kd.teacher=$source/teacher/checkpoints/best.ckpt" "run.seed=$seed" "${trust[@]}"
   student "$OUT/nokd_all/seed$seed" kd=none "run.seed=$seed"
 done
 $PYTHON bench/stuck_table.py "$OUT" | tee "$OUT/table.md"

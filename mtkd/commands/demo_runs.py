@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from data_modules.io import atomic_write_bytes
 from mtkd.commands.reporting import Report, build_report
@@ -57,6 +58,17 @@ STUDENT_LABEL_FRACTION = 0.1
 #: images; at 0.5 that noise kept the DR or DME head at its prior in 5 of 8 seeds, at 0.8 in 1
 #: (``bash bench/stuck_heads.sh``, bench/RESULTS.md)
 CLASSIFICATION_KD_ALPHA = 0.8
+
+
+def trust_teacher(tasks: Any) -> list[str]:
+    """The KD student's ``kd.tasks.<t>.alpha`` overrides: CLASSIFICATION_KD_ALPHA for each
+    classification task of ``tasks`` (a config's task specs). bench/demo_variants.sh and
+    bench/stuck_heads.sh read them from here too."""
+    return [
+        f"kd.tasks.{name}.alpha={CLASSIFICATION_KD_ALPHA}"
+        for name, spec in tasks.items()
+        if spec.kind == "classification"
+    ]
 
 
 @contextmanager
@@ -118,18 +130,13 @@ def run_demo(overrides: list[str], runs: str | Path = "runs") -> tuple[Report, d
                 [*overrides, f"cache.teacher=[{teacher}]", f"kd.cache_dir={cache}"],
             )
         )
-    trust_teacher = [
-        f"kd.tasks.{name}.alpha={CLASSIFICATION_KD_ALPHA}"
-        for name, spec in teacher_cfg.tasks.items()
-        if spec.kind == "classification"
-    ]
     with stage("3/6 distill the student (KD)", timings):
         student = fit(
             load_config(
                 "distill",
                 [
                     *students,
-                    *trust_teacher,
+                    *trust_teacher(teacher_cfg.tasks),
                     f"run.dir={root / 'student'}",
                     f"kd.cache_dir={cache}",
                     f"kd.teacher={teacher}",
