@@ -13,6 +13,7 @@ import pytest
 
 import mtkd.commands.study_runs
 import mtkd.stages
+from mtkd.commands.demo_runs import CLASSIFICATION_KD_ALPHA
 from mtkd.commands.study_runs import load_study, run_study, stage_configs, t_interval, trained
 from tests.conftest import PNG_MAGIC
 
@@ -54,6 +55,16 @@ def test_teacher_and_student_overrides_reach_their_own_stages_only() -> None:
     assert configs["teacher"].model.encoder == "resnet34"
     for arm in ("student_kd", "student_nokd"):  # the teacher's network, its encoder untouched
         assert configs[arm].model.encoder == "resnet18"
+
+
+@pytest.mark.unit
+def test_trust_teacher_weighs_the_teacher_on_the_kd_arms_classification_heads_only() -> None:
+    trusted = stage_configs(*load_study("label_efficiency", ["study.trust_teacher=true"]))
+    default = stage_configs(*load_study("label_efficiency", ["study.trust_teacher=false"]))
+    alphas = {t: o.alpha for t, o in trusted["student_kd"].kd.tasks.items()}
+    assert alphas == {t: CLASSIFICATION_KD_ALPHA for t in ("dr_grade", "dme_risk", "glaucoma")}
+    assert not default["student_kd"].kd.tasks
+    assert trusted["student_nokd"].kd.teacher is None
 
 
 @pytest.mark.integration

@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from data_modules.io import atomic_write_bytes
+from mtkd.commands.demo_runs import trust_teacher
 from mtkd.config import dotlist, read_group, search_path, to_container
 from mtkd.markdown import markdown_table
 from mtkd.run_config import load_config
@@ -96,6 +97,10 @@ class StudyConfig:
     #: stage overrides of both arms' students (and the cache, written for them), e.g.
     #: [model=student_pretrained]
     student_overrides: list[str] = field(default_factory=list)
+    #: the KD arm weighs the teacher as the demo's KD student does on its classification heads
+    #: (``demo_runs.trust_teacher``): at a tenth of the labels a batch holds one or two labeled
+    #: images, whose cross-entropy at the run-wide alpha kept those heads at their prior
+    trust_teacher: bool = False
 
 
 def load_study(name: str, rest: list[str]) -> tuple[StudyConfig, list[str]]:
@@ -183,6 +188,9 @@ def student_args(
     if cell.arm == "kd":
         ckpt, cache = teacher
         kd = ["kd=cached", f"kd.cache_dir={cache}", f"kd.teacher={ckpt}"]
+        if study.trust_teacher:
+            tasks = load_config("distill", [*overrides, *study.student_overrides]).tasks
+            kd += trust_teacher(tasks)
     else:
         kd = ["kd=none"]
     return [
